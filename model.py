@@ -1,0 +1,326 @@
+"""
+The Reformer language model (Kitaev, Kaiser, Levskaya, ICLR 2020, Sections 3-5), built from the
+three concept files:
+    lsh_attention.py  LSH / local / full self-attention      (the attention sub-layer, F)
+    reversible.py     reversible residual layers             (y1 = x1 + F(x2), y2 = x2 + G(y1))
+    chunked_ff.py     chunked feed-forward and output layer  (the feed-forward sub-layer, G)
+
+One model class, one config dataclass. The baseline Transformer is the same class with the
+Reformer ideas switched off, so every ablation of the paper is one field (and one train.py flag):
+    attn='full', shared_qk=False, reversible=False, ff_chunks=1   the Transformer
+    attn='lsh',  shared_qk=True,  reversible=True,  ff_chunks=4   the Reformer
+The config field names equal the train.py flag names, so `grep reversible` finds both.
+
+Shape legend: B batch, T time, C d_model, V vocab_size.
+
+    from model import ModelConfig, ReformerLM
+    model = ReformerLM(ModelConfig(vocab_size=258, max_seq_len=4096, n_layers=3, attn='lsh'))
+    logits, loss = model(idx, targets)            # idx, targets: (B, T) int64
+"""
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from chunked_ff import ChunkedFeedForward, chunked_cross_entropy
+from lsh_attention import ATTN_KINDS, LSHSelfAttention
+from reversible import ReversibleBlock, ReversibleSequence
+
+POS_EMBS = ("axial", "absolute", "sinusoidal")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 128       # 128 for the duplication task, 258 for bytes (2 reserved ids)
+    max_seq_len: int = 1024     # longest sequence the positional embedding covers
+    n_layers: int = 1
+    d_model: int = 256
+    n_heads: int = 4
+    d_ff: int = 256
+    dropout: float = 0.0
+    attn: str = "lsh"           # 'full' | 'lsh' | 'local' in every layer ...
+    attn_pattern: str = ""      # ... unless a pattern is given, e.g. 'local,local,lsh,local', cycled
+    shared_qk: bool = True      # one projection for queries and keys (required by LSH)
+    n_hashes: int = 4           # LSH rounds
+    bucket_size: int = 64       # LSH chunk length (and local attention window)
+    dedup: bool = False         # count a key seen in several LSH rounds once
+    reversible: bool = True     # reversible residual layers (memory independent of depth)
+    ff_chunks: int = 1          # chunk the feed-forward and the output layer along T
+    pos_emb: str = "axial"      # 'axial' | 'absolute' | 'sinusoidal'
+    axial_shape: str = ""       # e.g. '32,32' for max_seq_len 1024; '' derives it
+    tie_weights: bool = True    # output layer shares the token embedding matrix
+
+    def layer_attn(self):
+        """The attention kind of every layer: attn_pattern cycled over n_layers, or attn."""
+        pattern = [a.strip() for a in self.attn_pattern.split(",") if a.strip()] or [self.attn]
+        return [pattern[i % len(pattern)] for i in range(self.n_layers)]
+
+    def axial_dims(self):
+        """(rows, cols) of the axial embedding, rows * cols == max_seq_len."""
+        if self.axial_shape:
+            try:
+                shape = tuple(int(s) for s in self.axial_shape.split(","))
+            except ValueError:
+                shape = ()
+            if len(shape) != 2 or math.prod(shape) != self.max_seq_len:
+                raise ValueError(f"axial_shape={self.axial_shape!r} must be two integers "
+                                 f"'a,b' with a * b == max_seq_len={self.max_seq_len}")
+            return shape
+        rows = max(d for d in range(1, math.isqrt(self.max_seq_len) + 1)
+                   if self.max_seq_len % d == 0)   # the most square factorisation
+        return rows, self.max_seq_len // rows
+
+    def validate(self):
+        """Raise ValueError naming the bad value and what would be valid."""
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        for kind in self.layer_attn():
+            if kind not in ATTN_KINDS:
+                raise ValueError(f"attention kind {kind!r} (attn={self.attn!r}, attn_pattern="
+                                 f"{self.attn_pattern!r}) is not one of {ATTN_KINDS}")
+        if "lsh" in self.layer_attn() and not self.shared_qk:
+            raise ValueError("shared_qk=False is valid only without LSH layers: LSH attention "
+                             "hashes one shared query/key vector per position")
+        if self.pos_emb not in POS_EMBS:
+            raise ValueError(f"pos_emb={self.pos_emb!r} is not one of {POS_EMBS}")
+        if self.pos_emb == "axial":
+            self.axial_dims()
+        for name in ("vocab_size", "max_seq_len", "n_layers", "d_model", "n_heads", "d_ff",
+                     "n_hashes", "bucket_size", "ff_chunks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+
+
+# -----------------------------------------------------------------------------------------------
+# Positional embeddings
+# -----------------------------------------------------------------------------------------------
+
+class AxialPositionalEmbedding(nn.Module):
+    """The paper's factorised position embedding (Section 5, "axial positional embeddings").
+
+    A learned table of max_seq_len x d_model would be 64K x 1024 = 67M parameters for enwik8.
+    Instead position p = i * cols + j gets [E1_i ; E2_j]: rows x d1 plus cols x d2 parameters,
+    with d1 + d2 = d_model (concatenated, as in the authors' trax AxialPositionalEncoding).
+    """
+
+    def __init__(self, d_model, shape):
+        super().__init__()
+        rows, cols = shape
+        d1 = d_model // 2
+        self.rows, self.cols = rows, cols
+        self.e1 = nn.Parameter(torch.randn(rows, 1, d1) * 0.02)              # (rows, 1, d1)
+        self.e2 = nn.Parameter(torch.randn(1, cols, d_model - d1) * 0.02)    # (1, cols, d2)
+
+    def forward(self, T):
+        p = torch.arange(T, device=self.e1.device)
+        rows, cols = self.e1[p // self.cols, 0], self.e2[0, p % self.cols]  # (T, d1), (T, d2)
+        return torch.cat([rows, cols], dim=-1)                               # (T, C)
+
+
+class SinusoidalPositionalEmbedding(nn.Module):
+    """Fixed sin/cos embedding of Vaswani et al.: PE(p, 2i) = sin(p / 10000^(2i/C)), cos for 2i+1."""
+
+    def __init__(self, d_model, max_seq_len):
+        super().__init__()
+        pos = torch.arange(max_seq_len).unsqueeze(1)                         # (T, 1)
+        freq = torch.exp(torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model))
+        pe = torch.zeros(max_seq_len, d_model)
+        pe[:, 0::2] = torch.sin(pos * freq)
+        pe[:, 1::2] = torch.cos(pos * freq)[:, : d_model // 2]
+        self.register_buffer("pe", pe, persistent=False)
+
+    def forward(self, T):
+        return self.pe[:T]                                                   # (T, C)
+
+
+class AbsolutePositionalEmbedding(nn.Module):
+    """A learned table, one vector per position."""
+
+    def __init__(self, d_model, max_seq_len):
+        super().__init__()
+        self.emb = nn.Embedding(max_seq_len, d_model)
+
+    def forward(self, T):
+        return self.emb.weight[:T]                                           # (T, C)
+
+
+# -----------------------------------------------------------------------------------------------
+# The two sub-layers, pre-LayerNorm
+# -----------------------------------------------------------------------------------------------
+
+class AttentionSublayer(nn.Module):
+    """F(x) = dropout(Attention(LayerNorm(x)))."""
+
+    def __init__(self, cfg, kind):
+        super().__init__()
+        self.ln = nn.LayerNorm(cfg.d_model)
+        self.attn = LSHSelfAttention(cfg.d_model, cfg.n_heads, bucket_size=cfg.bucket_size,
+                                     n_hashes=cfg.n_hashes, causal=True, attn=kind,
+                                     shared_qk=cfg.shared_qk, dropout=cfg.dropout,
+                                     dedup=cfg.dedup)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, padding_mask=None):
+        return self.drop(self.attn(self.ln(x), padding_mask=padding_mask))
+
+
+class FeedForwardSublayer(nn.Module):
+    """G(x) = FeedForward(LayerNorm(x)), computed in ff_chunks pieces along T."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln = nn.LayerNorm(cfg.d_model)
+        self.ff = ChunkedFeedForward(cfg.d_model, cfg.d_ff, n_chunks=cfg.ff_chunks,
+                                     dropout=cfg.dropout)
+
+    def forward(self, x):
+        return self.ff(self.ln(x))
+
+
+class ResidualLayer(nn.Module):
+    """The ordinary (non-reversible) Transformer layer: x + F(x), then + G(.)."""
+
+    def __init__(self, f, g):
+        super().__init__()
+        self.f, self.g = f, g
+
+    def forward(self, x, padding_mask=None):
+        x = x + self.f(x, padding_mask=padding_mask)
+        return x + self.g(x)
+
+
+# -----------------------------------------------------------------------------------------------
+# The language model
+# -----------------------------------------------------------------------------------------------
+
+class ReformerLM(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        config.validate()
+        self.config = cfg = config
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.pos_emb == "axial":
+            self.pos_emb = AxialPositionalEmbedding(cfg.d_model, cfg.axial_dims())
+        elif cfg.pos_emb == "absolute":
+            self.pos_emb = AbsolutePositionalEmbedding(cfg.d_model, cfg.max_seq_len)
+        else:
+            self.pos_emb = SinusoidalPositionalEmbedding(cfg.d_model, cfg.max_seq_len)
+        self.drop = nn.Dropout(cfg.dropout)
+        pairs = [(AttentionSublayer(cfg, kind), FeedForwardSublayer(cfg))
+                 for kind in cfg.layer_attn()]
+        if cfg.reversible:
+            self.layers = ReversibleSequence([ReversibleBlock(f, g) for f, g in pairs])
+        else:
+            self.layers = nn.ModuleList([ResidualLayer(f, g) for f, g in pairs])
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if cfg.tie_weights:
+            self.lm_head.weight = self.tok_emb.weight   # one (V, C) matrix, in and out
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def _check_input(self, idx):
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
+        T, V = idx.shape[1], self.config.vocab_size
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length T={T} exceeds max_seq_len="
+                             f"{self.config.max_seq_len}; use T <= max_seq_len")
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= V:
+            raise ValueError(f"token ids must be in [0, vocab_size={V}), got values in "
+                             f"[{lo}, {hi}]")
+
+    def hidden_states(self, idx, padding_mask=None):
+        """The final-LayerNorm output (B, T, C), before the output layer."""
+        self._check_input(idx)
+        T = idx.shape[1]
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(T))                  # (B, T, C)
+        if self.config.reversible:
+            # Two streams, both starting as the embedding (the authors duplicate the input).
+            y1, y2 = self.layers(x, x, padding_mask=padding_mask)
+            # Join them by their mean: it keeps width C, so the output layer can stay tied to
+            # the (V, C) embedding (trax concatenates to 2C and uses an untied output layer).
+            # Since y2 = x2 + G(y1) and y1 = x1 + F(x2), the mean carries both sub-layers' work.
+            x = 0.5 * (y1 + y2)
+        else:
+            for layer in self.layers:
+                x = layer(x, padding_mask=padding_mask)
+        return self.ln_f(x)
+
+    def forward(self, idx, targets=None, padding_mask=None):
+        """idx: (B, T) int64. targets: (B, T) with -100 for positions that do not count.
+
+        Returns (logits (B, T, V), loss). With targets and ff_chunks > 1 the loss is computed
+        chunk by chunk (chunked_ff.chunked_cross_entropy) and logits is None: the (B, T, V)
+        tensor never exists. Without targets loss is None.
+        """
+        h = self.hidden_states(idx, padding_mask)                            # (B, T, C)
+        if targets is None:
+            return self.lm_head(h), None
+        if self.config.ff_chunks > 1:
+            n = min(self.config.ff_chunks, h.shape[0] * h.shape[1])
+            return None, chunked_cross_entropy(h, self.lm_head.weight, targets, n)
+        logits = self.lm_head(h)                                             # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def set_attention(self, attn=None, n_hashes=None):
+        """Switch every layer's attention after training (paper Table 2: train with LSH-4,
+        evaluate with full attention or LSH-8 on the same weights)."""
+        if attn is not None and attn not in ATTN_KINDS:
+            raise ValueError(f"attn={attn!r} is not one of {ATTN_KINDS}")
+        if n_hashes is not None and n_hashes < 1:
+            raise ValueError(f"n_hashes={n_hashes} must be >= 1")
+        for module in self.modules():
+            if isinstance(module, LSHSelfAttention):
+                module.attn = attn or module.attn
+                module.n_hashes = n_hashes or module.n_hashes
+                module._check()
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Sample max_new_tokens tokens after idx (B, T). Each step reruns the whole forward over
+        the last max_seq_len tokens: simple and exact, O(T) times more work than a cache of keys
+        and values would need (LSH re-hashes the whole context anyway)."""
+        if temperature <= 0:
+            raise ValueError(f"temperature={temperature} must be > 0")
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.max_seq_len:]
+            logits, _ = self(context)
+            logits = logits[:, -1, :] / temperature                           # (B, V)
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            next_id = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat([idx, next_id], dim=1)
+        return idx
+
+    def num_params(self):
+        """Parameter count, each shared tensor once (tied embedding counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def from_checkpoint(cls, path, map_location="cpu"):
+        """Rebuild a model from a train.py checkpoint: {'model_args': ..., 'model': state_dict}."""
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        names = {f.name for f in fields(ModelConfig)}
+        model = cls(ModelConfig(**{k: v for k, v in ckpt["model_args"].items() if k in names}))
+        model.load_state_dict(ckpt["model"])
+        return model
+
+    def config_dict(self):
+        return asdict(self.config)
