@@ -87,7 +87,11 @@ def hash_vectors(x, n_buckets, n_hashes, rotations=None):
         rot = rotations.to(x.dtype).reshape(-1, hs, n_hashes * (n_buckets // 2))
         xr = torch.matmul(x.detach(), rot)                     # (B, T, R * n_buckets/2)
         xr = xr.view(B, T, n_hashes, n_buckets // 2).transpose(1, 2)  # (B, R, T, n_buckets/2)
-        buckets = torch.cat([xr, -xr], dim=-1).argmax(dim=-1)  # (B, R, T)
+        # argmax over [xR ; -xR] without building it: the best of +R is argmax(xR), the best of
+        # -R is argmin(xR); take whichever is larger in magnitude (bucket i or n_buckets/2 + i).
+        hi, lo = xr.max(dim=-1), xr.min(dim=-1)
+        buckets = torch.where(hi.values >= -lo.values, hi.indices,
+                              lo.indices + n_buckets // 2)     # (B, R, T)
     return buckets
 
 
@@ -311,10 +315,12 @@ def lsh_attention(qk, v, bucket_size, n_hashes, causal=False, padding_mask=None,
     #    sees the previous round's last chunk; keeping rounds apart makes each round an attention
     #    over a well-defined set, which is what lets us combine rounds exactly (step 5) and test
     #    each round against full attention. No mask by bucket inside the window (as the authors).
-    q_s = _gather_rows(qk, sorted_pos).view(B, R, nc, m, hs)   # sorted queries
     # Shared QK: keys are the queries normalised to unit length, k_hat = q / |q|; logit q . k_hat.
     # (trax normalises k and divides by sqrt(hs) after an RMS norm: the same unit vector.)
-    k_s = F.normalize(q_s, p=2.0, dim=-1)                      # (B, R, nc, m, hs)
+    # Normalised once per position, before the R sorted copies are made.
+    k_hat = F.normalize(qk, p=2.0, dim=-1)                     # (B, T, hs)
+    q_s = _gather_rows(qk, sorted_pos).view(B, R, nc, m, hs)   # sorted queries
+    k_s = _gather_rows(k_hat, sorted_pos).view(B, R, nc, m, hs)  # sorted unit keys
     v_s = _gather_rows(v, sorted_pos).view(B, R, nc, m, -1)    # (B, R, nc, m, hs_v)
     q_pos = sorted_pos.view(B, R, nc, m)
     k_valid = None
