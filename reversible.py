@@ -85,9 +85,9 @@ class ReversibleSequence(nn.Module):
     reversible=True keeps only the last block's outputs for backward and recomputes the rest.
     reversible=False runs the same blocks under ordinary autograd: the reference in the tests and
     the ablation (paper Figure 3, right).
-    With nothing to backprop (torch.no_grad(), or no input or parameter requiring grad) both are a
-    plain loop that saves nothing. Eval mode alone does not switch to the plain loop: LSH draws
-    random rotations in eval mode too, so a backward pass still needs the replay machinery.
+    In eval mode, and with nothing to backprop (torch.no_grad(), or no input or parameter
+    requiring grad), both are a plain loop: nothing is saved for a reversible backward. (In eval
+    mode with gradients on, ordinary autograd then gives exact gradients, at ordinary memory.)
     """
 
     def __init__(self, blocks, reversible=True):
@@ -99,7 +99,7 @@ class ReversibleSequence(nn.Module):
         params = _trainable_params(self.blocks)
         needs_backward = torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad
                                                       or len(params) > 0)
-        if not (self.reversible and needs_backward and len(self.blocks) > 0):
+        if not (self.reversible and self.training and needs_backward and len(self.blocks) > 0):
             for block in self.blocks:
                 x1, x2 = block(x1, x2, **kwargs)
             return x1, x2

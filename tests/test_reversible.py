@@ -254,6 +254,10 @@ def test_no_grad_eval_and_frozen_are_a_plain_forward(monkeypatch):
     got = [run(True), run(True, train=False), run(True, grad=True)]
     for (a1, a2), (b1, b2) in zip(got, want + want[:1]):
         assert a1.grad_fn is None and torch.equal(a1, b1) and torch.equal(a2, b2)
+    # Eval mode with gradients on: the plain loop under ordinary autograd, exact gradients.
+    seq.requires_grad_(True)
+    y1, y2 = run(True, train=False, grad=True)
+    assert y1.grad_fn is not None and torch.equal(y1, want[1][0])
 
 
 def test_misuse_is_reported():
