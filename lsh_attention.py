@@ -83,16 +83,26 @@ def hash_vectors(x, n_buckets, n_hashes, rotations=None):
     if tuple(rotations.shape) not in expected:
         raise ValueError(f"hash_vectors: rotations must have shape {expected[0]} or {expected[1]} "
                          f"for x of shape {tuple(x.shape)}, got {tuple(rotations.shape)}")
+    rot = rotations.to(x.dtype).reshape(-1, hs, n_hashes * (n_buckets // 2))
+    # The scores xR are (B, T, R * n_buckets/2): with n_buckets = T / bucket_size that is
+    # quadratic in T. Hash at most `piece` positions at a time so this transient never exceeds
+    # 4M scores per row (at bucket_size 64 that is one piece up to T = 16K; the logits of
+    # attention are R * T * 2 * bucket_size).
+    piece = max(1, (1 << 22) // (n_hashes * n_buckets // 2))
     with torch.no_grad():  # argmax has no gradient; the hash only decides who attends to whom
-        rot = rotations.to(x.dtype).reshape(-1, hs, n_hashes * (n_buckets // 2))
-        xr = torch.matmul(x.detach(), rot)                     # (B, T, R * n_buckets/2)
-        xr = xr.view(B, T, n_hashes, n_buckets // 2).transpose(1, 2)  # (B, R, T, n_buckets/2)
-        # argmax over [xR ; -xR] without building it: the best of +R is argmax(xR), the best of
-        # -R is argmin(xR); take whichever is larger in magnitude (bucket i or n_buckets/2 + i).
-        hi, lo = xr.max(dim=-1), xr.min(dim=-1)
-        buckets = torch.where(hi.values >= -lo.values, hi.indices,
-                              lo.indices + n_buckets // 2)     # (B, R, T)
-    return buckets
+        buckets = torch.cat([_argmax_pm(torch.matmul(xp, rot), n_hashes, n_buckets)
+                             for xp in x.detach().split(piece, dim=1)], dim=-1)
+    return buckets                                             # (B, R, T)
+
+
+def _argmax_pm(xr, n_hashes, n_buckets):
+    """argmax([xR ; -xR]) without building it: the best of +R is argmax(xR), the best of -R is
+    argmin(xR); take whichever is larger in magnitude (bucket i or n_buckets/2 + i).
+    xr: (B, t, R * n_buckets/2) -> (B, R, t)."""
+    B, t = xr.shape[:2]
+    xr = xr.view(B, t, n_hashes, n_buckets // 2).transpose(1, 2)    # (B, R, t, n_buckets/2)
+    hi, lo = xr.max(dim=-1), xr.min(dim=-1)
+    return torch.where(hi.values >= -lo.values, hi.indices, lo.indices + n_buckets // 2)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -227,12 +237,12 @@ def _attend_in_chunks(q, k, v, q_pos, k_valid, causal, shared_qk, scale, dedup_l
                                  dropout if training else 0.0)
 
 
-def _dedup_log_counts(undo_sort, q_pos, m):
+def _dedup_log_counts(undo_sort, q_pos, m, dtype):
     """log(c_ij): in how many rounds key j falls in query i's window (step 6 of lsh_attention).
 
     undo_sort: (B, R, T) the sorted slot of each position in each round; q_pos: (B, R, nc, m).
     In round r, j is in i's window iff chunk_r(j) is chunk_r(i) or the chunk before it (mod nc).
-    Memory: R times the logits, (B, R, nc, m, 2m, R) booleans. Returns (B, R, nc, m, 2m) float32.
+    Memory: R times the logits, (B, R, nc, m, 2m, R) booleans. Returns (B, R, nc, m, 2m) of dtype.
     """
     B, R, nc, _ = q_pos.shape
     chunk_of = (undo_sort // m).transpose(1, 2)                # (B, T, R): chunk of a position
@@ -244,17 +254,37 @@ def _dedup_log_counts(undo_sort, q_pos, m):
     ck = ck.view(B, R, nc, 1, 2 * m, R)
     in_window = ((cq - ck) % nc) <= 1                          # (B, R, nc, m, 2m, R)
     counts = in_window.sum(-1).clamp_(min=1)                   # >= 1: the current round counts
-    return counts.float().log()
+    return counts.to(dtype).log()
 
 
 # -----------------------------------------------------------------------------------------------
 # 3. LSH attention (the function: B may be batch x heads)
 # -----------------------------------------------------------------------------------------------
 
+def _check_shapes(fn, q, k, v, padding_mask, q_name="q"):
+    """ValueError naming the shapes unless q: (B, T, hs), k: None or like q, v: (B, T, hs_v),
+    padding_mask: None or (B, T)."""
+    if q.dim() != 3 or v.dim() != 3 or q.shape[:2] != v.shape[:2]:
+        raise ValueError(f"{fn}: {q_name} must be (B, T, hs) and v (B, T, hs_v) with the same B "
+                         f"and T, got {q_name} {tuple(q.shape)} and v {tuple(v.shape)}")
+    if k is not None and k.shape != q.shape:
+        raise ValueError(f"{fn}: k must have the shape of q {tuple(q.shape)}, got "
+                         f"{tuple(k.shape)}")
+    if padding_mask is not None and tuple(padding_mask.shape) != tuple(q.shape[:2]):
+        raise ValueError(f"{fn}: padding_mask must be (B, T) = {tuple(q.shape[:2])}, got "
+                         f"{tuple(padding_mask.shape)}")
+
+
+def _float32(*xs):
+    """Half-precision inputs go to float32: logits, softmax and the round weights are computed
+    there (half cannot hold the -1e9 mask value, and exp() of half logits loses the small weights
+    that the round combination needs). None passes through."""
+    return [x.float() if x is not None and x.dtype in (torch.float16, torch.bfloat16) else x
+            for x in xs]
+
+
 def _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask):
-    if qk.dim() != 3 or v.dim() != 3 or qk.shape[:2] != v.shape[:2]:
-        raise ValueError(f"lsh_attention: qk must be (B, T, hs) and v (B, T, hs_v) with the same "
-                         f"B and T, got qk {tuple(qk.shape)} and v {tuple(v.shape)}")
+    _check_shapes("lsh_attention", qk, None, v, padding_mask, q_name="qk")
     T = qk.shape[1]
     if bucket_size < 1 or T % (2 * bucket_size):
         raise ValueError(f"lsh_attention: T={T} must be a positive multiple of 2 * bucket_size "
@@ -262,9 +292,6 @@ def _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask):
                          f"the sequence, or use LSHSelfAttention, which pads for you")
     if n_hashes < 1:
         raise ValueError(f"lsh_attention: n_hashes must be >= 1, got {n_hashes}")
-    if padding_mask is not None and tuple(padding_mask.shape) != tuple(qk.shape[:2]):
-        raise ValueError(f"lsh_attention: padding_mask must be (B, T) = {tuple(qk.shape[:2])}, "
-                         f"got {tuple(padding_mask.shape)}")
 
 
 def _gather_rows(x, idx):
@@ -291,10 +318,7 @@ def lsh_attention(qk, v, bucket_size, n_hashes, causal=False, padding_mask=None,
     m, R = bucket_size, n_hashes
     nc = n_buckets = T // m
     out_dtype = v.dtype
-    if qk.dtype in (torch.float16, torch.bfloat16):
-        # Logits, softmax and the round weights in float32: half precision cannot hold -1e9,
-        # and exp() of half logits loses the small weights that the round combination needs.
-        qk, v = qk.float(), v.float()
+    qk, v = _float32(qk, v)
 
     # 1) Hash: (B, R, T) buckets. Rounds live in their own tensor dim, so buckets of different
     #    rounds can never mix (the authors offset them by r * n_buckets in one long sequence).
@@ -331,7 +355,7 @@ def lsh_attention(qk, v, bucket_size, n_hashes, causal=False, padding_mask=None,
     # 4) Masked softmax attention in every chunk (self -> -1e5, future/padding -> -1e9).
     # 6) dedup: a key that query i sees in c rounds gets log c subtracted from its logit in each,
     #    so summed over rounds it weighs exactly once, like in full attention.
-    log_counts = _dedup_log_counts(undo_sort, q_pos, m) if dedup and R > 1 else None
+    log_counts = _dedup_log_counts(undo_sort, q_pos, m, qk.dtype) if dedup and R > 1 else None
     o_s, lse_s = _attend_in_chunks(q_s, k_s, v_s, q_pos, k_valid, causal, shared_qk=True,
                                    scale=1.0, dedup_log_counts=log_counts,
                                    dropout=dropout, training=training)
@@ -350,7 +374,8 @@ def lsh_attention(qk, v, bucket_size, n_hashes, causal=False, padding_mask=None,
     out = (w * o).sum(dim=1)                                   # (B, T, hs_v)
 
     # 7) Memory: the largest tensors are the logits (B, R, nc, m, 2m) = 2 B R T m floats, linear
-    #    in T for a fixed bucket_size, and linear in n_hashes because all rounds go through one
+    #    in T for a fixed bucket_size (the hash scores, R T n_buckets / 2, grow as T^2 / m but are
+    #    computed piece by piece in hash_vectors), and linear in n_hashes because all rounds go through one
     #    batched matmul. Looping over rounds would keep one round's logits at a time (memory flat
     #    in n_hashes) but serialises R small matmuls; we chose speed, since the reversible layers
     #    already keep activation memory independent of depth.
@@ -368,18 +393,20 @@ def local_attention(q, k, v, bucket_size, causal=False, padding_mask=None, share
     enwik8 model uses it in most layers. T must be a multiple of bucket_size.
     With shared_qk=True, k is ignored and the shared-QK conventions of lsh_attention apply.
     """
+    _check_shapes("local_attention", q, None if shared_qk else k, v, padding_mask)
     B, T, hs = q.shape
     if bucket_size < 1 or T % bucket_size:
         raise ValueError(f"local_attention: T={T} must be a positive multiple of bucket_size="
                          f"{bucket_size}")
     m, nc = bucket_size, T // bucket_size
     out_dtype = v.dtype
+    q, k, v = _float32(q, k, v)
     if shared_qk:
         k, scale = F.normalize(q, p=2.0, dim=-1), 1.0
     else:
+        if k is None:
+            raise ValueError("local_attention: k is None, which is valid only with shared_qk=True")
         scale = 1.0 / math.sqrt(hs)
-    if q.dtype in (torch.float16, torch.bfloat16):
-        q, k, v = q.float(), k.float(), v.float()
     chunks = lambda x: x.reshape(B, 1, nc, m, *x.shape[2:])   # R = 1 round, identity "sort"
     pos = torch.arange(T, device=q.device).expand(B, T)
     k_valid = None if padding_mask is None else chunks(padding_mask.bool())
@@ -398,6 +425,7 @@ def full_attention(q, k, v, causal=False, padding_mask=None, shared_qk=False, dr
     attention on the same weights (paper Table 2). Invalid keys get -1e9 (finite: no NaN).
     Without masks beyond causal it runs PyTorch's fused F.scaled_dot_product_attention.
     """
+    _check_shapes("full_attention", q, None if shared_qk else k, v, padding_mask)
     B, T, hs = q.shape
     p_drop = dropout if training else 0.0
     if not shared_qk:
@@ -406,10 +434,7 @@ def full_attention(q, k, v, causal=False, padding_mask=None, shared_qk=False, dr
         if padding_mask is None:   # the common case: PyTorch's fused (flash) kernel, no mask tensor
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=p_drop)
     out_dtype = v.dtype
-    if q.dtype in (torch.float16, torch.bfloat16):
-        # float32 logits, as in lsh_attention: half precision cannot hold the -1e9 mask value
-        q, v = q.float(), v.float()
-        k = None if k is None else k.float()
+    q, k, v = _float32(q, k, v)                                # as in lsh_attention
     if shared_qk:
         k, scale = F.normalize(q, p=2.0, dim=-1), 1.0
     else:
