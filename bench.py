@@ -1,0 +1,817 @@
+"""
+Benchmarks: the Reformer's speed and memory claims measured on this machine, against the two
+public implementations (reformer-pytorch, Hugging Face transformers) when they are installed.
+
+Sub-commands (each prints a table and writes <out>/<name>.json and <out>/<name>.png):
+    speed          seconds per forward+backward of one attention layer, tokens per step fixed
+                   (paper Figure 5): ours LSH-1/2/4/8, our full attention, PyTorch SDPA, the peers;
+                   FLOPs of each LSH row, achieved FLOP/s, and that as a fraction of the machine's
+                   own matmul rate measured in the same run
+    memory-depth   peak memory of a training step of ReformerLM for 2/6/12 layers, reversible or
+                   not, chunked feed-forward or not (paper Table 3, the n_l factor)
+    memory-hashes  peak memory of the LSH layer by n_hashes and length, ours and the peers (paper
+                   Table 3, the b n_h l n_r c term)
+    throughput     tokens/s of a whole training step (forward, backward, AdamW), our ReformerLM
+                   against reformer-pytorch's ReformerLM at the same configuration
+    profile        torch.profiler's top ops of one step of our LSH layer (not part of `all`)
+    all            the suite above at CPU-sized lengths (the default; < 10 minutes on 2 cores)
+
+    python bench.py                                      # the CPU-sized suite
+    python bench.py speed                                # Figure 5 at 1K..16K (32K on CUDA)
+    python bench.py speed --compile                      # our layers under torch.compile
+    python bench.py speed --device cuda --dtype bf16 --lengths 1024,4096,16384,32768
+    python bench.py memory-depth --lengths 8192
+    python bench.py profile --lengths 16384 --n_hashes 4
+    pip install -r requirements-bench.txt                # the peers; skipped when missing
+
+What each timed layer contains (input (B, T, C) -> output (B, T, C), all with the same shapes):
+    ours LSH / ours full   lsh_attention.LSHSelfAttention: qk and v projections, attention, output
+                           projection. 'full' is full_attention with shared QK (an explicit
+                           (B*nh, T, T) logits tensor, what the Reformer evaluates with).
+    SDPA                   the same class with shared_qk=False: q, k, v and output projections
+                           around F.scaled_dot_product_attention(is_causal=True) (fused kernels).
+    reformer-pytorch       reformer_pytorch.LSHSelfAttention: toqk, tov, attention, to_out.
+    transformers           modeling_reformer.LSHSelfAttention (query_key and value projections,
+                           attention) followed by ReformerSelfOutput's dense output projection.
+Timing: one warm-up step (two under --compile: compilation is excluded), then the median of
+--repeats steps, each y = layer(x); (y * g).sum().backward() with x requiring grad and a fixed
+random g. Memory on CPU: every configuration runs in its own process (`python bench.py
+_mem_worker --json ...`) and reports its peak RSS above a baseline taken after imports, model and
+input construction and a tiny warm-up step; on CUDA the allocator's peak above what was allocated
+before the step.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from lsh_attention import LSHSelfAttention
+from model import ModelConfig, ReformerLM
+
+# Default sizes per sub-command. `all` on a CPU overrides them with ALL_CPU to stay under 10 minutes
+# on 2 cores: the full speed sweep with both peers alone takes ~12, most of it the peers' LSH-8.
+DEFAULTS = {
+    "speed":         dict(lengths=[1024, 2048, 4096, 8192, 16384], n_hashes=[1, 2, 4, 8]),
+    "memory-depth":  dict(lengths=[8192], n_hashes=[2], layers=[2, 6, 12]),
+    "memory-hashes": dict(lengths=[1024, 4096, 16384], n_hashes=[1, 2, 4, 8]),
+    "throughput":    dict(lengths=[4096], n_hashes=[2], layers=[6]),
+    "profile":       dict(lengths=[16384], n_hashes=[4]),
+}
+ALL_CPU = {
+    "speed":         dict(lengths=[1024, 16384]),
+    "memory-depth":  dict(lengths=[8192]),
+    "memory-hashes": dict(lengths=[16384]),
+    "throughput":    dict(layers=[2]),
+}
+CUDA_EXTRA_LENGTHS = {"speed": [32768]}   # the paper's longest length, where a GPU has the memory
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PEERS = ("reformer-pytorch", "transformers")   # PyPI names; imported only when installed
+
+
+# -----------------------------------------------------------------------------------------------
+# The machine, timing, output
+# -----------------------------------------------------------------------------------------------
+
+def device_name(device):
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_time(step, repeats, warmup, device):
+    """Median seconds of `repeats` calls of step() after `warmup` calls (not timed)."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def matmul_rate(device, dtype, n=2048, repeats=5):
+    """FLOP/s of one large square matmul: the ceiling that the FLOP fractions are relative to."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t, _ = median_time(lambda: a @ b, repeats, 2, device)
+    return 2 * n ** 3 / t
+
+
+def peer_version(name):
+    """Version string of an installed peer, or None. Imports nothing heavy."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def peers_to_run(args):
+    """{name: version} of the peers to measure: the installed ones, unless --no_peers."""
+    if args.no_peers:
+        return {}
+    found = {name: peer_version(name) for name in PEERS}
+    for name, v in found.items():
+        if v is None:
+            print(f"skipped: {name} not installed (pip install -r requirements-bench.txt)")
+    return {name: v for name, v in found.items() if v is not None}
+
+
+def code_version():
+    """The commit measured, '+dirty' when the model files differ from it (they are timed)."""
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True,
+                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    files = ["lsh_attention.py", "model.py", "reversible.py", "chunked_ff.py"]
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + \
+        ("+dirty" if git("status", "--porcelain", *files) else "")
+
+
+def save(args, command, rows, extra=None):
+    """Write <out>/<command>.json with the machine, versions, command line and rows."""
+    os.makedirs(args.out, exist_ok=True)
+    record = dict(command=command, argv=sys.argv[1:], date=datetime.datetime.now().isoformat(
+        timespec="seconds"), device=device_name(args.device), torch=torch.__version__,
+        python=platform.python_version(), code=code_version(), load_average=list(os.getloadavg()),
+        peers={name: peer_version(name) for name in PEERS}, dtype=args.dtype,
+        d_model=args.d_model, n_heads=args.n_heads, bucket_size=args.bucket_size,
+        tokens=args.tokens, repeats=args.repeats, compile=args.compile, **(extra or {}),
+        rows=rows)
+    path = os.path.join(args.out, f"{command}.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    return path
+
+
+def print_table(rows, columns):
+    """rows: list of dicts; columns: list of (key, header, format)."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        cells.append([("-" if r.get(k) is None else fmt.format(r[k]) if not isinstance(r[k], str)
+                       else r[k]) for k, _, fmt in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    for i, line in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def new_figure(ncols=1):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4), squeeze=False)
+    return plt, fig, axes[0]
+
+
+def save_figure(plt, fig, args, command):
+    fig.tight_layout()
+    path = os.path.join(args.out, f"{command}.png")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+# -----------------------------------------------------------------------------------------------
+# The layers: ours and the peers, configured alike
+# -----------------------------------------------------------------------------------------------
+
+class _HFLayer(torch.nn.Module):
+    """Hugging Face's LSHSelfAttention plus the output projection that ReformerSelfOutput adds,
+    so that it contains what ours contains (projections, attention, output projection)."""
+
+    def __init__(self, args, n_hashes, T):
+        super().__init__()
+        from transformers import ReformerConfig
+        from transformers.models.reformer import modeling_reformer as hf
+        cfg = ReformerConfig(hidden_size=args.d_model, num_attention_heads=args.n_heads,
+                             attention_head_size=args.d_model // args.n_heads,
+                             attn_layers=["lsh"], lsh_attn_chunk_length=args.bucket_size,
+                             num_hashes=n_hashes, num_buckets=max(2, T // args.bucket_size),
+                             is_decoder=True, lsh_num_chunks_before=1, lsh_num_chunks_after=0,
+                             lsh_attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0,
+                             max_position_embeddings=T)
+        self.attn = hf.LSHSelfAttention(cfg)
+        self.out = hf.ReformerSelfOutput(cfg)
+
+    def forward(self, x):
+        return self.out(self.attn(hidden_states=x).hidden_states)
+
+
+def build_layer(impl, n_hashes, T, args):
+    """One attention layer (B, T, C) -> (B, T, C): 'ours' (LSH), 'ours-full', 'sdpa' or a peer."""
+    C, nh, m = args.d_model, args.n_heads, args.bucket_size
+    if impl == "ours":
+        return LSHSelfAttention(C, nh, bucket_size=m, n_hashes=n_hashes, causal=True, attn="lsh")
+    if impl == "ours-full":
+        return LSHSelfAttention(C, nh, bucket_size=m, causal=True, attn="full", shared_qk=True)
+    if impl == "sdpa":
+        return LSHSelfAttention(C, nh, bucket_size=m, causal=True, attn="full", shared_qk=False)
+    if impl == "reformer-pytorch":
+        from reformer_pytorch import LSHSelfAttention as PeerLSH
+        return PeerLSH(dim=C, heads=nh, bucket_size=m, n_hashes=n_hashes, causal=True)
+    if impl == "transformers":
+        return _HFLayer(args, n_hashes, T)
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def layer_step(layer, B, T, args, compile=False):
+    """A closure running one forward+backward of the layer on a fixed (B, T, C) input."""
+    dtype = DTYPES[args.dtype]
+    layer = layer.to(args.device, dtype).train()
+    fn = layer
+    if compile:
+        torch._dynamo.reset()   # a fresh cache per configuration: no recompile limit, no dynamic
+        fn = torch.compile(layer, dynamic=False)
+    x = torch.randn(B, T, args.d_model, device=args.device, dtype=dtype, requires_grad=True)
+    g = torch.randn(B, T, args.d_model, device=args.device, dtype=dtype)
+    params = list(layer.parameters())
+
+    def step():
+        y = fn(x)
+        (y * g).sum().backward()
+        x.grad = None
+        for p in params:
+            p.grad = None
+    return step
+
+
+def lsh_flops(B, T, C, nh, m, n_hashes):
+    """FLOPs of one forward+backward of the LSH layer, counted from what lsh_attention.py does.
+    A multiply-add is 2 FLOPs; the backward of a matmul is two matmuls of its size (dX, dW).
+
+        projections   3 linears (qk, v, out) of 2 B T C^2, x3 with backward
+        hashing       x @ R: 2 B nh T hs (R n_buckets / 2), forward only (no gradient)
+        chunks        S = q k^T and o = P v over (m, 2m) windows: 2 x 2 B nh R T 2m hs forward;
+                      backward does dV, dP, dQ, dK: twice the forward, so x3 in all
+    Element-wise passes (masks, softmax, sort, gathers, round combination) are not counted.
+    """
+    hs, n_buckets = C // nh, T // m
+    proj = 3 * 2 * B * T * C * C * 3
+    hashing = 2 * B * nh * T * hs * n_hashes * n_buckets // 2
+    chunks = 2 * 2 * B * nh * n_hashes * T * 2 * m * hs * 3
+    return proj + hashing + chunks
+
+
+def batch_for(T, args):
+    return max(1, args.tokens // T)
+
+
+# -----------------------------------------------------------------------------------------------
+# speed: paper Figure 5, peers, FLOP/s
+# -----------------------------------------------------------------------------------------------
+
+def speed_configs(args, peers):
+    """(impl, n_hashes or None, T) in the order they are measured."""
+    for T in args.lengths:
+        for h in args.n_hashes:   # side by side, so that a busy moment hits all of them alike
+            for impl in ("ours", *peers):
+                yield impl, h, T
+        if T <= args.max_full_len:
+            yield "ours-full", None, T
+        yield "sdpa", None, T
+
+
+def measure_speed(impl, h, T, args):
+    B = batch_for(T, args)
+    row = dict(impl=impl, n_hashes=h, length=T, batch=B)
+    torch.manual_seed(0)
+    cuda = args.device.startswith("cuda")
+    try:
+        compile = args.compile and impl in ("ours", "ours-full", "sdpa")
+        if compile:
+            row["impl"] = impl + " (compiled)"
+        step = layer_step(build_layer(impl, h, T, args), B, T, args, compile)
+        if cuda:
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        warmup = args.warmup + (1 if compile else 0)
+        row["seconds"], row["all_seconds"] = median_time(step, args.repeats, warmup, args.device)
+        if cuda:
+            row["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    except Exception as e:   # an OOM or a compile failure is a result, not a crash
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120]}"
+        return row
+    row["tokens_per_s"] = B * T / row["seconds"]
+    if h is not None:
+        row["gflop"] = lsh_flops(B, T, args.d_model, args.n_heads, args.bucket_size, h) / 1e9
+        row["gflop_per_s"] = row["gflop"] / row["seconds"]
+    return row
+
+
+def speed(args):
+    peers = peers_to_run(args)
+    dtype = DTYPES[args.dtype]
+    before = matmul_rate(args.device, dtype)
+    print(f"matmul 2048^3 {args.dtype}: {before / 1e9:.0f} GFLOP/s on {device_name(args.device)}")
+    rows = []
+    for impl, h, T in speed_configs(args, peers):
+        rows.append(measure_speed(impl, h, T, args))
+        print(f"  {rows[-1]['impl']:>22} n_hashes={h or '-'} T={T}: "
+              + (rows[-1].get("error") or f"{rows[-1]['seconds']:.3f} s"), flush=True)
+    # The ceiling: the better of two measurements, before and after (the machine may be shared).
+    after = matmul_rate(args.device, dtype)
+    peak = max(before, after)
+    print(f"matmul 2048^3 {args.dtype}: {after / 1e9:.0f} GFLOP/s after the sweep")
+    for row in rows:
+        if "gflop_per_s" in row:
+            row["matmul_fraction"] = row["gflop_per_s"] * 1e9 / peak
+    ours = {(r["n_hashes"], r["length"]): r["seconds"] for r in rows
+            if r["impl"].split(" (")[0] == "ours" and "seconds" in r}
+    for r in rows:   # peer time / our time at the same n_hashes and length: > 1 means we are faster
+        if r["impl"] in peers and "seconds" in r and (r["n_hashes"], r["length"]) in ours:
+            r["vs_ours"] = r["seconds"] / ours[(r["n_hashes"], r["length"])]
+    columns = [("impl", "impl", "{}"), ("n_hashes", "n_hashes", "{}"), ("length", "length", "{}"),
+               ("batch", "batch", "{}"), ("seconds", "s/step", "{:.3f}"),
+               ("tokens_per_s", "tokens/s", "{:.0f}"), ("gflop", "GFLOP", "{:.1f}"),
+               ("gflop_per_s", "GFLOP/s", "{:.1f}"), ("matmul_fraction", "of matmul", "{:.0%}"),
+               ("vs_ours", "x ours", "{:.2f}"), ("error", "error", "{}")]
+    if args.device.startswith("cuda"):
+        columns.insert(6, ("peak_mb", "peak MB", "{:.0f}"))
+    print(f"\nspeed: forward+backward of one layer, {args.tokens} tokens per step, median of "
+          f"{args.repeats}; 'x ours' = peer time / our time")
+    print_table(rows, columns)
+    summarize_speed(rows, peers)
+    name = "speed-compile" if args.compile else "speed"
+    path = save(args, name, rows, dict(matmul_gflop_per_s=[before / 1e9, after / 1e9]))
+    plot_speed(rows, args, name)
+    print(f"wrote {path}")
+    return rows
+
+
+def summarize_speed(rows, peers):
+    """The claims in one line each: flat in length, speed-up over the faster peer."""
+    by = {}
+    for r in rows:
+        if "seconds" in r:
+            by.setdefault((r["impl"].split(" (")[0], r["n_hashes"]), {})[r["length"]] = r["seconds"]
+    for (impl, h), series in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        if impl == "ours" and len(series) > 1:
+            lo, hi = min(series), max(series)
+            line = f"ours LSH-{h}: {hi} vs {lo}: {series[hi] / series[lo]:.2f}x time"
+            ups = [min(by[(p, h)][T] for p in peers if T in by.get((p, h), {})) / s
+                   for T, s in series.items() if any(T in by.get((p, h), {}) for p in peers)]
+            if ups:
+                line += f"; faster peer / ours: {min(ups):.2f}x to {max(ups):.2f}x"
+            print(line)
+
+
+def plot_speed(rows, args, name):
+    plt, fig, (ax1, ax2) = new_figure(2)
+    colors = {1: "tab:blue", 2: "tab:orange", 4: "tab:green", 8: "tab:red"}
+    styles = {"ours": "-", "reformer-pytorch": "--", "transformers": ":"}
+    lines = {}
+    for r in rows:
+        if "seconds" in r:
+            lines.setdefault((r["impl"], r["n_hashes"]), []).append((r["length"], r["seconds"]))
+    for (impl, h), pts in lines.items():
+        xs, ys = zip(*sorted(pts))
+        base = impl.split(" (")[0]
+        if base in ("ours-full", "sdpa"):
+            label = {"ours-full": "ours full", "sdpa": "SDPA"}[base]
+            ax1.plot(xs, ys, "k-o" if base == "ours-full" else "k--s", label=label, ms=4)
+            ax2.plot(xs, ys, "k--s" if base == "sdpa" else "k-o", label=label, ms=4, alpha=0.4)
+            continue
+        kw = dict(color=colors.get(h), marker="o", ms=4)
+        if base == "ours":
+            ax1.plot(xs, ys, "-", label=f"LSH-{h}", **kw)
+        ax2.plot(xs, ys, styles.get(base, "-."), label=f"{base} LSH-{h}", **kw)
+    for ax, title in ((ax1, "ours (paper Figure 5)"), (ax2, "ours (solid) vs peers")):
+        ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens per step fixed)",
+               ylabel="seconds per forward+backward", title=title)
+        ax.set_xticks(sorted({r["length"] for r in rows}), [str(t) for t in
+                                                            sorted({r["length"] for r in rows})])
+        ax.legend(fontsize=6, ncol=2)
+    return save_figure(plt, fig, args, name)
+
+
+# -----------------------------------------------------------------------------------------------
+# Memory: every configuration in its own process on CPU (peak RSS is per process and only grows)
+# -----------------------------------------------------------------------------------------------
+
+def build_model(spec):
+    """Ours or reformer-pytorch's ReformerLM, from a spec dict; returns (model, forward->loss)."""
+    T, L, h = spec["length"], spec["n_layers"], spec["n_hashes"]
+    C, nh, m, d_ff, V = spec["d_model"], spec["n_heads"], spec["bucket_size"], spec["d_ff"], 256
+    if spec["impl"] == "ours":
+        cfg = ModelConfig(vocab_size=V, max_seq_len=T, n_layers=L, d_model=C, n_heads=nh,
+                          d_ff=d_ff, attn="lsh", n_hashes=h, bucket_size=m,
+                          reversible=spec["reversible"], ff_chunks=spec["ff_chunks"],
+                          tie_weights=False)
+        model = ReformerLM(cfg)
+        return model, lambda idx, tgt: model(idx, tgt)[1]
+    from reformer_pytorch import ReformerLM as PeerLM   # always reversible (reverse_thres=0)
+    rows, cols = ModelConfig(max_seq_len=T).axial_dims()
+    model = PeerLM(num_tokens=V, dim=C, depth=L, max_seq_len=T, heads=nh, dim_head=C // nh,
+                   bucket_size=m, n_hashes=h, ff_chunks=spec["ff_chunks"], ff_mult=d_ff // C,
+                   causal=True, axial_position_emb=True, axial_position_shape=(rows, cols))
+    ce = torch.nn.functional.cross_entropy
+    return model, lambda idx, tgt: ce(model(idx).flatten(0, 1), tgt.flatten())
+
+
+def make_step(spec):
+    """A closure for one training step (forward + backward) of the spec's layer or model."""
+    args = argparse.Namespace(**spec)
+    T, B = spec["length"], spec["batch"]
+    if spec["kind"] == "layer":
+        return layer_step(build_layer(spec["impl"], spec["n_hashes"], T, args), B, T, args)
+    model, loss_fn = build_model(spec)
+    model.to(spec["device"]).train()
+    idx = torch.randint(0, 256, (B, T), device=spec["device"])
+    tgt = torch.randint(0, 256, (B, T), device=spec["device"])
+
+    def step():
+        loss_fn(idx, tgt).backward()
+        model.zero_grad(set_to_none=True)
+    return step
+
+
+def mem_worker(spec):
+    """Peak memory of one step of spec, in this process. Returns a dict of MB."""
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    cuda = spec["device"].startswith("cuda")
+    tiny = dict(spec, length=4 * spec["bucket_size"], batch=1)
+    make_step(tiny)()   # lazy initialisation (thread pools, kernels) belongs to the baseline
+    step = make_step(spec)
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # KB on Linux
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    mb = 2 ** 20
+    return dict(baseline_mb=base / mb, peak_mb=peak / mb, delta_mb=(peak - base) / mb)
+
+
+def measure_memory(spec):
+    """mem_worker(spec), in a fresh process on CPU. Failures come back as {'error': ...}."""
+    if spec["device"].startswith("cuda"):
+        try:
+            return mem_worker(spec)
+        except Exception as e:
+            return dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    cmd = [sys.executable, os.path.abspath(__file__), "_mem_worker", "--json", json.dumps(spec)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or ["killed (out of memory?)"])[-1]
+        return dict(error=f"exit {p.returncode}: {last[:120]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def base_spec(args, **kw):
+    return dict(dict(device=args.device, dtype=args.dtype, threads=args.threads,
+                     d_model=args.d_model, n_heads=args.n_heads, bucket_size=args.bucket_size,
+                     d_ff=args.d_ff, compile=False), **kw)
+
+
+def memory_hashes(args):
+    peers = peers_to_run(args)
+    rows = []
+    for T in args.lengths:
+        B = batch_for(T, args)
+        for impl in ["ours", *peers]:
+            for h in args.n_hashes:
+                spec = base_spec(args, kind="layer", impl=impl, n_hashes=h, length=T, batch=B)
+                # paper Table 3: b n_h l n_r c, with c = 2m (a chunk and the one before it)
+                logits_mb = B * args.n_heads * T * h * 2 * args.bucket_size * 4 / 2 ** 20
+                row = dict(impl=impl, n_hashes=h, length=T, batch=B, logits_mb=logits_mb,
+                           **measure_memory(spec))
+                rows.append(row)
+                print(f"  {impl:>16} n_hashes={h} T={T}: "
+                      + (row.get("error") or f"{row['delta_mb']:.0f} MB"), flush=True)
+    ours = {(r["n_hashes"], r["length"]): r["delta_mb"] for r in rows
+            if r["impl"] == "ours" and "delta_mb" in r}
+    for r in rows:
+        if r["impl"] != "ours" and "delta_mb" in r and (r["n_hashes"], r["length"]) in ours:
+            r["vs_ours"] = r["delta_mb"] / max(ours[(r["n_hashes"], r["length"])], 1e-9)
+    print(f"\nmemory-hashes: peak memory of one forward+backward of the layer, {args.tokens} "
+          f"tokens per step; 'logits' = b n_h l n_r c floats (c = 2 bucket_size), paper Table 3")
+    print_table(rows, [("impl", "impl", "{}"), ("n_hashes", "n_hashes", "{}"),
+                       ("length", "length", "{}"), ("batch", "batch", "{}"),
+                       ("delta_mb", "peak MB above base", "{:.0f}"),
+                       ("peak_mb", "peak MB total", "{:.0f}"),
+                       ("logits_mb", "logits MB", "{:.0f}"), ("vs_ours", "x ours", "{:.2f}"),
+                       ("error", "error", "{}")])
+    path = save(args, "memory-hashes", rows, dict(memory=memory_method(args)))
+    plt, fig, (ax,) = new_figure()
+    colors = {1: "tab:blue", 2: "tab:orange", 4: "tab:green", 8: "tab:red"}
+    styles = {"ours": "-", "reformer-pytorch": "--", "transformers": ":"}
+    for impl in ["ours", *peers]:
+        for h in args.n_hashes:
+            pts = sorted((r["length"], r["delta_mb"]) for r in rows
+                         if r["impl"] == impl and r["n_hashes"] == h and r.get("delta_mb", 0) > 0)
+            if pts:
+                ax.plot(*zip(*pts), styles[impl], color=colors.get(h), marker="o", ms=4,
+                        label=f"{impl} LSH-{h}")
+    ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens per step fixed)",
+           ylabel="peak MB above baseline", title="LSH layer memory (solid: ours)")
+    ax.legend(fontsize=6, ncol=2)
+    save_figure(plt, fig, args, "memory-hashes")
+    print(f"wrote {path}")
+    return rows
+
+
+def memory_method(args):
+    return ("torch.cuda.max_memory_allocated above the allocation before the step"
+            if args.device.startswith("cuda") else
+            "peak RSS (ru_maxrss) of a fresh process per row, above a baseline after imports, "
+            "model and input construction and a tiny warm-up step")
+
+
+def memory_depth(args):
+    rows = []
+    for T in args.lengths:
+        for L in args.layers:
+            for reversible in (False, True):
+                for ff_chunks in (1, 8):
+                    spec = base_spec(args, kind="model", impl="ours", n_hashes=args.n_hashes[0],
+                                     length=T, batch=1, n_layers=L, reversible=reversible,
+                                     ff_chunks=ff_chunks)
+                    row = dict(length=T, n_layers=L, reversible=reversible, ff_chunks=ff_chunks,
+                               **measure_memory(spec))
+                    rows.append(row)
+                    print(f"  T={T} layers={L} reversible={reversible} ff_chunks={ff_chunks}: "
+                          + (row.get("error") or f"{row['delta_mb']:.0f} MB"), flush=True)
+    first = {(r["length"], r["reversible"], r["ff_chunks"]): r["delta_mb"] for r in rows
+             if r["n_layers"] == min(args.layers) and "delta_mb" in r}
+    for r in rows:
+        key = (r["length"], r["reversible"], r["ff_chunks"])
+        if "delta_mb" in r and key in first:
+            r["vs_fewest_layers"] = r["delta_mb"] / max(first[key], 1e-9)
+    print(f"\nmemory-depth: peak memory of a training step of ReformerLM, batch 1, LSH-"
+          f"{args.n_hashes[0]}, d_model {args.d_model}, d_ff {args.d_ff}; "
+          f"'x {min(args.layers)} layers' = peak / peak of the {min(args.layers)}-layer model")
+    print_table(rows, [("length", "length", "{}"), ("n_layers", "layers", "{}"),
+                       ("reversible", "reversible", "{}"), ("ff_chunks", "ff_chunks", "{}"),
+                       ("delta_mb", "peak MB above base", "{:.0f}"),
+                       ("peak_mb", "peak MB total", "{:.0f}"),
+                       ("vs_fewest_layers", f"x {min(args.layers)} layers", "{:.2f}"),
+                       ("error", "error", "{}")])
+    path = save(args, "memory-depth", rows, dict(memory=memory_method(args), d_ff=args.d_ff,
+                                                 n_hashes=args.n_hashes[0]))
+    plt, fig, (ax,) = new_figure()
+    groups = [(rev, ch) for rev in (False, True) for ch in (1, 8)]
+    width = 0.8 / len(groups)
+    for i, (rev, ch) in enumerate(groups):
+        ys = [next((r.get("delta_mb", 0) for r in rows if r["n_layers"] == L and r["reversible"]
+                    == rev and r["ff_chunks"] == ch and r["length"] == args.lengths[-1]), 0)
+              for L in args.layers]
+        ax.bar([j + i * width for j in range(len(args.layers))], ys, width,
+               label=f"{'reversible' if rev else 'residual'}, ff_chunks={ch}")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(args.layers))],
+                  [str(L) for L in args.layers])
+    ax.set(xlabel="layers", ylabel="peak MB above baseline",
+           title=f"training-step memory at length {args.lengths[-1]}")
+    ax.legend(fontsize=7)
+    save_figure(plt, fig, args, "memory-depth")
+    print(f"wrote {path}")
+    return rows
+
+
+# -----------------------------------------------------------------------------------------------
+# throughput: whole-model training steps, ours against reformer-pytorch
+# -----------------------------------------------------------------------------------------------
+
+def throughput(args):
+    peers = peers_to_run(args)
+    rows = []
+    impls = ["ours"] + (["reformer-pytorch"] if "reformer-pytorch" in peers else [])
+    for T in args.lengths:
+        B = batch_for(T, args)
+        for L in args.layers:
+            for impl in impls:
+                spec = base_spec(args, kind="model", impl=impl, n_hashes=args.n_hashes[0],
+                                 length=T, batch=B, n_layers=L, reversible=True, ff_chunks=1)
+                rows.append(measure_throughput(spec, args))
+                r = rows[-1]
+                print(f"  {impl} T={T} layers={L}: "
+                      + (r.get("error") or f"{r['tokens_per_s']:.0f} tokens/s"), flush=True)
+    ours = {(r["length"], r["n_layers"]): r["tokens_per_s"] for r in rows
+            if r["impl"] == "ours" and "tokens_per_s" in r}
+    for r in rows:
+        if "tokens_per_s" in r and (r["length"], r["n_layers"]) in ours:
+            r["vs_ours"] = r["tokens_per_s"] / ours[(r["length"], r["n_layers"])]
+    print(f"\nthroughput: training steps (forward, backward, AdamW) of a ReformerLM, reversible, "
+          f"LSH-{args.n_hashes[0]}, d_model {args.d_model}, d_ff {args.d_ff}, median of "
+          f"{args.repeats}")
+    print_table(rows, [("impl", "impl", "{}"), ("length", "length", "{}"),
+                       ("batch", "batch", "{}"), ("n_layers", "layers", "{}"),
+                       ("params_m", "params (M)", "{:.2f}"), ("seconds", "s/step", "{:.3f}"),
+                       ("tokens_per_s", "tokens/s", "{:.0f}"), ("vs_ours", "x ours", "{:.2f}"),
+                       ("error", "error", "{}")])
+    path = save(args, "throughput", rows, dict(d_ff=args.d_ff, n_hashes=args.n_hashes[0]))
+    plt, fig, (ax,) = new_figure()
+    ok = [r for r in rows if "tokens_per_s" in r]
+    ax.bar(range(len(ok)), [r["tokens_per_s"] for r in ok],
+           color=["tab:green" if r["impl"] == "ours" else "tab:gray" for r in ok])
+    ax.set_xticks(range(len(ok)), [f"{r['impl']}\nT={r['length']} L={r['n_layers']}" for r in ok],
+                  fontsize=7)
+    ax.set(ylabel="training tokens/s", title="whole-model training throughput")
+    save_figure(plt, fig, args, "throughput")
+    print(f"wrote {path}")
+    return rows
+
+
+def measure_throughput(spec, args):
+    row = dict(impl=spec["impl"], length=spec["length"], batch=spec["batch"],
+               n_layers=spec["n_layers"])
+    torch.manual_seed(0)
+    try:
+        model, loss_fn = build_model(spec)
+        model.to(args.device).train()
+        row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        idx = torch.randint(0, 256, (spec["batch"], spec["length"]), device=args.device)
+        tgt = torch.randint(0, 256, (spec["batch"], spec["length"]), device=args.device)
+
+        def step():
+            loss_fn(idx, tgt).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        row["seconds"], row["all_seconds"] = median_time(step, args.repeats, args.warmup,
+                                                         args.device)
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120]}"
+        return row
+    row["tokens_per_s"] = spec["batch"] * spec["length"] / row["seconds"]
+    return row
+
+
+# -----------------------------------------------------------------------------------------------
+# profile: where one step of our LSH layer spends its time
+# -----------------------------------------------------------------------------------------------
+
+def profile(args):
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if args.device.startswith("cuda") else [])
+    rows = []
+    for T in args.lengths:
+        for h in args.n_hashes:
+            torch.manual_seed(0)
+            B = batch_for(T, args)
+            step = layer_step(build_layer("ours", h, T, args), B, T, args)
+            for _ in range(args.warmup):
+                step()
+            with torch_profile(activities=activities) as prof:
+                step()
+                sync(args.device)
+            sort_by = "self_cuda_time_total" if args.device.startswith("cuda") else \
+                "self_cpu_time_total"
+            print(f"\nprofile: ours LSH-{h}, length {T}, batch {B}")
+            print(prof.key_averages().table(sort_by=sort_by, row_limit=args.top))
+            events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+            total = sum(e.self_cpu_time_total for e in events)
+            rows.append(dict(n_hashes=h, length=T, batch=B, total_ms=total / 1e3,
+                             top=[dict(op=e.key, self_ms=e.self_cpu_time_total / 1e3,
+                                       calls=e.count) for e in events[:args.top]]))
+    path = save(args, "profile", rows)
+    print(f"wrote {path}")
+    return rows
+
+
+# -----------------------------------------------------------------------------------------------
+# Command line
+# -----------------------------------------------------------------------------------------------
+
+COMMANDS = {"speed": speed, "memory-depth": memory_depth, "memory-hashes": memory_hashes,
+            "throughput": throughput, "profile": profile}
+
+
+def ints(s):
+    return [int(v) for v in s.split(",") if v.strip()]
+
+
+def get_parser():
+    sizes = "\n".join(f"  {name:<14} " + ", ".join(f"{k} {','.join(map(str, v))}"
+                                                   for k, v in d.items())
+                      for name, d in DEFAULTS.items())
+    all_sizes = "\n".join(f"  {name:<14} " + ", ".join(f"{k} {','.join(map(str, v))}"
+                                                       for k, v in d.items())
+                          for name, d in ALL_CPU.items())
+    parser = argparse.ArgumentParser(
+        description="Reformer benchmarks: speed (paper Figure 5), memory, throughput, against "
+                    "reformer-pytorch and transformers when installed.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"default sizes:\n{sizes}\n  (on CUDA speed adds length 32768)\n"
+               f"`all` (the default) on a CPU overrides them with:\n{all_sizes}")
+    common = argparse.ArgumentParser(add_help=False)
+    # --- what is measured
+    common.add_argument("--lengths", type=ints, default=None,
+                        help="sequence lengths, comma-separated (default: per sub-command)")
+    common.add_argument("--tokens", type=int, default=16384,
+                        help="tokens per step: batch = tokens // length (paper Figure 5 holds "
+                             "it fixed; the paper used 32768)")
+    common.add_argument("--n_hashes", type=ints, default=None,
+                        help="LSH rounds, comma-separated; memory-depth and throughput use the "
+                             "first (default: per sub-command)")
+    common.add_argument("--layers", type=ints, default=None,
+                        help="model depths for memory-depth and throughput (paper Table 3, n_l)")
+    common.add_argument("--max_full_len", type=int, default=8192,
+                        help="longest length for our full attention, which materialises "
+                             "(B*nh, T, T) logits (16K: 4 GB per copy)")
+    common.add_argument("--no_peers", action="store_true",
+                        help="skip reformer-pytorch and transformers even when installed")
+    # --- the layer
+    common.add_argument("--d_model", type=int, default=256, help="model width C")
+    common.add_argument("--n_heads", type=int, default=4, help="attention heads nh")
+    common.add_argument("--bucket_size", type=int, default=64,
+                        help="LSH chunk length m; n_buckets = length // bucket_size")
+    common.add_argument("--d_ff", type=int, default=1024,
+                        help="feed-forward width of the models (memory-depth, throughput)")
+    # --- how it is run
+    common.add_argument("--repeats", type=int, default=3, help="timed steps; the median counts")
+    common.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
+    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when available)")
+    common.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                        help="parameter and activation dtype (logits stay fp32 in ours)")
+    common.add_argument("--compile", action="store_true",
+                        help="torch.compile our layers (peers stay eager); compile time excluded")
+    common.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's choice)")
+    common.add_argument("--out", default="bench_results", help="folder for the JSON and PNG")
+    common.add_argument("--top", type=int, default=15, help="profile: how many ops to list")
+    sub = parser.add_subparsers(dest="command", metavar="{all,speed,memory-depth,"
+                                                        "memory-hashes,throughput,profile}")
+    helps = {"all": "the CPU-sized suite of the four below (the default)",
+             "speed": "seconds per step of one layer vs length, ours/SDPA/peers, FLOP/s",
+             "memory-depth": "peak memory of a ReformerLM training step vs depth, reversible, "
+                             "ff_chunks",
+             "memory-hashes": "peak memory of the LSH layer vs n_hashes and length, with peers",
+             "throughput": "whole-model training tokens/s, ours vs reformer-pytorch",
+             "profile": "torch.profiler top ops of one step of our LSH layer"}
+    for name, text in helps.items():
+        sub.add_parser(name, parents=[common], help=text, description=text)
+    return parser
+
+
+def resolve(args, command, suite=False):
+    """A copy of args with the per-command default sizes filled in."""
+    a = argparse.Namespace(**vars(args))
+    defaults = dict(DEFAULTS[command])
+    if suite and not a.device.startswith("cuda"):
+        defaults.update(ALL_CPU.get(command, {}))
+    if a.device.startswith("cuda"):
+        defaults["lengths"] = defaults["lengths"] + CUDA_EXTRA_LENGTHS.get(command, [])
+    for key, value in defaults.items():
+        if getattr(a, key, None) is None:
+            setattr(a, key, value)
+    return a
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_mem_worker"]:   # internal: one memory measurement in a fresh process
+        spec = json.loads(argv[argv.index("--json") + 1])
+        print(json.dumps(mem_worker(spec)))
+        return
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["all"] + argv   # no sub-command: the suite
+    args = get_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"{device_name(args.device)}, torch {torch.__version__}, load average "
+          f"{os.getloadavg()[0]:.2f}")
+    t0 = time.time()
+    if args.command == "all":
+        for name in ("speed", "memory-depth", "memory-hashes", "throughput"):
+            print(f"\n=== {name} ===")
+            COMMANDS[name](resolve(args, name, suite=True))
+    else:
+        COMMANDS[args.command](resolve(args, args.command))
+    print(f"\ndone in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Smoke tests for bench.py: every sub-command runs at a tiny size and writes its JSON and PNG,
+so the benchmark script cannot rot; and the FLOP count behind the speed table's FLOP/s column
+equals what PyTorch's own FLOP counter sees in one forward+backward of our LSH layer.
+The peers (reformer-pytorch, transformers) are not needed: rows for them appear only when they
+are installed, and the memory sub-commands here run with --no_peers to stay fast.
+
+Run: python -m pytest tests/test_bench.py        (about 30 s on two CPU cores)
+"""
+import argparse
+import json
+import os
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+
+TINY = ["--d_model", "32", "--n_heads", "2", "--bucket_size", "16", "--d_ff", "64",
+        "--repeats", "1", "--threads", "1"]
+
+
+def run(tmp_path, *argv):
+    bench.main([*argv, *TINY, "--out", str(tmp_path)])
+    name = argv[0]
+    with open(tmp_path / f"{name}.json") as f:
+        record = json.load(f)
+    assert record["command"] == name and record["torch"] == torch.__version__
+    if name != "profile":   # profile prints its table of ops and draws nothing
+        assert (tmp_path / f"{name}.png").stat().st_size > 0
+    return record["rows"]
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    n = torch.get_num_threads()   # bench.main sets --threads for the whole process
+    yield
+    torch.set_num_threads(n)
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("all", "speed", "memory-depth", "memory-hashes", "throughput", "profile"):
+        assert name in out
+
+
+def test_speed(tmp_path):
+    rows = run(tmp_path, "speed", "--lengths", "64,128", "--tokens", "128", "--n_hashes", "1,2")
+    ours = [r for r in rows if r["impl"] == "ours"]
+    assert len(ours) == 4 and all(r["seconds"] > 0 and r["gflop"] > 0 for r in ours)
+    assert all(0 < r["matmul_fraction"] for r in ours)
+    for impl in ("ours-full", "sdpa"):
+        assert [r["length"] for r in rows if r["impl"] == impl and "seconds" in r] == [64, 128]
+    for r in rows:   # peers, if installed, ran and were compared with ours
+        if r["impl"] in bench.PEERS:
+            assert "error" in r or r["vs_ours"] > 0
+
+
+def test_speed_skips_full_attention_beyond_max_full_len(tmp_path):
+    rows = run(tmp_path, "speed", "--lengths", "64", "--tokens", "64", "--n_hashes", "1",
+               "--max_full_len", "32", "--no_peers")
+    assert [r["impl"] for r in rows] == ["ours", "sdpa"]
+
+
+def test_memory_hashes(tmp_path):
+    rows = run(tmp_path, "memory-hashes", "--lengths", "64", "--tokens", "64", "--n_hashes", "2",
+               "--no_peers")
+    assert len(rows) == 1 and "error" not in rows[0], rows
+    assert rows[0]["peak_mb"] >= rows[0]["baseline_mb"] > 0 and rows[0]["logits_mb"] > 0
+
+
+def test_memory_depth(tmp_path):
+    rows = run(tmp_path, "memory-depth", "--lengths", "64", "--layers", "1", "--n_hashes", "1")
+    assert len(rows) == 4 and all("error" not in r for r in rows), rows
+    assert {(r["reversible"], r["ff_chunks"]) for r in rows} == {(False, 1), (False, 8),
+                                                                  (True, 1), (True, 8)}
+
+
+def test_throughput(tmp_path):
+    rows = run(tmp_path, "throughput", "--lengths", "64", "--tokens", "128", "--layers", "1",
+               "--n_hashes", "1")
+    ours = next(r for r in rows if r["impl"] == "ours")
+    assert ours["tokens_per_s"] > 0 and ours["batch"] == 2
+
+
+def test_profile(tmp_path):
+    rows = run(tmp_path, "profile", "--lengths", "64", "--tokens", "64", "--n_hashes", "1",
+               "--top", "3")
+    assert len(rows[0]["top"]) == 3 and rows[0]["total_ms"] > 0
+
+
+def test_mem_worker_reports_a_failure_instead_of_crashing():
+    spec = bench.base_spec(argparse.Namespace(device="cpu", dtype="fp32", threads=1, d_model=32,
+                                              n_heads=2, bucket_size=16, d_ff=64),
+                           kind="layer", impl="no-such-layer", n_hashes=1, length=64, batch=1)
+    assert "error" in bench.measure_memory(spec)
+
+
+@pytest.mark.parametrize("B, T, n_hashes", [(2, 64, 1), (1, 128, 4), (3, 64, 2)])
+def test_lsh_flops_match_pytorch_flop_counter(B, T, n_hashes):
+    args = argparse.Namespace(d_model=32, n_heads=2, bucket_size=16, dtype="fp32", device="cpu")
+    step = bench.layer_step(bench.build_layer("ours", n_hashes, T, args), B, T, args)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    assert counter.get_total_flops() == bench.lsh_flops(B, T, 32, 2, 16, n_hashes)
