@@ -432,7 +432,10 @@ def full_attention(q, k, v, causal=False, padding_mask=None, shared_qk=False, dr
         if k is None:
             raise ValueError("full_attention: k is None, which is valid only with shared_qk=True")
         if padding_mask is None:   # the common case: PyTorch's fused (flash) kernel, no mask tensor
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=p_drop)
+            # (1, B, T, hs): the fused CPU kernel takes 4-d inputs only; 3-d ones fall back to
+            # the O(T^2)-memory math path, about 3x slower.
+            q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=p_drop)[0]
     out_dtype = v.dtype
     q, k, v = _float32(q, k, v)                                # as in lsh_attention
     if shared_qk:
