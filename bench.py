@@ -28,17 +28,19 @@ What each timed layer contains (input (B, T, C) -> output (B, T, C), all with th
     ours LSH / ours full   lsh_attention.LSHSelfAttention: qk and v projections, attention, output
                            projection. 'full' is full_attention with shared QK (an explicit
                            (B*nh, T, T) logits tensor, what the Reformer evaluates with).
-    SDPA                   the same class with shared_qk=False: q, k, v and output projections
-                           around F.scaled_dot_product_attention(is_causal=True) (fused kernels).
+    SDPA                   q, k, v and output projections around F.scaled_dot_product_attention(
+                           is_causal=True) on (B, nh, T, hs) tensors: PyTorch's fused flash kernels.
     reformer-pytorch       reformer_pytorch.LSHSelfAttention: toqk, tov, attention, to_out.
     transformers           modeling_reformer.LSHSelfAttention (query_key and value projections,
                            attention) followed by ReformerSelfOutput's dense output projection.
 Timing: one warm-up step (two under --compile: compilation is excluded), then the median of
 --repeats steps, each y = layer(x); (y * g).sum().backward() with x requiring grad and a fixed
-random g. Memory on CPU: every configuration runs in its own process (`python bench.py
-_mem_worker --json ...`) and reports its peak RSS above a baseline taken after imports, model and
-input construction and a tiny warm-up step; on CUDA the allocator's peak above what was allocated
-before the step.
+random g. The layers compared at one length and n_hashes are timed round-robin (ours, peer 1,
+peer 2, ours, ...), so on a shared machine a busy moment slows them alike.
+Memory on CPU: every configuration runs in its own process (`python bench.py _mem_worker --json
+...`) and reports its peak RSS above the RSS after imports, model and input construction and a
+tiny warm-up step, with glibc's MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors leave the RSS;
+on CUDA the allocator's peak above what was allocated before the step.
 """
 import argparse
 import datetime
@@ -52,6 +54,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 from lsh_attention import LSHSelfAttention
 from model import ModelConfig, ReformerLM
@@ -67,7 +70,7 @@ DEFAULTS = {
 }
 ALL_CPU = {
     "speed":         dict(lengths=[1024, 16384]),
-    "memory-depth":  dict(lengths=[8192]),
+    "memory-depth":  dict(lengths=[8192], layers=[2, 12]),
     "memory-hashes": dict(lengths=[16384]),
     "throughput":    dict(layers=[2]),
 }
@@ -219,6 +222,24 @@ class _HFLayer(torch.nn.Module):
         return self.out(self.attn(hidden_states=x).hidden_states)
 
 
+class _SDPALayer(torch.nn.Module):
+    """What a user has today: q, k, v projections, F.scaled_dot_product_attention (its fused
+    flash kernels, which need 4-D (B, nh, T, hs) inputs, on CPU as on CUDA), output projection."""
+
+    def __init__(self, d_model, n_heads):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = torch.nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out = torch.nn.Linear(d_model, d_model)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                   # 3 x (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(B, T, C))   # (B, T, C)
+
+
 def build_layer(impl, n_hashes, T, args):
     """One attention layer (B, T, C) -> (B, T, C): 'ours' (LSH), 'ours-full', 'sdpa' or a peer."""
     C, nh, m = args.d_model, args.n_heads, args.bucket_size
@@ -227,7 +248,7 @@ def build_layer(impl, n_hashes, T, args):
     if impl == "ours-full":
         return LSHSelfAttention(C, nh, bucket_size=m, causal=True, attn="full", shared_qk=True)
     if impl == "sdpa":
-        return LSHSelfAttention(C, nh, bucket_size=m, causal=True, attn="full", shared_qk=False)
+        return _SDPALayer(C, nh)
     if impl == "reformer-pytorch":
         from reformer_pytorch import LSHSelfAttention as PeerLSH
         return PeerLSH(dim=C, heads=nh, bucket_size=m, n_hashes=n_hashes, causal=True)
@@ -282,43 +303,67 @@ def batch_for(T, args):
 # speed: paper Figure 5, peers, FLOP/s
 # -----------------------------------------------------------------------------------------------
 
-def speed_configs(args, peers):
-    """(impl, n_hashes or None, T) in the order they are measured."""
+def speed_groups(args, peers):
+    """(T, [(impl, n_hashes or None), ...]): the layers timed together, in order."""
     for T in args.lengths:
-        for h in args.n_hashes:   # side by side, so that a busy moment hits all of them alike
-            for impl in ("ours", *peers):
-                yield impl, h, T
-        if T <= args.max_full_len:
-            yield "ours-full", None, T
-        yield "sdpa", None, T
+        for h in args.n_hashes:
+            yield T, [(impl, h) for impl in ("ours", *peers)]
+        full = [("ours-full", None)] if T <= args.max_full_len else []
+        yield T, full + [("sdpa", None)]
 
 
-def measure_speed(impl, h, T, args):
+def measure_group(group, T, args):
+    """Rows for the group's layers at length T, timed round-robin: repeat r of every layer runs
+    before repeat r + 1 of any, so a busy moment on a shared machine slows them all alike."""
     B = batch_for(T, args)
-    row = dict(impl=impl, n_hashes=h, length=T, batch=B)
-    torch.manual_seed(0)
     cuda = args.device.startswith("cuda")
-    try:
+    rows, steps = [], []
+    for impl, h in group:
         compile = args.compile and impl in ("ours", "ours-full", "sdpa")
-        if compile:
-            row["impl"] = impl + " (compiled)"
-        step = layer_step(build_layer(impl, h, T, args), B, T, args, compile)
-        if cuda:
-            torch.cuda.empty_cache()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        warmup = args.warmup + (1 if compile else 0)
-        row["seconds"], row["all_seconds"] = median_time(step, args.repeats, warmup, args.device)
-        if cuda:
-            row["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    except Exception as e:   # an OOM or a compile failure is a result, not a crash
-        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120]}"
-        return row
-    row["tokens_per_s"] = B * T / row["seconds"]
-    if h is not None:
-        row["gflop"] = lsh_flops(B, T, args.d_model, args.n_heads, args.bucket_size, h) / 1e9
-        row["gflop_per_s"] = row["gflop"] / row["seconds"]
-    return row
+        row = dict(impl=impl + (" (compiled)" if compile else ""), n_hashes=h, length=T, batch=B)
+        rows.append(row)
+        torch.manual_seed(0)
+        try:
+            step = layer_step(build_layer(impl, h, T, args), B, T, args, compile)
+            for _ in range(args.warmup + compile):   # compilation happens here, untimed
+                step()
+            if cuda:   # one step alone, for the allocator's peak above what is already there
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                step()
+                torch.cuda.synchronize()
+                row["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+            steps.append((row, step))
+        except Exception as e:   # an OOM or a compile failure is a result, not a crash
+            row["error"] = error_text(e)
+    for _ in range(args.repeats):
+        for row, step in steps:
+            if "error" in row:
+                continue
+            try:
+                t0 = time.perf_counter()
+                step()
+                sync(args.device)
+                row.setdefault("all_seconds", []).append(time.perf_counter() - t0)
+            except Exception as e:
+                row["error"] = error_text(e)
+    for row in rows:
+        if "error" in row:
+            continue
+        row["seconds"] = statistics.median(row["all_seconds"])
+        row["tokens_per_s"] = B * T / row["seconds"]
+        if row["n_hashes"] is not None:
+            row["gflop"] = lsh_flops(B, T, args.d_model, args.n_heads, args.bucket_size,
+                                     row["n_hashes"]) / 1e9
+            row["gflop_per_s"] = row["gflop"] / row["seconds"]
+    return rows
+
+
+def error_text(e):
+    """The exception's type and first line, short enough for a table cell."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:120]}"
 
 
 def speed(args):
@@ -327,10 +372,11 @@ def speed(args):
     before = matmul_rate(args.device, dtype)
     print(f"matmul 2048^3 {args.dtype}: {before / 1e9:.0f} GFLOP/s on {device_name(args.device)}")
     rows = []
-    for impl, h, T in speed_configs(args, peers):
-        rows.append(measure_speed(impl, h, T, args))
-        print(f"  {rows[-1]['impl']:>22} n_hashes={h or '-'} T={T}: "
-              + (rows[-1].get("error") or f"{rows[-1]['seconds']:.3f} s"), flush=True)
+    for T, group in speed_groups(args, peers):
+        for row in measure_group(group, T, args):
+            rows.append(row)
+            print(f"  {row['impl']:>22} n_hashes={row['n_hashes'] or '-'} T={T}: "
+                  + (row.get("error") or f"{row['seconds']:.3f} s"), flush=True)
     # The ceiling: the better of two measurements, before and after (the machine may be shared).
     after = matmul_rate(args.device, dtype)
     peak = max(before, after)
@@ -401,8 +447,8 @@ def plot_speed(rows, args, name):
     for ax, title in ((ax1, "ours (paper Figure 5)"), (ax2, "ours (solid) vs peers")):
         ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens per step fixed)",
                ylabel="seconds per forward+backward", title=title)
-        ax.set_xticks(sorted({r["length"] for r in rows}), [str(t) for t in
-                                                            sorted({r["length"] for r in rows})])
+        lengths = sorted({r["length"] for r in rows})
+        ax.set_xticks(lengths, [str(t) for t in lengths])
         ax.legend(fontsize=6, ncol=2)
     return save_figure(plt, fig, args, name)
 
@@ -448,6 +494,26 @@ def make_step(spec):
     return step
 
 
+def peak_rss():
+    """Peak resident memory of this process in bytes. Linux: VmHWM, because ru_maxrss of a child
+    process starts at its parent's peak (exec records the old address space's peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return r if sys.platform == "darwin" else r * 1024   # bytes on macOS, KB elsewhere
+
+
+def reset_peak_rss():
+    """Set the peak to the current RSS (Linux >= 4.0); elsewhere the peak so far stays."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def mem_worker(spec):
     """Peak memory of one step of spec, in this process. Returns a dict of MB."""
     if spec.get("threads"):
@@ -462,13 +528,14 @@ def mem_worker(spec):
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # KB on Linux
+        reset_peak_rss()
+        base = peak_rss()
     step()
     if cuda:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = peak_rss()
     mb = 2 ** 20
     return dict(baseline_mb=base / mb, peak_mb=peak / mb, delta_mb=(peak - base) / mb)
 
@@ -479,9 +546,14 @@ def measure_memory(spec):
         try:
             return mem_worker(spec)
         except Exception as e:
-            return dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            return dict(error=error_text(e))
     cmd = [sys.executable, os.path.abspath(__file__), "_mem_worker", "--json", json.dumps(spec)]
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    # glibc's malloc keeps freed blocks below its mmap threshold (which grows up to 32 MB as
+    # large blocks are freed) in its heap, so RSS would also count memory that PyTorch has
+    # already freed: a 12-layer reversible model at 8K then "uses" 2.8x its live peak. A fixed
+    # threshold of 64 KB returns every larger block to the OS on free: RSS follows live tensors.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         last = (p.stderr.strip().splitlines() or ["killed (out of memory?)"])[-1]
         return dict(error=f"exit {p.returncode}: {last[:120]}")
@@ -535,7 +607,8 @@ def memory_hashes(args):
                         label=f"{impl} LSH-{h}")
     ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens per step fixed)",
            ylabel="peak MB above baseline", title="LSH layer memory (solid: ours)")
-    ax.legend(fontsize=6, ncol=2)
+    if ax.lines:   # a tiny run may measure nothing above the baseline
+        ax.legend(fontsize=6, ncol=2)
     save_figure(plt, fig, args, "memory-hashes")
     print(f"wrote {path}")
     return rows
@@ -544,8 +617,9 @@ def memory_hashes(args):
 def memory_method(args):
     return ("torch.cuda.max_memory_allocated above the allocation before the step"
             if args.device.startswith("cuda") else
-            "peak RSS (ru_maxrss) of a fresh process per row, above a baseline after imports, "
-            "model and input construction and a tiny warm-up step")
+            "peak RSS (VmHWM) of a fresh process per row, above the RSS after imports, model and "
+            "input construction and a tiny warm-up step (the peak is reset there); glibc malloc "
+            "with MALLOC_MMAP_THRESHOLD_=65536 so that freed blocks leave the RSS")
 
 
 def memory_depth(args):
@@ -661,7 +735,7 @@ def measure_throughput(spec, args):
         row["seconds"], row["all_seconds"] = median_time(step, args.repeats, args.warmup,
                                                          args.device)
     except Exception as e:
-        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120]}"
+        row["error"] = error_text(e)
         return row
     row["tokens_per_s"] = spec["batch"] * spec["length"] / row["seconds"]
     return row

@@ -191,6 +191,11 @@ class _ChunkAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dlse):
+        with _autocast_off(do):
+            return _ChunkAttention._backward(ctx, do, dlse)
+
+    @staticmethod
+    def _backward(ctx, do, dlse):
         q, kw, vw, p, o, invalid, keep = ctx.saved_tensors
         m = q.shape[-2]
         pd = p if keep is None else p * keep / (1.0 - ctx.dropout)
@@ -283,6 +288,11 @@ def _float32(*xs):
             for x in xs]
 
 
+def _autocast_off(x):
+    """Autocast would turn our float32 matmuls back into half ones: switch it off inside."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask):
     _check_shapes("lsh_attention", qk, None, v, padding_mask, q_name="qk")
     T = qk.shape[1]
@@ -314,11 +324,20 @@ def lsh_attention(qk, v, bucket_size, n_hashes, causal=False, padding_mask=None,
     several rounds once (step 6). dropout applies to the attention weights when training.
     """
     _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask)
+    out_dtype = v.dtype
+    qk, v = _float32(qk, v)
+    with _autocast_off(qk):
+        out = _lsh_attention(qk, v, bucket_size, n_hashes, causal, padding_mask, rotations,
+                             dedup, dropout, training)
+    return out.to(out_dtype)
+
+
+def _lsh_attention(qk, v, bucket_size, n_hashes, causal, padding_mask, rotations, dedup,
+                   dropout, training):
+    """The steps of lsh_attention, on checked float32/float64 inputs."""
     B, T, hs = qk.shape
     m, R = bucket_size, n_hashes
     nc = n_buckets = T // m
-    out_dtype = v.dtype
-    qk, v = _float32(qk, v)
 
     # 1) Hash: (B, R, T) buckets. Rounds live in their own tensor dim, so buckets of different
     #    rounds can never mix (the authors offset them by r * n_buckets in one long sequence).
@@ -379,7 +398,7 @@ def lsh_attention(qk, v, bucket_size, n_hashes, causal=False, padding_mask=None,
     #    batched matmul. Looping over rounds would keep one round's logits at a time (memory flat
     #    in n_hashes) but serialises R small matmuls; we chose speed, since the reversible layers
     #    already keep activation memory independent of depth.
-    return out.to(out_dtype)
+    return out
 
 
 # -----------------------------------------------------------------------------------------------
@@ -402,7 +421,8 @@ def local_attention(q, k, v, bucket_size, causal=False, padding_mask=None, share
     out_dtype = v.dtype
     q, k, v = _float32(q, k, v)
     if shared_qk:
-        k, scale = F.normalize(q, p=2.0, dim=-1), 1.0
+        with _autocast_off(q):
+            k, scale = F.normalize(q, p=2.0, dim=-1), 1.0
     else:
         if k is None:
             raise ValueError("local_attention: k is None, which is valid only with shared_qk=True")
@@ -410,8 +430,10 @@ def local_attention(q, k, v, bucket_size, causal=False, padding_mask=None, share
     chunks = lambda x: x.reshape(B, 1, nc, m, *x.shape[2:])   # R = 1 round, identity "sort"
     pos = torch.arange(T, device=q.device).expand(B, T)
     k_valid = None if padding_mask is None else chunks(padding_mask.bool())
-    out, _ = _attend_in_chunks(chunks(q), chunks(k), chunks(v), chunks(pos), k_valid, causal,
-                               shared_qk, scale, dropout=dropout, training=training, wrap=False)
+    with _autocast_off(q):
+        out, _ = _attend_in_chunks(chunks(q), chunks(k), chunks(v), chunks(pos), k_valid, causal,
+                                   shared_qk, scale, dropout=dropout, training=training,
+                                   wrap=False)
     return out.reshape(B, T, -1).to(out_dtype)
 
 
@@ -438,6 +460,13 @@ def full_attention(q, k, v, causal=False, padding_mask=None, shared_qk=False, dr
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=p_drop)[0]
     out_dtype = v.dtype
     q, k, v = _float32(q, k, v)                                # as in lsh_attention
+    with _autocast_off(q):
+        out = _masked_full_attention(q, k, v, causal, padding_mask, shared_qk, p_drop)
+    return out.to(out_dtype)
+
+
+def _masked_full_attention(q, k, v, causal, padding_mask, shared_qk, p_drop):
+    B, T, hs = q.shape
     if shared_qk:
         k, scale = F.normalize(q, p=2.0, dim=-1), 1.0
     else:
@@ -454,7 +483,7 @@ def full_attention(q, k, v, causal=False, padding_mask=None, shared_qk=False, dr
         logits.masked_fill_(~padding_mask.bool().view(B, 1, T), MASKED_LOGIT)
     p = F.dropout(torch.softmax(logits, dim=-1), p_drop, training=p_drop > 0)
     out = torch.matmul(p, v)                                   # (B, T, hs_v)
-    return out.to(out_dtype)
+    return out
 
 
 # -----------------------------------------------------------------------------------------------

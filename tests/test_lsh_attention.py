@@ -925,3 +925,24 @@ def test_bad_input_shapes_local_and_full(fn, bad, shape):
             local_attention(q, k, v, 2, padding_mask=mask)
         else:
             full_attention(q, k, v, padding_mask=mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("attn,shared_qk", [("lsh", True), ("local", True), ("local", False),
+                                            ("full", True), ("full", False)])
+def test_layer_under_autocast(attn, shared_qk, dtype):
+    """Under torch.autocast the attention core still runs in float32 (the -1e5 self logit does
+    not fit in float16) and gives the float32 result, rounded to the autocast dtype."""
+    torch.manual_seed(0)
+    layer = LSHSelfAttention(32, 4, bucket_size=4, n_hashes=2, causal=True, attn=attn,
+                             shared_qk=shared_qk)
+    x = torch.randn(2, 24, 32, requires_grad=True)
+    torch.manual_seed(1)
+    want = layer(x)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=dtype):
+        got = layer(x)
+    assert got.dtype == dtype
+    got.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
