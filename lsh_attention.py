@@ -159,8 +159,9 @@ class _ChunkAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, invalid, log_counts, shared_qk, scale, dropout):
         m = q.shape[-2]
-        kw, vw = _look_one_back(k), _look_one_back(v)          # (B, R, nc, 2m, hs), (.., hs_v)
-        s = torch.matmul(q, kw.transpose(-1, -2))              # (B, R, nc, m, 2m)
+        # Windows (B, R, nc, 2m, *) exist one at a time and are not saved: backward rebuilds
+        # them, which keeps the saved state at q, k, v, P, o (and the bool masks).
+        s = torch.matmul(q, _look_one_back(k).transpose(-1, -2))  # (B, R, nc, m, 2m)
         if scale != 1.0:
             s.mul_(scale)
         if shared_qk:
@@ -184,8 +185,8 @@ class _ChunkAttention(torch.autograd.Function):
             pd = p * keep / (1.0 - dropout)                    # dropped, rescaled weights
         else:
             pd = p
-        o = torch.matmul(pd, vw)                               # (B, R, nc, m, hs_v)
-        ctx.save_for_backward(q, kw, vw, p, o, invalid, keep)
+        o = torch.matmul(pd, _look_one_back(v))                # (B, R, nc, m, hs_v)
+        ctx.save_for_backward(q, k, v, p, o, invalid, keep)
         ctx.shared_qk, ctx.scale, ctx.dropout = shared_qk, scale, dropout
         return o, lse
 
@@ -196,11 +197,12 @@ class _ChunkAttention(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, do, dlse):
-        q, kw, vw, p, o, invalid, keep = ctx.saved_tensors
+        q, k, v, p, o, invalid, keep = ctx.saved_tensors
         m = q.shape[-2]
         pd = p if keep is None else p * keep / (1.0 - ctx.dropout)
-        dvw = torch.matmul(pd.transpose(-1, -2), do)           # (B, R, nc, 2m, hs_v)
-        dp = torch.matmul(do, vw.transpose(-1, -2))            # (B, R, nc, m, 2m)
+        dv = _fold_look_back(torch.matmul(pd.transpose(-1, -2), do))  # (B, R, nc, m, hs_v)
+        del pd
+        dp = torch.matmul(do, _look_one_back(v).transpose(-1, -2))  # (B, R, nc, m, 2m)
         if keep is not None:
             dp.mul_(keep).div_(1.0 - ctx.dropout)
         # softmax backward, with the lse gradient: d lse / d S = P
@@ -215,9 +217,9 @@ class _ChunkAttention(torch.autograd.Function):
             ds.masked_fill_(invalid, 0.0)
         if ctx.scale != 1.0:
             ds.mul_(ctx.scale)
-        dq = torch.matmul(ds, kw)                              # (B, R, nc, m, hs)
-        dkw = torch.matmul(ds.transpose(-1, -2), q)            # (B, R, nc, 2m, hs)
-        return dq, _fold_look_back(dkw), _fold_look_back(dvw), None, None, None, None, None
+        dq = torch.matmul(ds, _look_one_back(k))               # (B, R, nc, m, hs)
+        dk = _fold_look_back(torch.matmul(ds.transpose(-1, -2), q))  # (B, R, nc, m, hs)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _fold_look_back(dw):
