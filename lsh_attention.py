@@ -145,7 +145,7 @@ class _ChunkAttention(torch.autograd.Function):
     Written as one autograd Function (forward and backward by hand, FlashAttention-style
     bookkeeping) because autograd through the plain expression keeps several (B, R, nc, m, 2m)
     tensors alive and runs a dozen element-wise passes over them; here the forward keeps only the
-    softmax weights P (and a bool mask), and the backward is three matmuls plus two passes:
+    softmax weights P (and a bool mask), and the backward is four matmuls plus two passes:
         S = q k^T * scale, masked;  P = softmax(S);  o = P v;  lse = logsumexp(S)
         dP = do v^T;  dS = P * (dP - rowsum(do * o) + dlse);  dq = dS k;  dk = dS^T q;  dv = P^T do
     The dlse term is there because the round combination (step 5) depends on lse.
