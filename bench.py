@@ -52,6 +52,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -263,6 +264,7 @@ def layer_step(layer, B, T, args, compile=False):
     layer = layer.to(args.device, dtype).train()
     fn = layer
     if compile:
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torch._inductor")
         torch._dynamo.reset()   # a fresh cache per configuration: no recompile limit, no dynamic
         fn = torch.compile(layer, dynamic=False)
     x = torch.randn(B, T, args.d_model, device=args.device, dtype=dtype, requires_grad=True)
