@@ -16,14 +16,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from chunked_ff import ChunkedFeedForward, chunked, chunked_cross_entropy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: a second thread only adds synchronisation, slow on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def grads_of(out, inputs):
     return list(torch.autograd.grad(out, inputs))

@@ -32,14 +32,6 @@ from lsh_attention import (LSHSelfAttention, full_attention, hash_vectors, local
 SELF_LOGIT, MASKED_LOGIT = -1e5, -1e9   # the specification's values (the authors', trax)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tensors here are tiny: a second thread only adds synchronisation. Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(autouse=True)
 def seeded():

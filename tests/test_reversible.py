@@ -24,15 +24,6 @@ import reversible
 from reversible import ReversibleBlock, ReversibleSequence
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tensors here are tiny: a second thread only adds synchronisation, which costs
-    # milliseconds per op when the machine is busy. Restored for the other test files.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class Branch(nn.Module):
     """A small F or G: dropout(tanh(W x + b)), zeroed at padding positions if given a mask."""
