@@ -289,14 +289,17 @@ def lsh_flops(B, T, C, nh, m, n_hashes):
 
         projections   3 linears (qk, v, out) of 2 B T C^2, x3 with backward
         hashing       x @ R: 2 B nh T hs (R n_buckets / 2), forward only (no gradient)
-        chunks        S = q k^T and o = P v over (m, 2m) windows: 2 x 2 B nh R T 2m hs forward;
-                      backward does dV, dP, dQ, dK: twice the forward, so x3 in all
+        chunks        S = q k^T and o = P v over (m, 2m) windows: 2 x 2 (n m) 2m hs forward, with
+                      n = B nh R (nc + 1) - 1 query chunks (the 1 / nc extra ones are computed and
+                      thrown away, lsh_attention.py section 2); backward does dV, dP, dQ, dK:
+                      twice the forward, so x3 in all
     Element-wise passes (masks, softmax, sort, gathers, round combination) are not counted.
     """
     hs, n_buckets = C // nh, T // m
     proj = 3 * 2 * B * T * C * C * 3
     hashing = 2 * B * nh * T * hs * n_hashes * n_buckets // 2
-    chunks = 2 * 2 * B * nh * n_hashes * T * 2 * m * hs * 3
+    n_chunks = B * nh * n_hashes * (n_buckets + 1) - 1
+    chunks = 2 * 2 * n_chunks * m * 2 * m * hs * 3
     return proj + hashing + chunks
 
 

@@ -108,86 +108,101 @@ def _argmax_pm(xr, n_hashes, n_buckets):
 # -----------------------------------------------------------------------------------------------
 # 2. Attention inside chunks: the work shared by LSH and local attention
 # -----------------------------------------------------------------------------------------------
+#
+# Layout. A round (for local attention: a sequence) is nc chunks of m rows, and every chunk attends
+# to itself and the chunk before it; the first chunk looks back to the round's last chunk. Rather
+# than copying each chunk's window [chunk before; chunk] into a (nc, 2m) tensor (twice the keys,
+# twice the values, again in the backward pass), rounds are laid end to end with one extra chunk in
+# front of each, a copy of the round's last chunk (local attention: a dummy chunk, masked):
+#
+#     [c_{nc-1}] c_0 c_1 ... c_{nc-1} [c'_{nc-1}] c'_0 c'_1 ... c'_{nc-1} ...      G * m rows
+#
+# Chunk i + 1's window is then chunks i and i + 1 of this flat tensor: an overlapping strided view
+# (_windows), no copy, and the queries are the same rows without the first chunk. One batched
+# matmul covers every chunk of every round. The windows of the extra chunks (the last chunk of a
+# round looking back into the next round's front chunk) are computed and thrown away: a waste of
+# 1 / nc of the attention work (6 % at nc = 16, 0.4 % at nc = 256) that costs no copies.
 
-def _look_one_back(x):
-    """Each chunk followed by the chunk before it: (..., nc, m, *) -> (..., nc, 2m, *).
-
-    The chunk dim is dim 2 of a (B, R, nc, m, *) tensor. The first chunk looks back
-    to the last one (for LSH, step 3 of lsh_attention; local attention masks that wrap-around).
-    Rolling along the chunk dim of one round keeps rounds apart.
-    """
-    return torch.cat([x, x.roll(1, dims=2)], dim=3)
+def _windows(x, m):
+    """Overlapping windows of two chunks, as a view: (G * m, d) contiguous -> (G - 1, 2m, d),
+    window i = rows [i m, (i + 2) m) = chunks i and i + 1. Batched matmuls read it in place."""
+    d = x.shape[-1]
+    return x.as_strided((x.shape[0] // m - 1, 2 * m, d), (m * d, d, 1), x.storage_offset())
 
 
-def _invalid_keys(q_pos, k_pos, k_valid, causal, wrap):
-    """Which window keys a query may never use: (B, R, nc, m, 2m) bool, or None if there are none.
-
-    Future keys under causal masking, padding keys, and for local attention (wrap=False) the
-    look-back of the first chunk, which has no chunk before it."""
-    invalid = None
-    if causal:
-        invalid = q_pos.unsqueeze(-1) < k_pos.unsqueeze(-2)    # (B, R, nc, m, 2m)
-    if k_valid is not None:
-        pad = ~k_valid.unsqueeze(-2)                           # (B, R, nc, 1, 2m)
-        invalid = pad.expand(*q_pos.shape, k_pos.shape[-1]).clone() if invalid is None \
-            else invalid.logical_or_(pad)
-    if not wrap:
-        if invalid is None:
-            invalid = torch.zeros(*q_pos.shape, k_pos.shape[-1], dtype=torch.bool,
-                                  device=q_pos.device)
-        invalid[:, :, 0, :, q_pos.shape[-1]:] = True
-    return invalid
+def _fold_windows(dw, m):
+    """Gradient of _windows: (G - 1, 2m, d) -> (G * m, d). Chunk j was the first half of window
+    j and the second half of window j - 1."""
+    n, _, d = dw.shape
+    dx = dw.new_empty(n + 1, m, d)
+    dx[0] = dw[0, :m]
+    torch.add(dw[1:, :m], dw[:-1, m:], out=dx[1:-1])
+    dx[-1] = dw[-1, m:]
+    return dx.view(-1, d)
 
 
 class _ChunkAttention(torch.autograd.Function):
-    """Softmax attention of every chunk to itself and the chunk before it, with the authors' masks.
+    """Softmax attention of every chunk to its window [chunk before; chunk], with the authors' masks.
 
     Written as one autograd Function (forward and backward by hand, FlashAttention-style
-    bookkeeping) because autograd through the plain expression keeps several (B, R, nc, m, 2m)
-    tensors alive and runs a dozen element-wise passes over them; here the forward keeps only the
-    softmax weights P (and a bool mask), and the backward is four matmuls plus two passes:
+    bookkeeping) because autograd through the plain expression keeps several (n, m, 2m) tensors
+    alive and runs a dozen element-wise passes over them. Those passes, not the matmuls, decide the
+    speed on a CPU (each pass over the logits is memory-bound), so the forward keeps only the softmax
+    weights P, computes softmax in place, and the backward is four matmuls plus two passes:
         S = q k^T * scale, masked;  P = softmax(S);  o = P v;  lse = logsumexp(S)
         dP = do v^T;  dS = P * (dP - rowsum(do * o) + dlse);  dq = dS k;  dk = dS^T q;  dv = P^T do
-    The dlse term is there because the round combination (step 5) depends on lse.
+    The dlse term is there because the round combination (step 5 of lsh_attention) depends on lse.
     tests/test_lsh_attention.py checks it with torch.autograd.gradcheck.
 
-    q: (B, R, nc, m, hs), k: (B, R, nc, m, hs), v: (B, R, nc, m, hs_v) in sorted order.
-    invalid: (B, R, nc, m, 2m) bool or None. log_counts: None or (B, R, nc, m, 2m) floats
-    subtracted from the logits (dedup). Returns o: (B, R, nc, m, hs_v) and lse: (B, R, nc, m).
+    q, k: (G * m, hs), v: (G * m, hs_v), contiguous, in the layout above. Masks, one of:
+      future: (G * m,) positions times 1e9, for causal masking without padding. Future keys get
+        -1e9 * (distance) added (one fused pass: the mask rides in the first matmul, baddbmm).
+        Where a real key is left this is exactly the authors' replacement by -1e9: exp underflows to
+        0 either way, in float32 and float64, so P, lse and every gradient agree bit for bit, and
+        the backward needs no mask (dS = P * (...) is exactly 0 there).
+      invalid: (n, m, 2m) bool, keys replaced by -1e9 (padding, local attention's first chunk,
+        causal with padding). A row with no valid key (a padding query) then gets uniform weights,
+        as in the authors' code; its gradient must be cut by hand in the backward.
+    log_counts: None or (n, m, 2m) subtracted from the logits (dedup).
+    Returns o: (n, m, hs_v) and lse: (n, m), n = G - 1 (query chunk i is layout chunk i + 1).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, invalid, log_counts, shared_qk, scale, dropout):
-        m = q.shape[-2]
-        # Windows (B, R, nc, 2m, *) exist one at a time and are not saved: backward rebuilds
-        # them, which keeps the saved state at q, k, v, P, o (and the bool masks).
-        s = torch.matmul(q, _look_one_back(k).transpose(-1, -2))  # (B, R, nc, m, 2m)
-        if scale != 1.0:
-            s.mul_(scale)
+    def forward(ctx, q, k, v, m, future, invalid, log_counts, shared_qk, scale, dropout):
+        n = q.shape[0] // m - 1
+        q_c, k_w = q[m:].view(n, m, -1), _windows(k, m)
+        if future is not None:   # bias = -1e9 * max(key position - query position, 0)
+            pos = future.view(-1, 1)
+            s = torch.clamp(pos[m:].view(n, m, 1) - _windows(pos, m).view(n, 1, 2 * m), max=0.0)
+            s.baddbmm_(q_c, k_w.transpose(1, 2), alpha=scale)   # (n, m, 2m) logits
+        else:
+            s = torch.bmm(q_c, k_w.transpose(1, 2))
+            if scale != 1.0:
+                s.mul_(scale)
         if shared_qk:
             # A vector is closest to itself, so under shared QK attending to self would crowd out
             # every other key: its logit becomes -1e5, used only if nothing else is valid. In a
-            # round each position appears once, in its own chunk: the diagonal of the first m x m
-            # block of the window.
-            s[..., :m].diagonal(dim1=-2, dim2=-1).fill_(SELF_LOGIT)
+            # round each position appears once, in its own chunk: the diagonal of the second half.
+            s[:, :, m:].diagonal(dim1=-2, dim2=-1).fill_(SELF_LOGIT)
         if invalid is not None:
             s.masked_fill_(invalid, MASKED_LOGIT)
         if log_counts is not None:
             s.sub_(log_counts)
-        p = torch.softmax(s, dim=-1)                           # (B, R, nc, m, 2m)
-        # lse without a second exp pass: the largest weight is exp(max - lse), so
-        # lse = max(S) - log(max(P)), exact up to rounding.
-        lse = s.amax(dim=-1) - p.amax(dim=-1).log()            # (B, R, nc, m)
-        del s
+        # lse without an exp pass of its own: the largest weight is exp(max - lse), so
+        # lse = max(S) - log(max(P)), exact up to rounding. Softmax overwrites S (no new buffer:
+        # on a CPU, touching fresh memory for a tensor this size costs as much as the pass itself).
+        s_max = s.amax(dim=-1)
+        p = torch.softmax(s, dim=-1, out=s)                   # (n, m, 2m)
+        lse = s_max - p.amax(dim=-1).log()                     # (n, m)
         keep = None
         if dropout > 0.0:
             keep = torch.empty_like(p).bernoulli_(1.0 - dropout).bool()
             pd = p * keep / (1.0 - dropout)                    # dropped, rescaled weights
         else:
             pd = p
-        o = torch.matmul(pd, _look_one_back(v))                # (B, R, nc, m, hs_v)
+        o = torch.bmm(pd, _windows(v, m))                      # (n, m, hs_v)
         ctx.save_for_backward(q, k, v, p, o, invalid, keep)
-        ctx.shared_qk, ctx.scale, ctx.dropout = shared_qk, scale, dropout
+        ctx.m, ctx.shared_qk, ctx.scale, ctx.dropout = m, shared_qk, scale, dropout
         return o, lse
 
     @staticmethod
@@ -198,70 +213,78 @@ class _ChunkAttention(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, do, dlse):
         q, k, v, p, o, invalid, keep = ctx.saved_tensors
-        m = q.shape[-2]
+        m = ctx.m
+        n = p.shape[0]
+        q_c, k_w, v_w = q[m:].view(n, m, -1), _windows(k, m), _windows(v, m)
         pd = p if keep is None else p * keep / (1.0 - ctx.dropout)
-        dv = _fold_look_back(torch.matmul(pd.transpose(-1, -2), do))  # (B, R, nc, m, hs_v)
+        dv = _fold_windows(torch.bmm(pd.transpose(1, 2), do), m)   # (G * m, hs_v)
         del pd
-        dp = torch.matmul(do, _look_one_back(v).transpose(-1, -2))  # (B, R, nc, m, 2m)
+        dp = torch.bmm(do, v_w.transpose(1, 2))                # (n, m, 2m)
         if keep is not None:
             dp.mul_(keep).div_(1.0 - ctx.dropout)
         # softmax backward, with the lse gradient: d lse / d S = P
         row = (do * o).sum(-1, keepdim=True)                   # rowsum(dP * P) = rowsum(do * o)
         if dlse is not None:
             row = row - dlse.unsqueeze(-1)
-        ds = dp.sub_(row).mul_(p)                              # (B, R, nc, m, 2m), in place
+        ds = dp.sub_(row).mul_(p)                              # (n, m, 2m), in place
         # Replaced logits are constants: no gradient flows through them.
         if ctx.shared_qk:
-            ds[..., :m].diagonal(dim1=-2, dim2=-1).fill_(0.0)
+            ds[:, :, m:].diagonal(dim1=-2, dim2=-1).fill_(0.0)
         if invalid is not None:
             ds.masked_fill_(invalid, 0.0)
         if ctx.scale != 1.0:
             ds.mul_(ctx.scale)
-        dq = torch.matmul(ds, _look_one_back(k))               # (B, R, nc, m, hs)
-        dk = _fold_look_back(torch.matmul(ds.transpose(-1, -2), q))  # (B, R, nc, m, hs)
-        return dq, dk, dv, None, None, None, None, None
+        dq = torch.empty_like(q)
+        dq[:m] = 0.0                                           # the front chunk asks no query
+        torch.bmm(ds, k_w, out=dq[m:].view(n, m, -1))
+        dk = _fold_windows(torch.bmm(ds.transpose(1, 2), q_c), m)  # (G * m, hs)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def _fold_look_back(dw):
-    """Gradient of _look_one_back: (B, R, nc, 2m, *) -> (B, R, nc, m, *). A chunk's keys were
-    used by itself (first half of its window) and by the next chunk (second half)."""
-    m = dw.shape[3] // 2
-    return dw[:, :, :, :m] + dw[:, :, :, m:].roll(-1, dims=2)
-
-
-def _attend_in_chunks(q, k, v, q_pos, k_valid, causal, shared_qk, scale, dedup_log_counts=None,
-                      dropout=0.0, training=False, wrap=True):
+def _attend_in_chunks(q, k, v, pos, m, k_valid, causal, shared_qk, scale, log_counts=None,
+                      dropout=0.0, training=False):
     """Attention of every chunk to itself and the chunk before it, all chunks and rounds at once.
 
-    q, k: (B, R, nc, m, hs), v: (B, R, nc, m, hs_v), q_pos: (B, R, nc, m) original positions,
-    k_valid: (B, R, nc, m) bool or None. Returns the output (B, R, nc, m, hs_v) and the
-    log-sum-exp of each query's logits lse: (B, R, nc, m), needed to combine rounds.
+    q, k: (G * m, hs), v: (G * m, hs_v) in the layout above, pos: (G * m,) original positions,
+    k_valid: (G * m,) bool or None. Returns the output (n, m, hs_v) and the log-sum-exp of each
+    query's logits (n, m), n = G - 1, needed to combine rounds.
     """
-    k_pos = _look_one_back(q_pos)                              # (B, R, nc, 2m)
-    k_valid = None if k_valid is None else _look_one_back(k_valid)
-    invalid = _invalid_keys(q_pos, k_pos, k_valid, causal, wrap)
-    return _ChunkAttention.apply(q, k, v, invalid, dedup_log_counts, shared_qk, scale,
+    n = q.shape[0] // m - 1
+    future = invalid = None
+    if k_valid is None:
+        if causal:
+            future = pos.to(q.dtype) * -MASKED_LOGIT           # (G * m,)
+    else:
+        invalid = ~_windows(k_valid.view(-1, 1), m).view(n, 1, 2 * m)  # padding keys
+        if causal:
+            p = pos.view(-1, 1)
+            invalid = invalid | (p[m:].view(n, m, 1) < _windows(p, m).view(n, 1, 2 * m))
+        else:
+            invalid = invalid.expand(n, m, 2 * m).contiguous()
+    return _ChunkAttention.apply(q, k, v, m, future, invalid, log_counts, shared_qk, scale,
                                  dropout if training else 0.0)
 
 
-def _dedup_log_counts(undo_sort, q_pos, m, dtype):
+def _dedup_log_counts(undo_sort, ext, m, dtype):
     """log(c_ij): in how many rounds key j falls in query i's window (step 6 of lsh_attention).
 
-    undo_sort: (B, R, T) the sorted slot of each position in each round; q_pos: (B, R, nc, m).
-    In round r, j is in i's window iff chunk_r(j) is chunk_r(i) or the chunk before it (mod nc).
-    Memory: R times the logits, (B, R, nc, m, 2m, R) booleans. Returns (B, R, nc, m, 2m) of dtype.
+    undo_sort: (B, R, T) the sorted slot of each position in each round; ext: (B, R, T + m) the
+    positions in the layout above. In round r, j is in i's window iff chunk_r(j) is chunk_r(i) or
+    the chunk before it (mod nc). Memory: R times the logits, (B, R, nc, m, 2m, R) booleans.
+    Returns (n, m, 2m) of dtype in the layout of _ChunkAttention (zeros for thrown-away windows).
     """
-    B, R, nc, _ = q_pos.shape
+    B, R, T = undo_sort.shape
+    nc = T // m
     chunk_of = (undo_sort // m).transpose(1, 2)                # (B, T, R): chunk of a position
-    k_pos = _look_one_back(q_pos)                              # (B, R, nc, 2m)
-    flat = lambda p: p.reshape(B, -1)
-    cq = torch.gather(chunk_of, 1, flat(q_pos).unsqueeze(-1).expand(-1, -1, R))
-    ck = torch.gather(chunk_of, 1, flat(k_pos).unsqueeze(-1).expand(-1, -1, R))
-    cq = cq.view(B, R, nc, m, 1, R)
-    ck = ck.view(B, R, nc, 1, 2 * m, R)
+    q_pos, k_pos = ext[..., m:], ext.unfold(-1, 2 * m, m)      # (B, R, T), (B, R, nc, 2m)
+    flat = lambda p: p.reshape(B, -1, 1).expand(-1, -1, R)
+    cq = torch.gather(chunk_of, 1, flat(q_pos)).view(B, R, nc, m, 1, R)
+    ck = torch.gather(chunk_of, 1, flat(k_pos)).view(B, R, nc, 1, 2 * m, R)
     in_window = ((cq - ck) % nc) <= 1                          # (B, R, nc, m, 2m, R)
     counts = in_window.sum(-1).clamp_(min=1)                   # >= 1: the current round counts
-    return counts.to(dtype).log()
+    out = torch.zeros(B * R, nc + 1, m, 2 * m, dtype=dtype, device=undo_sort.device)
+    out[:, 1:] = counts.view(B * R, nc, m, 2 * m).to(dtype).log()
+    return out.view(-1, m, 2 * m)[1:]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -307,7 +330,7 @@ def _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask):
 
 
 def _gather_rows(x, idx):
-    """x: (B, T, *), idx: (B, R, T) positions -> (B, R, T, *) with out[b, r, t] = x[b, idx[b, r, t]].
+    """x: (B, T, *), idx: (B, R, L) positions -> (B, R, L, *) with out[b, r, l] = x[b, idx[b, r, l]].
 
     Done as one flat index_select (its backward is one index_add), cheaper than gather with an
     index expanded over the feature dim."""
@@ -315,6 +338,36 @@ def _gather_rows(x, idx):
     offsets = torch.arange(B, device=x.device).view(B, 1, 1) * T
     flat = x.reshape(B * T, *x.shape[2:]).index_select(0, (idx + offsets).reshape(-1))
     return flat.view(*idx.shape, *x.shape[2:])
+
+
+class _SortRows(torch.autograd.Function):
+    """x: (B, T, d) -> (B * R * (T + m), d): every round's rows in sorted order with the round's last
+    chunk repeated in front, the layout of section 2 (ext = cat(sorted_pos[..., -m:], sorted_pos)).
+
+    The backward knows that ext is a permutation plus m repeated rows per round: the gradient of
+    position t is a *gather* through undo_sort, summed over rounds, plus m rows per round added
+    back for the repeated chunk. index_select's own backward scatter-adds every row, which costs
+    more than the gather."""
+
+    @staticmethod
+    def forward(ctx, x, ext, undo_sort):
+        ctx.save_for_backward(ext, undo_sort)
+        return _gather_rows(x, ext).view(-1, x.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        ext, undo_sort = ctx.saved_tensors
+        B, R, T = undo_sort.shape
+        L = ext.shape[-1]                                      # T + m
+        m, d = L - T, dy.shape[-1]
+        dy = dy.contiguous()
+        rows = undo_sort + m + torch.arange(B * R, device=dy.device).view(B, R, 1) * L
+        dx = dy.index_select(0, rows.view(-1)).view(B, R, T, d)
+        dx = dx[:, 0] if R == 1 else dx.sum(dim=1)             # (B, T, d), a fresh tensor
+        front = dy.view(B, R, L, d)[:, :, :m].reshape(-1, d)   # the repeated chunks
+        front_pos = ext[..., :m] + torch.arange(B, device=dy.device).view(B, 1, 1) * T
+        dx.view(B * T, d).index_add_(0, front_pos.reshape(-1), front)
+        return dx, None, None
 
 
 def lsh_attention(qk, v, bucket_size, n_hashes, causal=False, padding_mask=None, rotations=None,
@@ -339,7 +392,7 @@ def _lsh_attention(qk, v, bucket_size, n_hashes, causal, padding_mask, rotations
     """The steps of lsh_attention, on checked float32/float64 inputs."""
     B, T, hs = qk.shape
     m, R = bucket_size, n_hashes
-    nc = n_buckets = T // m
+    n_buckets = T // m
 
     # 1) Hash: (B, R, T) buckets. Rounds live in their own tensor dim, so buckets of different
     #    rounds can never mix (the authors offset them by r * n_buckets in one long sequence).
@@ -363,28 +416,36 @@ def _lsh_attention(qk, v, bucket_size, n_hashes, causal, padding_mask, rotations
     # Shared QK: keys are the queries normalised to unit length, k_hat = q / |q|; logit q . k_hat.
     # (trax normalises k and divides by sqrt(hs) after an RMS norm: the same unit vector.)
     # Normalised once per position, before the R sorted copies are made.
+    #    In memory each round gets a copy of its last chunk in front (section 2's layout), so
+    #    every window is a strided view: ext lists the positions in that order.
+    # Shared QK: keys are the queries normalised to unit length, k_hat = q / |q|; logit q . k_hat.
+    # (trax normalises k and divides by sqrt(hs) after an RMS norm: the same unit vector.)
+    # Normalised once per position, before the R sorted copies are made.
+    ext = torch.cat([sorted_pos[..., -m:], sorted_pos], dim=-1)  # (B, R, T + m)
     k_hat = F.normalize(qk, p=2.0, dim=-1)                     # (B, T, hs)
-    q_s = _gather_rows(qk, sorted_pos).view(B, R, nc, m, hs)   # sorted queries
-    k_s = _gather_rows(k_hat, sorted_pos).view(B, R, nc, m, hs)  # sorted unit keys
-    v_s = _gather_rows(v, sorted_pos).view(B, R, nc, m, -1)    # (B, R, nc, m, hs_v)
-    q_pos = sorted_pos.view(B, R, nc, m)
+    q_e = _SortRows.apply(qk, ext, undo_sort)                  # (B R (T + m), hs) queries
+    k_e = _SortRows.apply(k_hat, ext, undo_sort)               # unit keys
+    v_e = _SortRows.apply(v, ext, undo_sort)                   # (B R (T + m), hs_v) values
     k_valid = None
     if padding_mask is not None:
-        k_valid = torch.gather(padding_mask.bool().unsqueeze(1).expand(B, R, T), 2,
-                               sorted_pos).view(B, R, nc, m)
+        k_valid = _gather_rows(padding_mask.bool(), ext).view(-1)
 
     # 4) Masked softmax attention in every chunk (self -> -1e5, future/padding -> -1e9).
     # 6) dedup: a key that query i sees in c rounds gets log c subtracted from its logit in each,
     #    so summed over rounds it weighs exactly once, like in full attention.
-    log_counts = _dedup_log_counts(undo_sort, q_pos, m, qk.dtype) if dedup and R > 1 else None
-    o_s, lse_s = _attend_in_chunks(q_s, k_s, v_s, q_pos, k_valid, causal, shared_qk=True,
-                                   scale=1.0, dedup_log_counts=log_counts,
+    log_counts = _dedup_log_counts(undo_sort, ext, m, qk.dtype) if dedup and R > 1 else None
+    o_s, lse_s = _attend_in_chunks(q_e, k_e, v_e, ext.view(-1), m, k_valid, causal,
+                                   shared_qk=True, scale=1.0, log_counts=log_counts,
                                    dropout=dropout, training=training)
 
-    # Undo the sort: outputs and their lse travel together through one index_select.
-    flat_undo = undo_sort + torch.arange(R, device=qk.device).view(1, R, 1) * T  # (B, R, T)
-    o_lse = torch.cat([o_s, lse_s.unsqueeze(-1)], dim=-1).view(B, R * T, -1)
-    o_lse = _gather_rows(o_lse, flat_undo)                     # (B, R, T, hs_v + 1)
+    # Undo the sort. The output of slot s of round g is row g * (T + m) + s of o_s (query chunk i
+    # is layout chunk i + 1). With one round that is the answer.
+    rows = (undo_sort + torch.arange(B * R, device=qk.device).view(B, R, 1) * (T + m)).view(-1)
+    if R == 1:
+        return o_s.view(-1, o_s.shape[-1]).index_select(0, rows).view(B, T, -1)
+    # Outputs and their lse travel together through one index_select.
+    o_lse = torch.cat([o_s, lse_s.unsqueeze(-1)], dim=-1)      # (n, m, hs_v + 1)
+    o_lse = o_lse.view(-1, o_lse.shape[-1]).index_select(0, rows).view(B, R, T, -1)
     o, lse = o_lse[..., :-1], o_lse[..., -1]                   # (B, R, T, hs_v), (B, R, T)
 
     # 5) Combine rounds by their normalisers, the paper's Eq. (not an average):
@@ -394,7 +455,7 @@ def _lsh_attention(qk, v, bucket_size, n_hashes, causal, padding_mask, rotations
     w = torch.softmax(lse, dim=1).unsqueeze(-1)                # (B, R, T, 1)
     out = (w * o).sum(dim=1)                                   # (B, T, hs_v)
 
-    # 7) Memory: the largest tensors are the logits (B, R, nc, m, 2m) = 2 B R T m floats, linear
+    # 7) Memory: the largest tensors are the logits (B R (nc + 1), m, 2m) ~ 2 B R T m floats, linear
     #    in T for a fixed bucket_size (the hash scores, R T n_buckets / 2, grow as T^2 / m but are
     #    computed piece by piece in hash_vectors), and linear in n_hashes because all rounds go through one
     #    batched matmul. Looping over rounds would keep one round's logits at a time (memory flat
@@ -419,7 +480,7 @@ def local_attention(q, k, v, bucket_size, causal=False, padding_mask=None, share
     if bucket_size < 1 or T % bucket_size:
         raise ValueError(f"local_attention: T={T} must be a positive multiple of bucket_size="
                          f"{bucket_size}")
-    m, nc = bucket_size, T // bucket_size
+    m = bucket_size
     out_dtype = v.dtype
     q, k, v = _float32(q, k, v)
     if shared_qk:
@@ -429,14 +490,21 @@ def local_attention(q, k, v, bucket_size, causal=False, padding_mask=None, share
         if k is None:
             raise ValueError("local_attention: k is None, which is valid only with shared_qk=True")
         scale = 1.0 / math.sqrt(hs)
-    chunks = lambda x: x.reshape(B, 1, nc, m, *x.shape[2:])   # R = 1 round, identity "sort"
+    # Section 2's layout with one "round" per sequence: a dummy chunk in front of each (zeros,
+    # masked as padding), since the first chunk has no chunk before it.
+    front = lambda x, value=0: F.pad(x, (0, 0) * (x.dim() - 2) + (m, 0), value=value)
+    flat = lambda x: front(x).reshape(B * (T + m), *x.shape[2:])
     pos = torch.arange(T, device=q.device).expand(B, T)
-    k_valid = None if padding_mask is None else chunks(padding_mask.bool())
+    real = torch.ones(B, T, dtype=torch.bool, device=q.device) if padding_mask is None \
+        else padding_mask.bool()
     with _autocast_off(q):
-        out, _ = _attend_in_chunks(chunks(q), chunks(k), chunks(v), chunks(pos), k_valid, causal,
-                                   shared_qk, scale, dropout=dropout, training=training,
-                                   wrap=False)
-    return out.reshape(B, T, -1).to(out_dtype)
+        o, _ = _attend_in_chunks(flat(q), flat(k), flat(v), flat(pos), m,
+                                 front(real, value=False).view(-1), causal, shared_qk, scale,
+                                 dropout=dropout, training=training)
+    # Position t of sequence b is row b * (T + m) + t of o.
+    rows = (torch.arange(B, device=q.device).view(B, 1) * (T + m) + pos).view(-1)
+    out = o.view(-1, o.shape[-1]).index_select(0, rows)
+    return out.view(B, T, -1).to(out_dtype)
 
 
 def full_attention(q, k, v, causal=False, padding_mask=None, shared_qk=False, dropout=0.0,
