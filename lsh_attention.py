@@ -130,14 +130,16 @@ def _windows(x, m):
     return x.as_strided((x.shape[0] // m - 1, 2 * m, d), (m * d, d, 1), x.storage_offset())
 
 
-def _fold_windows(dw, m):
-    """Gradient of _windows: (G - 1, 2m, d) -> (G * m, d). Chunk j was the first half of window
-    j and the second half of window j - 1."""
-    n, _, d = dw.shape
-    dx = dw.new_empty(n + 1, m, d)
-    dx[0] = dw[0, :m]
-    torch.add(dw[1:, :m], dw[:-1, m:], out=dx[1:-1])
-    dx[-1] = dw[-1, m:]
+def _windows_grad(a, b, m):
+    """Gradient of _windows(x, m) when the windows' gradient is a^T b: a (n, m, 2m), b (n, m, d)
+    -> (G * m, d). Chunk j was the first half of window j and the second half of window j - 1,
+    so it gets a[j, :, :m]^T b[j] + a[j - 1, :, m:]^T b[j - 1]: two half-size matmuls, the second
+    accumulated in place, with no (n, 2m, d) intermediate to allocate and fold."""
+    n, d = a.shape[0], b.shape[-1]
+    dx = b.new_empty(n + 1, m, d)
+    torch.bmm(a[:, :, m:].transpose(1, 2), b, out=dx[1:])     # second halves: chunks 1..n
+    dx[0] = 0.0
+    dx[:-1].baddbmm_(a[:, :, :m].transpose(1, 2), b)           # first halves: chunks 0..n-1
     return dx.view(-1, d)
 
 
@@ -217,7 +219,7 @@ class _ChunkAttention(torch.autograd.Function):
         n = p.shape[0]
         q_c, k_w, v_w = q[m:].view(n, m, -1), _windows(k, m), _windows(v, m)
         pd = p if keep is None else p * keep / (1.0 - ctx.dropout)
-        dv = _fold_windows(torch.bmm(pd.transpose(1, 2), do), m)   # (G * m, hs_v)
+        dv = _windows_grad(pd, do, m)                          # (G * m, hs_v)
         del pd
         dp = torch.bmm(do, v_w.transpose(1, 2))                # (n, m, 2m)
         if keep is not None:
@@ -237,7 +239,7 @@ class _ChunkAttention(torch.autograd.Function):
         dq = torch.empty_like(q)
         dq[:m] = 0.0                                           # the front chunk asks no query
         torch.bmm(ds, k_w, out=dq[m:].view(n, m, -1))
-        dk = _fold_windows(torch.bmm(ds.transpose(1, 2), q_c), m)  # (G * m, hs)
+        dk = _windows_grad(ds, q_c, m)                         # (G * m, hs)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -370,6 +372,47 @@ class _SortRows(torch.autograd.Function):
         return dx, None, None
 
 
+class _UnsortCombine(torch.autograd.Function):
+    """Undo the sort and combine the rounds (steps 5 and the end of 2 of lsh_attention):
+        out[b, t] = sum_r w_r(b, t) o_s[rows[b, r, t]],   w = softmax_r(lse_s[rows])
+    o_s: (N, hs_v) and lse_s: (N,) in section 2's layout, rows: (B, R, T) the layout row of
+    position t in round r. Returns (B, T, hs_v).
+
+    By hand because autograd through index_select, softmax, multiply and sum allocates several
+    (B, R, T, hs_v) tensors forward and backward; here the rounds are gathered one at a time and
+    the backward writes each gradient row once (the rows of a round are a permutation):
+        d o_r = w_r dout,   d lse_r = w_r (o_r - out) . dout."""
+
+    @staticmethod
+    def forward(ctx, o_s, lse_s, rows):
+        B, R, T = rows.shape
+        w = torch.softmax(lse_s.index_select(0, rows.view(-1)).view(B, R, T), dim=1)
+        out = o_s.index_select(0, rows[:, 0].reshape(-1)).view(B, T, -1)
+        if R > 1:
+            out.mul_(w[:, 0, :, None])
+            for r in range(1, R):
+                o_r = o_s.index_select(0, rows[:, r].reshape(-1)).view(B, T, -1)
+                out.addcmul_(o_r, w[:, r, :, None])
+        ctx.save_for_backward(o_s, rows, w, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        o_s, rows, w, out = ctx.saved_tensors
+        B, R, T = rows.shape
+        dout = dout.contiguous()
+        d_o = torch.zeros_like(o_s)           # rows of no position (section 2's extra chunks): 0
+        d_lse = torch.zeros_like(o_s[:, 0]) if R > 1 else None
+        out_dout = (out * dout).sum(-1) if R > 1 else None     # (B, T)
+        for r in range(R):
+            idx = rows[:, r].reshape(-1)
+            d_o.index_copy_(0, idx, (dout * w[:, r, :, None]).view(-1, dout.shape[-1]))
+            if R > 1:
+                o_dout = (o_s.index_select(0, idx).view_as(dout) * dout).sum(-1)
+                d_lse.index_copy_(0, idx, (w[:, r] * (o_dout - out_dout)).view(-1))
+        return d_o, d_lse, None
+
+
 def lsh_attention(qk, v, bucket_size, n_hashes, causal=False, padding_mask=None, rotations=None,
                   dedup=False, dropout=0.0, training=False):
     """Multi-round LSH attention with shared QK. qk: (B, T, hs), v: (B, T, hs_v) -> (B, T, hs_v).
@@ -438,20 +481,13 @@ def _lsh_attention(qk, v, bucket_size, n_hashes, causal, padding_mask, rotations
                                    shared_qk=True, scale=1.0, log_counts=log_counts,
                                    dropout=dropout, training=training)
 
-    # Undo the sort. The output of slot s of round g is row g * (T + m) + s of o_s (query chunk i
-    # is layout chunk i + 1). With one round that is the answer.
-    rows = (undo_sort + torch.arange(B * R, device=qk.device).view(B, R, 1) * (T + m)).view(-1)
-    if R == 1:
-        return o_s.view(-1, o_s.shape[-1]).index_select(0, rows).view(B, T, -1)
-    o = o_s.view(-1, o_s.shape[-1]).index_select(0, rows).view(B, R, T, -1)  # (B, R, T, hs_v)
-    lse = lse_s.view(-1).index_select(0, rows).view(B, R, T)
-
-    # 5) Combine rounds by their normalisers, the paper's Eq. (not an average):
+    # 5) Undo the sort and combine rounds by their normalisers, the paper's Eq. (not an average):
     #    o_i = sum_r exp(lse_r(i) - logsumexp_r lse_r(i)) o_r(i)
     #    This is exactly softmax attention over the union of the rounds' windows (with a key that
-    #    appears in c rounds counted c times, unless dedup).
-    w = torch.softmax(lse, dim=1).unsqueeze(-1)                # (B, R, T, 1)
-    out = (w * o).sum(dim=1)                                   # (B, T, hs_v)
+    #    appears in c rounds counted c times, unless dedup). The output of slot s of round g is
+    #    row g * (T + m) + s of o_s (query chunk i is layout chunk i + 1).
+    rows = undo_sort + torch.arange(B * R, device=qk.device).view(B, R, 1) * (T + m)
+    out = _UnsortCombine.apply(o_s.view(-1, o_s.shape[-1]), lse_s.view(-1), rows)
 
     # 7) Memory: the largest tensors are the logits (B R (nc + 1), m, 2m) ~ 2 B R T m floats, linear
     #    in T for a fixed bucket_size (the hash scores, R T n_buckets / 2, grow as T^2 / m but are
