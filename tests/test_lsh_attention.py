@@ -528,16 +528,18 @@ def test_lsh_path_has_no_T_by_T_tensor(dedup):
 
 
 # -----------------------------------------------------------------------------------------------
-# 5. Gradients: the hand-written backward of _ChunkAttention
+# 5. Gradients: the hand-written backwards (_ChunkAttention, _SortRows, _UnsortCombine, _Normalize)
 # -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("causal,pad,dedup", [(False, False, False), (True, False, False),
-                                              (False, True, False), (False, False, True),
-                                              (True, True, True)])
-def test_lsh_gradcheck(causal, pad, dedup):
-    """float64 gradcheck with n_hashes = 3, so the round combination (the lse gradient) matters.
-    The rotations are fixed and the inputs' bucket margins are far above gradcheck's eps."""
-    B, m, n_buckets, hs, R = 2, 2, 4, 3, 3
+@pytest.mark.parametrize("causal,pad,dedup,R", [(False, False, False, 3), (True, False, False, 3),
+                                                (False, True, False, 3), (False, False, True, 3),
+                                                (True, True, True, 3), (True, False, False, 1),
+                                                (False, True, False, 1)])
+def test_lsh_gradcheck(causal, pad, dedup, R):
+    """float64 gradcheck; with n_hashes = 3 the round combination (the lse gradient) matters,
+    n_hashes = 1 takes the path without it. The rotations are fixed and the inputs' bucket
+    margins are far above gradcheck's eps."""
+    B, m, n_buckets, hs = 2, 2, 4, 3
     T = m * n_buckets
     qk, v, mask = make_inputs(B, T, hs, seed=5, pad=pad, hs_v=2)
     rot = make_rotations(B, hs, R, n_buckets, seed=5)
