@@ -251,6 +251,7 @@ def _attend_in_chunks(q, k, v, pos, m, k_valid, causal, shared_qk, scale, log_co
     k_valid: (G * m,) bool or None. Returns the output (n, m, hs_v) and the log-sum-exp of each
     query's logits (n, m), n = G - 1, needed to combine rounds.
     """
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()   # _windows reads raw strides
     n = q.shape[0] // m - 1
     future = invalid = None
     if k_valid is None:
