@@ -76,31 +76,41 @@ def hash_vectors(x, n_buckets, n_hashes, rotations=None):
         raise ValueError(f"hash_vectors: n_buckets must be even and >= 2, got {n_buckets}")
     if n_hashes < 1:
         raise ValueError(f"hash_vectors: n_hashes must be >= 1, got {n_hashes}")
-    B, T, hs = x.shape
+    return _hash(x.unsqueeze(2), n_buckets, n_hashes, rotations, "hash_vectors", x.shape)
+
+
+def _hash(x, n_buckets, n_hashes, rotations, fn, shape):
+    """hash_vectors for x: (B, T, H, hs), H heads hashed apart -> (B * H, R, T) buckets.
+    rotations: None, (hs, R, n_buckets // 2) or (B * H, hs, R, n_buckets // 2). fn and shape
+    (the caller's name and input shape) are for the error message."""
+    B, T, H, hs = x.shape
+    half = n_buckets // 2
     if rotations is None:
-        rotations = torch.randn(B, hs, n_hashes, n_buckets // 2, device=x.device, dtype=x.dtype)
-    expected = ((hs, n_hashes, n_buckets // 2), (B, hs, n_hashes, n_buckets // 2))
+        rotations = torch.randn(B * H, hs, n_hashes, half, device=x.device, dtype=x.dtype)
+    expected = ((hs, n_hashes, half), (B * H, hs, n_hashes, half))
     if tuple(rotations.shape) not in expected:
-        raise ValueError(f"hash_vectors: rotations must have shape {expected[0]} or {expected[1]} "
-                         f"for x of shape {tuple(x.shape)}, got {tuple(rotations.shape)}")
-    rot = rotations.to(x.dtype).reshape(-1, hs, n_hashes * (n_buckets // 2))
-    # The scores xR are (B, T, R * n_buckets/2): with n_buckets = T / bucket_size that is
+        raise ValueError(f"{fn}: rotations must have shape {expected[0]} or {expected[1]} "
+                         f"for x of shape {tuple(shape)}, got {tuple(rotations.shape)}")
+    rot = rotations.to(x.dtype).reshape(-1, hs, n_hashes * half)
+    rot = rot.view(B, H, hs, -1) if rot.shape[0] > 1 else rot.view(1, 1, hs, -1)
+    # The scores xR are (B, H, T, R * n_buckets/2): with n_buckets = T / bucket_size that is
     # quadratic in T (at T = 16K and 8 hashes, more than the logits of attention). Hash a piece
     # of positions at a time, at most 1M scores (4 MB): the transient stays small, and on a CPU
     # a buffer that size is reused by the allocator instead of being mapped fresh (page faults
     # cost as much as the reduction here); 16K x 8 hashes: 330 -> 200 ms.
-    piece = max(1, (1 << 20) // (B * n_hashes * n_buckets // 2))
+    piece = max(1, (1 << 20) // (B * H * n_hashes * half))
     with torch.no_grad():  # argmax has no gradient; the hash only decides who attends to whom
-        buckets = torch.cat([_argmax_pm(torch.matmul(xp, rot), n_hashes, n_buckets)
-                             for xp in x.detach().split(piece, dim=1)], dim=1)
-    return buckets.transpose(1, 2).contiguous()               # (B, R, T)
+        buckets = torch.cat([_argmax_pm(torch.matmul(xp.transpose(1, 2), rot), n_hashes,
+                                        n_buckets)
+                             for xp in x.detach().split(piece, dim=1)], dim=2)  # (B, H, T, R)
+    return buckets.transpose(-1, -2).contiguous().view(B * H, n_hashes, T)
 
 
 def _argmax_pm(xr, n_hashes, n_buckets):
     """argmax([xR ; -xR]) without building it: the best of +R is argmax(xR), the best of -R is
     argmin(xR); take whichever is larger in magnitude (bucket i or n_buckets/2 + i).
-    xr: (B, t, R * n_buckets/2) -> (B, t, R). Reduces along contiguous memory."""
-    xr = xr.view(*xr.shape[:2], n_hashes, n_buckets // 2)      # (B, t, R, n_buckets/2)
+    xr: (..., R * n_buckets/2) -> (..., R). Reduces along contiguous memory."""
+    xr = xr.view(*xr.shape[:-1], n_hashes, n_buckets // 2)     # (..., R, n_buckets/2)
     hi, lo = xr.max(dim=-1), xr.min(dim=-1)
     return torch.where(hi.values >= -lo.values, hi.indices, lo.indices + n_buckets // 2)
 
@@ -322,7 +332,14 @@ def _autocast_off(x):
 
 
 def _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask):
-    _check_shapes("lsh_attention", qk, None, v, padding_mask, q_name="qk")
+    if qk.dim() == 4 or v.dim() == 4:   # (B, T, H, hs): heads side by side
+        if qk.dim() != 4 or v.dim() != 4 or qk.shape[:3] != v.shape[:3]:
+            raise ValueError(f"lsh_attention: with heads, qk must be (B, T, H, hs) and v "
+                             f"(B, T, H, hs_v) with the same B, T and H, got qk "
+                             f"{tuple(qk.shape)} and v {tuple(v.shape)}")
+        _check_shapes("lsh_attention", qk[:, :, 0], None, v[:, :, 0], padding_mask, "qk")
+    else:
+        _check_shapes("lsh_attention", qk, None, v, padding_mask, q_name="qk")
     T = qk.shape[1]
     if bucket_size < 1 or T % (2 * bucket_size):
         raise ValueError(f"lsh_attention: T={T} must be a positive multiple of 2 * bucket_size "
@@ -368,33 +385,30 @@ def _normalize(x):
 
 
 class _SortRows(torch.autograd.Function):
-    """x: (B, T, d) -> (B * R * (T + m), d): every round's rows in sorted order with the round's last
-    chunk repeated in front, the layout of section 2 (ext = cat(sorted_pos[..., -m:], sorted_pos)).
+    """The rows of x: (N, d) in section 2's layout: y = x[rows], rows: (rounds, T + m), the row of
+    x behind each layout row (a round sorted, with its last chunk repeated in front).
 
-    The backward knows that ext is a permutation plus m repeated rows per round: the gradient of
-    position t is a *gather* through undo_sort, summed over rounds, plus m rows per round added
-    back for the repeated chunk. index_select's own backward scatter-adds every row, which costs
-    more than the gather."""
+    The backward knows that a round is a permutation plus m repeated rows: the gradient of row i
+    of x is a *gather* of its main copy in each round (grad_rows: (N, R) layout rows), summed over
+    rounds, plus the m repeated rows of each round added back. index_select's own backward
+    scatter-adds every row, which costs more than the gather."""
 
     @staticmethod
-    def forward(ctx, x, ext, undo_sort):
-        ctx.save_for_backward(ext, undo_sort)
-        return _gather_rows(x, ext).view(-1, x.shape[-1])
+    def forward(ctx, x, rows, grad_rows, m):
+        ctx.save_for_backward(rows, grad_rows)
+        ctx.m = m
+        return x.index_select(0, rows.view(-1))
 
     @staticmethod
     def backward(ctx, dy):
-        ext, undo_sort = ctx.saved_tensors
-        B, R, T = undo_sort.shape
-        L = ext.shape[-1]                                      # T + m
-        m, d = L - T, dy.shape[-1]
+        rows, grad_rows = ctx.saved_tensors
+        N, R = grad_rows.shape
         dy = dy.contiguous()
-        rows = undo_sort + m + torch.arange(B * R, device=dy.device).view(B, R, 1) * L
-        dx = dy.index_select(0, rows.view(-1)).view(B, R, T, d)
-        dx = dx[:, 0] if R == 1 else dx.sum(dim=1)             # (B, T, d), a fresh tensor
-        front = dy.view(B, R, L, d)[:, :, :m].reshape(-1, d)   # the repeated chunks
-        front_pos = ext[..., :m] + torch.arange(B, device=dy.device).view(B, 1, 1) * T
-        dx.view(B * T, d).index_add_(0, front_pos.reshape(-1), front)
-        return dx, None, None
+        dx = dy.index_select(0, grad_rows.view(-1)).view(N, R, -1)
+        dx = dx[:, 0] if R == 1 else dx.sum(dim=1)             # (N, d), a fresh tensor
+        front = dy.view(*rows.shape, -1)[:, :ctx.m]            # the repeated chunks
+        dx.index_add_(0, rows[:, :ctx.m].reshape(-1), front.reshape(-1, dy.shape[-1]))
+        return dx, None, None, None
 
 
 class _UnsortCombine(torch.autograd.Function):
@@ -411,7 +425,7 @@ class _UnsortCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, o_s, lse_s, rows):
         B, R, T = rows.shape
-        w = torch.softmax(lse_s.index_select(0, rows.view(-1)).view(B, R, T), dim=1)
+        w = torch.softmax(lse_s.index_select(0, rows.reshape(-1)).view(B, R, T), dim=1)
         out = o_s.index_select(0, rows[:, 0].reshape(-1)).view(B, T, -1)
         if R > 1:
             out.mul_(w[:, 0, :, None])
@@ -442,37 +456,45 @@ def lsh_attention(qk, v, bucket_size, n_hashes, causal=False, padding_mask=None,
                   dedup=False, dropout=0.0, training=False):
     """Multi-round LSH attention with shared QK. qk: (B, T, hs), v: (B, T, hs_v) -> (B, T, hs_v).
 
-    n_buckets = T // bucket_size, so T must be a multiple of 2 * bucket_size. padding_mask:
-    (B, T) bool, True for real tokens. rotations: see hash_vectors. dedup: count a key seen in
-    several rounds once (step 6). dropout applies to the attention weights when training.
+    Heads may also come side by side, as a linear layer produces them: qk (B, T, H, hs),
+    v (B, T, H, hs_v) -> (B, T, H, hs_v), each head attending on its own (the same as moving
+    heads into the batch, without the two transposes). n_buckets = T // bucket_size, so T must
+    be a multiple of 2 * bucket_size. padding_mask: (B, T) bool, True for real tokens.
+    rotations: see hash_vectors (one per row of B * H). dedup: count a key seen in several
+    rounds once (step 6). dropout applies to the attention weights when training.
     """
     _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask)
     out_dtype = v.dtype
+    heads = qk.dim() == 4
     qk, v = _float32(qk, v)
+    if not heads:
+        qk, v = qk.unsqueeze(2), v.unsqueeze(2)                # one head
     with _autocast_off(qk):
         out = _lsh_attention(qk, v, bucket_size, n_hashes, causal, padding_mask, rotations,
                              dedup, dropout, training)
-    return out.to(out_dtype)
+    return (out if heads else out.squeeze(2)).to(out_dtype)
 
 
 def _lsh_attention(qk, v, bucket_size, n_hashes, causal, padding_mask, rotations, dedup,
                    dropout, training):
-    """The steps of lsh_attention, on checked float32/float64 inputs."""
-    B, T, hs = qk.shape
+    """The steps of lsh_attention, on checked float32/float64 inputs qk: (B, T, H, hs),
+    v: (B, T, H, hs_v). Every (batch row, head) is its own problem: B * H of them."""
+    B, T, H, hs = qk.shape
     m, R = bucket_size, n_hashes
-    n_buckets = T // m
+    n_buckets, BH, L = T // m, B * H, T + m
+    dev = qk.device
 
-    # 1) Hash: (B, R, T) buckets. Rounds live in their own tensor dim, so buckets of different
+    # 1) Hash: (B H, R, T) buckets. Rounds live in their own tensor dim, so buckets of different
     #    rounds can never mix (the authors offset them by r * n_buckets in one long sequence).
-    buckets = hash_vectors(qk, n_buckets, R, rotations)
+    buckets = _hash(qk, n_buckets, R, rotations, "lsh_attention", qk.shape)
 
     # 2) Sort each round by (bucket, position). Positions break ties, so inside a bucket the
     #    order is the original one (which keeps causal masking meaningful: earlier first).
     #    sort_key is unique, so any sort is stable on it.
-    pos = torch.arange(T, device=qk.device)
-    sort_key = buckets * T + pos                               # (B, R, T)
-    sorted_pos = sort_key.argsort(dim=-1)                      # (B, R, T): slot -> position
-    undo_sort = torch.empty_like(sorted_pos).scatter_(-1, sorted_pos, pos.expand(B, R, T))
+    pos = torch.arange(T, device=dev)
+    sort_key = buckets * T + pos                               # (B H, R, T)
+    sorted_pos = sort_key.argsort(dim=-1)                      # (B H, R, T): slot -> position
+    undo_sort = torch.empty_like(sorted_pos).scatter_(-1, sorted_pos, pos.expand(BH, R, T))
 
     # 3) Chunk each round on its own. A chunk sees itself and the chunk before it *in the same
     #    round*; the first chunk of a round looks back to the last chunk of that round:
@@ -481,22 +503,26 @@ def _lsh_attention(qk, v, bucket_size, n_hashes, causal, padding_mask, rotations
     #    sees the previous round's last chunk; keeping rounds apart makes each round an attention
     #    over a well-defined set, which is what lets us combine rounds exactly (step 5) and test
     #    each round against full attention. No mask by bucket inside the window (as the authors).
-    # Shared QK: keys are the queries normalised to unit length, k_hat = q / |q|; logit q . k_hat.
-    # (trax normalises k and divides by sqrt(hs) after an RMS norm: the same unit vector.)
-    # Normalised once per position, before the R sorted copies are made.
     #    In memory each round gets a copy of its last chunk in front (section 2's layout), so
     #    every window is a strided view: ext lists the positions in that order.
+    ext = torch.cat([sorted_pos[..., -m:], sorted_pos], dim=-1)  # (B H, R, L)
+    # Row bookkeeping, all small int64 tensors. The inputs are read as rows of (B T H, d): the
+    # row of position p of problem (b, h) is (b T + p) H + h. The layout has B H R rounds of L
+    # rows; position t of problem (b, h) sits in round r at row ((b H + h) R + r) L + m + undo.
+    bh = torch.arange(BH, device=dev)
+    x_rows = (ext + (bh // H * T).view(BH, 1, 1)) * H + (bh % H).view(BH, 1, 1)
+    main = undo_sort + (torch.arange(BH * R, device=dev) * L).view(BH, R, 1)  # (B H, R, T)
+    grad_rows = (main + m).view(B, H, R, T).permute(0, 3, 1, 2).contiguous().view(-1, R)
+    x_rows = x_rows.view(BH * R, L)
     # Shared QK: keys are the queries normalised to unit length, k_hat = q / |q|; logit q . k_hat.
     # (trax normalises k and divides by sqrt(hs) after an RMS norm: the same unit vector.)
     # Normalised once per position, before the R sorted copies are made.
-    ext = torch.cat([sorted_pos[..., -m:], sorted_pos], dim=-1)  # (B, R, T + m)
-    k_hat = _normalize(qk)                                     # (B, T, hs)
-    q_e = _SortRows.apply(qk, ext, undo_sort)                  # (B R (T + m), hs) queries
-    k_e = _SortRows.apply(k_hat, ext, undo_sort)               # unit keys
-    v_e = _SortRows.apply(v, ext, undo_sort)                   # (B R (T + m), hs_v) values
+    k_hat = _normalize(qk)                                     # (B, T, H, hs)
+    sort = lambda x: _SortRows.apply(x.reshape(B * T * H, -1), x_rows, grad_rows, m)
+    q_e, k_e, v_e = sort(qk), sort(k_hat), sort(v)             # (B H R L, hs) in the layout
     k_valid = None
     if padding_mask is not None:
-        k_valid = _gather_rows(padding_mask.bool(), ext).view(-1)
+        k_valid = _gather_rows(padding_mask.bool().repeat_interleave(H, dim=0), ext).view(-1)
 
     # 4) Masked softmax attention in every chunk (self -> -1e5, future/padding -> -1e9).
     # 6) dedup: a key that query i sees in c rounds gets log c subtracted from its logit in each,
@@ -511,8 +537,9 @@ def _lsh_attention(qk, v, bucket_size, n_hashes, causal, padding_mask, rotations
     #    This is exactly softmax attention over the union of the rounds' windows (with a key that
     #    appears in c rounds counted c times, unless dedup). The output of slot s of round g is
     #    row g * (T + m) + s of o_s (query chunk i is layout chunk i + 1).
-    rows = undo_sort + torch.arange(B * R, device=qk.device).view(B, R, 1) * (T + m)
+    rows = main.view(B, H, R, T).permute(0, 2, 3, 1).contiguous().view(B, R, T * H)  # out order
     out = _UnsortCombine.apply(o_s.view(-1, o_s.shape[-1]), lse_s.view(-1), rows)
+    out = out.view(B, T, H, -1)                                # (B, T, H, hs_v)
 
     # 7) Memory: the largest tensors are the logits (B R (nc + 1), m, 2m) ~ 2 B R T m floats, linear
     #    in T for a fixed bucket_size (the hash scores, R T n_buckets / 2, grow as T^2 / m but are
@@ -677,25 +704,27 @@ class LSHSelfAttention(nn.Module):
             real = torch.zeros(B, T + pad, dtype=torch.bool, device=x.device)
             real[:, :T] = True if padding_mask is None else padding_mask.bool()
             padding_mask = real
-        # 2) project and split heads: (B * nh, T', hs)
-        qk, v = self._heads(self.qk(x)), self._heads(self.v(x))
-        mask = None
-        if padding_mask is not None:
-            mask = padding_mask.bool().repeat_interleave(self.n_heads, dim=0)  # (B * nh, T')
         drop = dict(dropout=self.dropout, training=self.training)
-        # 3) attend
+        nh, hs = self.n_heads, self.hs
         if self.attn == "lsh":
+            # 2-3) project, and attend with heads side by side: (B, T', nh, hs), no transposes
+            qk, v = self.qk(x).view(B, -1, nh, hs), self.v(x).view(B, -1, nh, hs)
             y = lsh_attention(qk, v, self.bucket_size, self.n_hashes, causal=self.causal,
-                              padding_mask=mask, dedup=self.dedup, **drop)
+                              padding_mask=padding_mask, dedup=self.dedup, **drop)
         else:
+            # 2-3) project, split heads into the batch: (B * nh, T', hs), and attend
+            qk, v = self._heads(self.qk(x)), self._heads(self.v(x))
             k = None if self.shared_qk else self._heads(self.k(x))
+            mask = None
+            if padding_mask is not None:
+                mask = padding_mask.bool().repeat_interleave(nh, dim=0)  # (B * nh, T')
             fn = full_attention if self.attn == "full" else local_attention
             size = {} if self.attn == "full" else dict(bucket_size=self.bucket_size)
             y = fn(qk, k, v, causal=self.causal, padding_mask=mask, shared_qk=self.shared_qk,
                    **size, **drop)
+            y = y.view(B, nh, -1, hs).transpose(1, 2)          # (B, T', nh, hs)
         # 4) merge heads, drop the padding, project out: (B, T, C)
-        y = y.view(B, self.n_heads, -1, self.hs).transpose(1, 2).reshape(B, -1, C)[:, :T]
-        return self.out(y)
+        return self.out(y.reshape(B, -1, C)[:, :T])
 
     def extra_repr(self):
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, attn={self.attn!r}, "

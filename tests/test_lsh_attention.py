@@ -527,6 +527,33 @@ def test_lsh_path_has_no_T_by_T_tensor(dedup):
     assert control.largest >= T * T
 
 
+@settings(max_examples=15)
+@given(B=st.integers(1, 2), H=st.integers(1, 3), m=st.integers(1, 3), half=st.integers(1, 3),
+       R=st.integers(1, 3), causal=st.booleans(), pad=st.booleans(), dedup=st.booleans(),
+       per_row=st.booleans(), seed=st.integers(0, 2**16))
+def test_heads_side_by_side_equal_heads_in_the_batch(B, H, m, half, R, causal, pad, dedup,
+                                                     per_row, seed):
+    """qk (B, T, H, hs) is the same computation as (B * H, T, hs) with the heads moved into the
+    batch (row b * H + h, the rotations' order): outputs and gradients agree exactly."""
+    T, hs = 2 * half * m, 3
+    qk, v, mask = make_inputs(B, T, H * hs, seed=seed, pad=pad, hs_v=H * 2)
+    qk4, v4 = qk.view(B, T, H, hs).requires_grad_(), v.view(B, T, H, 2).requires_grad_()
+    rot = make_rotations(B * H, hs, R, T // m, seed, per_row=per_row)
+    kw = dict(causal=causal, rotations=rot, dedup=dedup)
+    out4 = lsh_attention(qk4, v4, m, R, padding_mask=mask, **kw)
+    to_batch = lambda x: x.transpose(1, 2).reshape(B * H, T, -1)
+    qk3, v3 = to_batch(qk4.detach()).requires_grad_(), to_batch(v4.detach()).requires_grad_()
+    mask3 = None if mask is None else mask.repeat_interleave(H, dim=0)
+    out3 = lsh_attention(qk3, v3, m, R, padding_mask=mask3, **kw)
+    assert out4.shape == (B, T, H, 2)
+    torch.testing.assert_close(to_batch(out4), out3, rtol=0, atol=1e-12)
+    g = torch.randn(B, T, H, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    (out4 * g).sum().backward()
+    (out3 * to_batch(g)).sum().backward()
+    torch.testing.assert_close(to_batch(qk4.grad), qk3.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(to_batch(v4.grad), v3.grad, rtol=0, atol=1e-12)
+
+
 # -----------------------------------------------------------------------------------------------
 # 5. Gradients: the hand-written backwards (_ChunkAttention, _SortRows, _UnsortCombine, _Normalize)
 # -----------------------------------------------------------------------------------------------
@@ -864,6 +891,10 @@ def test_bad_input_hash_vectors():
                                          r"\(2, 4, 1, 2\) for x of shape \(2, 8, 4\), "
                                          r"got \(3, 4, 1, 2\)"):
         hash_vectors(x, 4, 1, torch.randn(3, 4, 1, 2))
+    with pytest.raises(ValueError, match=r"with heads, qk must be \(B, T, H, hs\) and v "
+                                         r"\(B, T, H, hs_v\) with the same B, T and H, got qk "
+                                         r"\(2, 8, 2, 4\) and v \(2, 8, 3, 4\)"):
+        lsh_attention(torch.randn(2, 8, 2, 4), torch.randn(2, 8, 3, 4), 2, 1)
 
 
 def test_bad_input_layer():
