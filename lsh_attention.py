@@ -414,8 +414,8 @@ class _SortRows(torch.autograd.Function):
 class _UnsortCombine(torch.autograd.Function):
     """Undo the sort and combine the rounds (steps 5 and the end of 2 of lsh_attention):
         out[b, t] = sum_r w_r(b, t) o_s[rows[b, r, t]],   w = softmax_r(lse_s[rows])
-    o_s: (N, hs_v) and lse_s: (N,) in section 2's layout, rows: (B, R, T) the layout row of
-    position t in round r. Returns (B, T, hs_v).
+    o_s: (N, hs_v) and lse_s: (N,) in section 2's layout (rounds of L rows, the last m of each
+    thrown away), rows: (B, R, T) the layout row of position t in round r. Returns (B, T, hs_v).
 
     By hand because autograd through index_select, softmax, multiply and sum allocates several
     (B, R, T, hs_v) tensors forward and backward; here the rounds are gathered one at a time and
@@ -423,7 +423,7 @@ class _UnsortCombine(torch.autograd.Function):
         d o_r = w_r dout,   d lse_r = w_r (o_r - out) . dout."""
 
     @staticmethod
-    def forward(ctx, o_s, lse_s, rows):
+    def forward(ctx, o_s, lse_s, rows, L, m):
         B, R, T = rows.shape
         w = torch.softmax(lse_s.index_select(0, rows.reshape(-1)).view(B, R, T), dim=1)
         out = o_s.index_select(0, rows[:, 0].reshape(-1)).view(B, T, -1)
@@ -433,23 +433,30 @@ class _UnsortCombine(torch.autograd.Function):
                 o_r = o_s.index_select(0, rows[:, r].reshape(-1)).view(B, T, -1)
                 out.addcmul_(o_r, w[:, r, :, None])
         ctx.save_for_backward(o_s, rows, w, out)
+        ctx.L, ctx.m = L, m
         return out
 
     @staticmethod
     def backward(ctx, dout):
         o_s, rows, w, out = ctx.saved_tensors
         B, R, T = rows.shape
-        dout = dout.contiguous()
-        d_o = torch.zeros_like(o_s)           # rows of no position (section 2's extra chunks): 0
+        dout, d = dout.contiguous(), dout.shape[-1]
+        # Every row of o_s gets written once, except the thrown-away queries of section 2's
+        # layout (the last m rows of every round of L rows; the final round lacks them): zero
+        # those only, not the whole tensor.
+        L, m, N = ctx.L, ctx.m, o_s.shape[0]
+        d_full = o_s.new_empty(N + m, d)
+        d_full.view(-1, L, d)[:, L - m:] = 0.0
+        d_o = d_full[:N]
         d_lse = torch.zeros_like(o_s[:, 0]) if R > 1 else None
         out_dout = (out * dout).sum(-1) if R > 1 else None     # (B, T)
         for r in range(R):
             idx = rows[:, r].reshape(-1)
-            d_o.index_copy_(0, idx, (dout * w[:, r, :, None]).view(-1, dout.shape[-1]))
+            d_o.index_copy_(0, idx, (dout if R == 1 else dout * w[:, r, :, None]).view(-1, d))
             if R > 1:
                 o_dout = (o_s.index_select(0, idx).view_as(dout) * dout).sum(-1)
                 d_lse.index_copy_(0, idx, (w[:, r] * (o_dout - out_dout)).view(-1))
-        return d_o, d_lse, None
+        return d_o, d_lse, None, None, None
 
 
 def lsh_attention(qk, v, bucket_size, n_hashes, causal=False, padding_mask=None, rotations=None,
@@ -538,7 +545,7 @@ def _lsh_attention(qk, v, bucket_size, n_hashes, causal, padding_mask, rotations
     #    appears in c rounds counted c times, unless dedup). The output of slot s of round g is
     #    row g * (T + m) + s of o_s (query chunk i is layout chunk i + 1).
     rows = main.view(B, H, R, T).permute(0, 2, 3, 1).contiguous().view(B, R, T * H)  # out order
-    out = _UnsortCombine.apply(o_s.view(-1, o_s.shape[-1]), lse_s.view(-1), rows)
+    out = _UnsortCombine.apply(o_s.view(-1, o_s.shape[-1]), lse_s.view(-1), rows, L, m)
     out = out.view(B, T, H, -1)                                # (B, T, H, hs_v)
 
     # 7) Memory: the largest tensors are the logits (B R (nc + 1), m, 2m) ~ 2 B R T m floats, linear
