@@ -161,7 +161,8 @@ def save(args, command, rows, extra=None):
         load_at_end=list(os.getloadavg()),
         peers={name: peer_version(name) for name in PEERS}, dtype=args.dtype,
         d_model=args.d_model, n_heads=args.n_heads, bucket_size=args.bucket_size,
-        tokens=args.tokens, repeats=args.repeats, compile=args.compile, **(extra or {}),
+        tokens=args.tokens, repeats=args.repeats, compile=args.compile,
+        reuse_memory=getattr(args, "reuse_memory", False), **(extra or {}),
         rows=rows)
     path = os.path.join(args.out, f"{command}.json")
     with open(path, "w") as f:
@@ -408,7 +409,7 @@ def speed(args):
           f"{args.repeats}; 'x ours' = peer time / our time")
     print_table(rows, columns)
     summarize_speed(rows, peers)
-    name = "speed-compile" if args.compile else "speed"
+    name = "speed" + ("-compile" if args.compile else "") + ("-reuse" if args.reuse_memory else "")
     path = save(args, name, rows, dict(matmul_gflop_per_s=[before / 1e9, after / 1e9]))
     plot_speed(rows, args, name)
     print(f"wrote {path}")
@@ -841,6 +842,11 @@ def get_parser():
                         help="parameter and activation dtype (logits stay fp32 in ours)")
     common.add_argument("--compile", action="store_true",
                         help="torch.compile our layers (peers stay eager); compile time excluded")
+    common.add_argument("--reuse_memory", action="store_true",
+                        help="glibc only: keep freed memory for reuse instead of mapping every "
+                             "tensor above 32 MB afresh (mallopt M_MMAP_THRESHOLD and "
+                             "M_TRIM_THRESHOLD = 1 GB), for every implementation in the process "
+                             "(speed, throughput, profile; memory rows run in their own processes)")
     common.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's choice)")
     common.add_argument("--out", default="bench_results", help="folder for the JSON and PNG")
@@ -873,6 +879,22 @@ def resolve(args, command, suite=False):
     return a
 
 
+def reuse_freed_memory():
+    """On a CPU every tensor comes from malloc, and glibc maps each block above its mmap threshold
+    (at most 32 MB) afresh and unmaps it on free, so every large tensor of every step is
+    page-faulted in again. Raising the thresholds makes glibc keep and reuse that memory."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        ok = libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        raise SystemExit("--reuse_memory: mallopt is not available (it needs glibc)")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_mem_worker"]:   # internal: one memory measurement in a fresh process
@@ -886,6 +908,8 @@ def main(argv=None):
     args.load_at_start = list(os.getloadavg())
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.reuse_memory:
+        reuse_freed_memory()
     print(f"{device_name(args.device)}, torch {torch.__version__}, load average "
           f"{os.getloadavg()[0]:.2f}")
     t0 = time.time()

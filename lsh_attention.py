@@ -23,6 +23,7 @@ Shape legend (one vocabulary for the whole repo):
 Public names:
     hash_vectors(x, n_buckets, n_hashes, rotations=None)       -> (B, R, T) int64 buckets
     lsh_attention(qk, v, bucket_size, n_hashes, ...)            -> (B, T, hs_v)
+        (or heads side by side: qk (B, T, H, hs), v (B, T, H, hs_v) -> (B, T, H, hs_v))
     local_attention(q, k, v, bucket_size, ...)                  -> (B, T, hs_v)
     full_attention(q, k, v, causal, padding_mask, shared_qk)    -> (B, T, hs_v)
     LSHSelfAttention(d_model, n_heads, ...)                     the multi-head layer
@@ -169,9 +170,10 @@ class _ChunkAttention(torch.autograd.Function):
     q, k: (G * m, hs), v: (G * m, hs_v), contiguous, in the layout above. Masks, one of:
       future: (G * m,) positions times 1e9, for causal masking without padding. Future keys get
         -1e9 * (distance) added (one fused pass: the mask rides in the first matmul, baddbmm).
-        Where a real key is left this is exactly the authors' replacement by -1e9: exp underflows to
-        0 either way, in float32 and float64, so P, lse and every gradient agree bit for bit, and
-        the backward needs no mask (dS = P * (...) is exactly 0 there).
+        Every query keeps a real key (its own position, at least), so this is the authors'
+        replacement by -1e9: exp underflows to exactly 0 either way, in float32 and float64, P,
+        lse and the gradients are the same, and the backward needs no mask (dS = P * (...) is
+        exactly 0 there).
       invalid: (n, m, 2m) bool, keys replaced by -1e9 (padding, local attention's first chunk,
         causal with padding). A row with no valid key (a padding query) then gets uniform weights,
         as in the authors' code; its gradient must be cut by hand in the backward.

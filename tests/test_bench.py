@@ -59,6 +59,14 @@ def test_speed(tmp_path):
             assert "error" in r or r["vs_ours"] > 0
 
 
+def test_speed_with_reused_memory_writes_its_own_record(tmp_path):
+    bench.main(["speed", "--reuse_memory", "--lengths", "64", "--tokens", "64", "--n_hashes", "1",
+                "--no_peers", "--max_full_len", "32", *TINY, "--out", str(tmp_path)])
+    with open(tmp_path / "speed-reuse.json") as f:
+        record = json.load(f)
+    assert record["reuse_memory"] and [r["impl"] for r in record["rows"]] == ["ours", "sdpa"]
+
+
 def test_speed_skips_full_attention_beyond_max_full_len(tmp_path):
     rows = run(tmp_path, "speed", "--lengths", "64", "--tokens", "64", "--n_hashes", "1",
                "--max_full_len", "32", "--no_peers")
