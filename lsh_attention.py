@@ -17,6 +17,7 @@ results are combined with the softmax normalisers of each round.
 Shape legend (one vocabulary for the whole repo):
     B   batch (inside the attention functions: batch x heads)
     T   sequence length            C   d_model           nh  number of heads
+    H   heads kept side by side in lsh_attention's (B, T, H, hs) form (H = nh in the layer)
     hs  head size                  R   n_hashes (rounds)
     m   bucket_size (chunk length)  nc  n_chunks = T // m  n_buckets = T // m
 
@@ -550,12 +551,12 @@ def _lsh_attention(qk, v, bucket_size, n_hashes, causal, padding_mask, rotations
     out = _UnsortCombine.apply(o_s.view(-1, o_s.shape[-1]), lse_s.view(-1), rows, L, m)
     out = out.view(B, T, H, -1)                                # (B, T, H, hs_v)
 
-    # 7) Memory: the largest tensors are the logits (B R (nc + 1), m, 2m) ~ 2 B R T m floats, linear
-    #    in T for a fixed bucket_size (the hash scores, R T n_buckets / 2, grow as T^2 / m but are
-    #    computed piece by piece in hash_vectors), and linear in n_hashes because all rounds go through one
-    #    batched matmul. Looping over rounds would keep one round's logits at a time (memory flat
-    #    in n_hashes) but serialises R small matmuls; we chose speed, since the reversible layers
-    #    already keep activation memory independent of depth.
+    # 7) Memory: the largest tensors are the logits, (B H R (nc + 1) - 1, m, 2m) ~ 2 B H R T m
+    #    floats, linear in T for a fixed bucket_size (the hash scores, R T n_buckets / 2, grow as
+    #    T^2 / m but are computed piece by piece in _hash), and linear in n_hashes because all
+    #    rounds go through one batched matmul. Looping over rounds would keep one round's logits
+    #    at a time (memory flat in n_hashes) but serialises R small matmuls; we chose speed, since
+    #    the reversible layers already keep activation memory independent of depth.
     return out
 
 
