@@ -204,10 +204,11 @@ class _ChunkAttention(torch.autograd.Function):
         if log_counts is not None:
             s.sub_(log_counts)
         # lse without an exp pass of its own: the largest weight is exp(max - lse), so
-        # lse = max(S) - log(max(P)), exact up to rounding. Softmax overwrites S (no new buffer:
-        # on a CPU, touching fresh memory for a tensor this size costs as much as the pass itself).
+        # lse = max(S) - log(max(P)), exact up to rounding. On a CPU softmax overwrites S: touching
+        # fresh memory for a tensor this size costs as much as the pass itself. (GPUs have a
+        # caching allocator, and we have not checked their softmax kernels with aliased output.)
         s_max = s.amax(dim=-1)
-        p = torch.softmax(s, dim=-1, out=s)                   # (n, m, 2m)
+        p = torch.softmax(s, dim=-1, out=s) if s.is_cpu else torch.softmax(s, dim=-1)
         lse = s_max - p.amax(dim=-1).log()                     # (n, m)
         keep = None
         if dropout > 0.0:
