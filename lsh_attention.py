@@ -436,7 +436,7 @@ class _UnsortCombine(torch.autograd.Function):
             for r in range(1, R):
                 o_r = o_s.index_select(0, rows[:, r].reshape(-1)).view(B, T, -1)
                 out.addcmul_(o_r, w[:, r, :, None])
-        ctx.save_for_backward(o_s, rows, w, out)
+        ctx.save_for_backward(o_s, rows, w, out if R > 1 else None)   # one round: out = o_s rows
         ctx.L, ctx.m = L, m
         return out
 
