@@ -142,6 +142,15 @@ def _windows(x, m):
     return x.as_strided((x.shape[0] // m - 1, 2 * m, d), (m * d, d, 1), x.storage_offset())
 
 
+def _query_and_window(x, m):
+    """A per-row value x: (G * m,) seen from both sides of the logits: for every query
+    (n, m, 1) and for every key of its window (n, 1, 2m), n = G - 1. Broadcast, they compare
+    positions (causal mask) without building anything of the logits' size until the compare."""
+    x = x.view(-1, 1)
+    n = x.shape[0] // m - 1
+    return x[m:].view(n, m, 1), _windows(x, m).view(n, 1, 2 * m)
+
+
 def _windows_grad(a, b, m):
     """Gradient of _windows(x, m) when the windows' gradient is a^T b: a (n, m, 2m), b (n, m, d)
     -> (G * m, d). Chunk j was the first half of window j and the second half of window j - 1,
@@ -187,8 +196,8 @@ class _ChunkAttention(torch.autograd.Function):
         n = q.shape[0] // m - 1
         q_c, k_w = q[m:].view(n, m, -1), _windows(k, m)
         if future is not None:   # bias = -1e9 * max(key position - query position, 0)
-            pos = future.view(-1, 1)
-            s = (pos[m:].view(n, m, 1) - _windows(pos, m).view(n, 1, 2 * m)).clamp_(max=0.0)
+            q_pos, k_pos = _query_and_window(future, m)
+            s = (q_pos - k_pos).clamp_(max=0.0)
             s.baddbmm_(q_c, k_w.transpose(1, 2), alpha=scale)   # (n, m, 2m) logits
         else:
             s = torch.bmm(q_c, k_w.transpose(1, 2))
@@ -272,10 +281,10 @@ def _attend_in_chunks(q, k, v, pos, m, k_valid, causal, shared_qk, scale, log_co
         if causal:
             future = pos.to(q.dtype) * -MASKED_LOGIT           # (G * m,)
     else:
-        invalid = ~_windows(k_valid.view(-1, 1), m).view(n, 1, 2 * m)  # padding keys
+        invalid = ~_query_and_window(k_valid, m)[1]             # padding keys: (n, 1, 2m)
         if causal:
-            p = pos.view(-1, 1)
-            invalid = invalid | (p[m:].view(n, m, 1) < _windows(p, m).view(n, 1, 2 * m))
+            q_pos, k_pos = _query_and_window(pos, m)
+            invalid = invalid | (q_pos < k_pos)
         else:
             invalid = invalid.expand(n, m, 2 * m).contiguous()
     return _ChunkAttention.apply(q, k, v, m, future, invalid, log_counts, shared_qk, scale,
