@@ -58,6 +58,9 @@ class TranslationByteTokenizer(ByteTokenizer):
     def encode_many(self, texts):
         return [self.encode(t) for t in texts]
 
+    def state(self):
+        return {"kind": self.kind}
+
 
 class SentencePieceTokenizer:
     """A sentencepiece model (Kudo & Richardson 2018) with PAD 0, BOS 1, EOS 2, UNK 3.
@@ -68,11 +71,15 @@ class SentencePieceTokenizer:
     """
     kind = "sentencepiece"
 
-    def __init__(self, model_path):
+    def __init__(self, model_path=None, proto=None):
         spm = _import_sentencepiece()
-        self.path = model_path
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        self.sp = (spm.SentencePieceProcessor(model_proto=proto) if proto is not None else
+                   spm.SentencePieceProcessor(model_file=model_path))
         self.vocab_size = self.sp.get_piece_size()
+
+    def state(self):
+        """What a checkpoint keeps to rebuild it: the serialized model (a few hundred KB)."""
+        return {"kind": self.kind, "proto": self.sp.serialized_model_proto()}
 
     @classmethod
     def train(cls, texts, model_path, vocab_size, max_sentences=2_000_000, seed=0):
@@ -110,6 +117,13 @@ def _import_sentencepiece():
                           "pip install sentencepiece (see requirements.txt), or use "
                           "--tokenizer=bytes, which needs no dependency") from None
     return sentencepiece
+
+
+def tokenizer_from_state(state):
+    """The tokenizer a checkpoint saved with tokenizer.state()."""
+    if state["kind"] == "bytes":
+        return TranslationByteTokenizer()
+    return SentencePieceTokenizer(proto=state["proto"])
 
 
 def build_tokenizer(kind, train_pairs, data_dir, name, vocab_size):
