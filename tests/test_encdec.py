@@ -196,3 +196,34 @@ def test_bad_input_is_a_value_error():
         model(src, torch.full((1, 33), BOS))
     with pytest.raises(ValueError, match="beam_size=7"):
         beam_search(model, src, beam_size=7)
+
+
+def saved_bytes(model, src, tgt_in, targets):
+    """Bytes of the distinct non-parameter storages autograd saves during a training forward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(src, tgt_in, targets)[1]
+    del loss
+    return sum(saved.values())
+
+
+def test_saved_memory_is_flat_in_depth_when_reversible():
+    """Encoder and decoder depth 1 vs 4: reversible saves the same bytes (the stacks keep their
+    outputs and the encoder output only), plain autograd saves more with every layer."""
+    src, tgt_in = batch()
+    targets = torch.randint(3, V, tgt_in.shape)
+    got = {}
+    for reversible in (True, False):
+        for depth in (1, 4):
+            model = make_model(dropout=0.1, reversible=reversible, n_enc_layers=depth,
+                               n_dec_layers=depth).train()
+            got[reversible, depth] = saved_bytes(model, src, tgt_in, targets)
+    assert got[True, 1] == got[True, 4]
+    assert got[False, 4] > 2 * got[False, 1] > 2 * got[True, 1]
