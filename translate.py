@@ -105,6 +105,13 @@ def teacher_forced_accuracy(model, examples, max_tokens=4096, device="cpu"):
     return correct, count
 
 
+def exact_match(model, examples, beam_size=1, max_tokens=4096, device="cpu"):
+    """Fraction of examples [(src_ids, tgt_ids)] whose decoded output equals the target exactly
+    (the synthetic tasks' metric; greedy by default)."""
+    hyps = translate_examples(model, examples, beam_size, 0.6, max_tokens, device)
+    return sum(h == t[:-1].tolist() for h, (_, t) in zip(hyps, examples)) / len(examples)
+
+
 def evaluate(model, tokenizer, pairs, beam_size=4, alpha=0.6, max_tokens=4096, device="cpu"):
     """Translate the sources of raw pairs [(source, reference)], score with sacreBLEU against
     the raw references, and add the teacher-forced token accuracy. Returns a dict."""

@@ -99,3 +99,14 @@ def test_decoding_speed_runs_and_cache_agrees(tmp_path):
                                      f"--out={tmp_path}"])
     assert [r["tokens"] for r in rows] == [12, 12, 12]     # EOS never wins: every row runs to L
     assert os.path.exists(tmp_path / "decode.json")
+
+
+def test_exact_match_counts_whole_sequences(monkeypatch):
+    task = td.ReverseTask(batch_size=4, vocab_size=20, min_len=2, max_len=5)
+    held = task.heldout_set(6)
+    answers = [t.tolist()[:-1] for _, t in held]            # the targets without EOS
+    monkeypatch.setattr(translate, "translate_examples", lambda *a, **k: answers)
+    assert translate.exact_match(None, held) == 1.0
+    answers[2] = answers[2][:-1]                            # one token short
+    answers[4] = answers[4] + [5]                           # one token long
+    assert translate.exact_match(None, held) == pytest.approx(4 / 6)
