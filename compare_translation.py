@@ -114,7 +114,7 @@ def train_side_by_side(models, data, a):
     """Train every model for a.budget_s seconds of its own steps, taking turns. Returns logs."""
     opts = {k: torch.optim.Adam(m.parameters(), lr=a.lr, betas=(0.9, 0.98), eps=1e-9)
             for k, m in models.items()}
-    streams = {k: ParallelStream(data, a.max_tokens, seed=a.seed) for k in models}  # same batches
+    streams = {k: ParallelStream(data, a.max_seq_len, seed=a.seed) for k in models}  # same batches
     used = {k: 0.0 for k in models}
     steps = {k: 0 for k in models}
     log = {k: [] for k in models}
@@ -125,7 +125,7 @@ def train_side_by_side(models, data, a):
         k = min(live, key=lambda name: used[name])
         model, opt = models[k], opts[k]
         t0 = time.perf_counter()
-        src, tgt_in, targets = streams[k].batch()
+        src, tgt_in, targets = streams[k].batch(a.max_tokens // a.max_seq_len)
         for group in opt.param_groups:
             group["lr"] = lr_at(steps[k] + 1, a.lr, a.warmup)
         loss = model(src, tgt_in, targets)[1]
@@ -136,8 +136,8 @@ def train_side_by_side(models, data, a):
         used[k] += time.perf_counter() - t0
         steps[k] += 1
         if steps[k] % a.log_interval == 0:
-            log[k].append({"step": steps[k], "seconds": round(used[k], 1), "loss": float(loss)})
-            print(f"{k:12s} step {steps[k]:5d}  {used[k]:6.0f} s  loss {float(loss):.3f}",
+            log[k].append({"step": steps[k], "seconds": round(used[k], 1), "loss": loss.item()})
+            print(f"{k:12s} step {steps[k]:5d}  {used[k]:6.0f} s  loss {loss.item():.3f}",
                   flush=True)
 
 
@@ -154,7 +154,8 @@ def main(argv=None):
     p.add_argument("--n_heads", type=int, default=4)
     p.add_argument("--d_ff", type=int, default=1024)
     p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--max_tokens", type=int, default=2048, help="padded tokens per batch")
+    p.add_argument("--max_tokens", type=int, default=1024,
+                   help="padded tokens per batch (rounded down to a multiple of max_seq_len)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=400)
     p.add_argument("--beam_size", type=int, default=4)

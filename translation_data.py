@@ -431,18 +431,22 @@ def length_batches(examples, max_tokens):
 
 
 class ParallelStream(_Stream):
-    """An infinite stream of training batches: batch k is one of the length-sorted batches,
-    drawn by _generator(seed, _TRAIN, rank, k), so it resumes exactly from state_dict() and
-    ranks draw different batches."""
+    """An infinite stream of training batches. batch(n) holds at most n * seq_len padded tokens
+    (as many sentences of similar length as fit: train.py's batch_size * seq_len tokens per step
+    is then a bound on the padded tokens); batch k is one of the length-sorted batches for that
+    budget, drawn by _generator(seed, _TRAIN, rank, k), so the stream resumes exactly from
+    state_dict() and ranks draw different batches."""
 
-    def __init__(self, examples, max_tokens, seed=0, rank=0, world_size=1):
-        self.examples, self.batches = examples, length_batches(examples, max_tokens)
+    def __init__(self, examples, seq_len, seed=0, rank=0, world_size=1):
+        self.examples, self.seq_len, self._batches = examples, seq_len, {}
         self.seed, self.rank, self.world_size, self.n_batches = seed, rank, world_size, 0
 
-    def batch(self, device="cpu"):
-        g = self._next_generator()
-        j = int(torch.randint(len(self.batches), (1,), generator=g))
-        return collate([self.examples[i] for i in self.batches[j]], device)
+    def batch(self, n, device="cpu"):
+        if n not in self._batches:
+            self._batches[n] = length_batches(self.examples, n * self.seq_len)
+        batches = self._batches[n]
+        j = int(torch.randint(len(batches), (1,), generator=self._next_generator()))
+        return collate([self.examples[i] for i in batches[j]], device)
 
 
 def load_parallel(dataset, data_dir="data", data_path=None, heldout=1000, seed=0):
@@ -491,12 +495,10 @@ class ReverseTask(_Stream):
     Held-out strings are those with hash(string) % 10 == 0; training never draws one, so
     exact-match accuracy on them measures generalisation, not memory."""
 
-    def __init__(self, batch_size, vocab_size=20, min_len=4, max_len=24, seed=0, rank=0,
-                 world_size=1):
+    def __init__(self, vocab_size=20, min_len=4, max_len=24, seed=0, rank=0, world_size=1):
         if vocab_size < 5 or not 1 <= min_len <= max_len:
             raise ValueError(f"ReverseTask needs vocab_size >= 5 and 1 <= min_len <= max_len, "
                              f"got vocab_size={vocab_size}, min_len={min_len}, max_len={max_len}")
-        self.batch_size = batch_size
         self.vocab_size, self.min_len, self.max_len = vocab_size, min_len, max_len
         self.seed, self.rank, self.world_size, self.n_batches = seed, rank, world_size, 0
         self._w = torch.randint(1, 2**20, (max_len,), generator=torch.Generator().manual_seed(7))
@@ -515,8 +517,9 @@ class ReverseTask(_Stream):
         eos = np.array([EOS])
         return [(np.concatenate([s, eos]), np.concatenate([s[::-1], eos])) for s in strings]
 
-    def batch(self, device="cpu"):
-        strings = self._strings(self.batch_size, self._next_generator(), heldout=False)
+    def batch(self, n, device="cpu"):
+        """n training strings and their reverses, collated (see collate)."""
+        strings = self._strings(n, self._next_generator(), heldout=False)
         return collate(self._examples(strings), device)
 
     def heldout_set(self, n):

@@ -102,7 +102,7 @@ def test_decoding_speed_runs_and_cache_agrees(tmp_path):
 
 
 def test_exact_match_counts_whole_sequences(monkeypatch):
-    task = td.ReverseTask(batch_size=4, vocab_size=20, min_len=2, max_len=5)
+    task = td.ReverseTask(vocab_size=20, min_len=2, max_len=5)
     held = task.heldout_set(6)
     answers = [t.tolist()[:-1] for _, t in held]            # the targets without EOS
     monkeypatch.setattr(translate, "translate_examples", lambda *a, **k: answers)

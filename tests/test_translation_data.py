@@ -174,28 +174,29 @@ def test_length_batches_cover_everything_within_the_token_budget():
 
 def test_parallel_stream_resumes_and_differs_per_rank():
     ex, _ = td.encode_pairs(PAIRS, td.TranslationByteTokenizer(), 64)
-    a = td.ParallelStream(ex, max_tokens=400, seed=3)
-    first = [a.batch()[0] for _ in range(3)]
-    b = td.ParallelStream(ex, max_tokens=400, seed=3)
+    a = td.ParallelStream(ex, seq_len=40, seed=3)
+    first = [a.batch(10)[0] for _ in range(3)]
+    assert all(f.numel() <= 400 for f in first)
+    b = td.ParallelStream(ex, seq_len=40, seed=3)
     b.load_state_dict({"n_batches": 1})
-    assert torch.equal(b.batch()[0], first[1])
-    other = td.ParallelStream(ex, max_tokens=400, seed=3, rank=1)
-    assert any(not torch.equal(other.batch()[0], f) for f in first)
+    assert torch.equal(b.batch(10)[0], first[1])
+    other = td.ParallelStream(ex, seq_len=40, seed=3, rank=1)
+    assert any(not torch.equal(other.batch(10)[0], f) for f in first)
 
 
 def test_reverse_task_targets_and_heldout():
-    task = td.ReverseTask(batch_size=64, vocab_size=12, min_len=2, max_len=9, seed=0)
-    src, tgt_in, targets = task.batch()
+    task = td.ReverseTask(vocab_size=12, min_len=2, max_len=9, seed=0)
+    src, tgt_in, targets = task.batch(64)
     for s, t in zip(src.tolist(), targets.tolist()):
         s = s[:s.index(EOS)]
         assert t[:len(s) + 1] == s[::-1] + [EOS] and 2 <= len(s) <= 9
     held = task.heldout_set(50)
-    task.batch()
+    task.batch(64)
     assert [s.tolist() for s, _ in held] == [s.tolist() for s, _ in task.heldout_set(50)]
     held_strings = {tuple(s.tolist()) for s, _ in held}
     drawn = set()
     for _ in range(30):
-        drawn |= {tuple(r[:r.index(EOS) + 1]) for r in task.batch()[0].tolist()}
+        drawn |= {tuple(r[:r.index(EOS) + 1]) for r in task.batch(64)[0].tolist()}
     assert len(drawn) > 1000 and not held_strings & drawn
     # the short strings are few (10^2 of length 2), so without the hash rule they would meet
     assert any(len(s) <= 4 for s in held_strings)
