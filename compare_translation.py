@@ -21,13 +21,14 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 import warnings
 
 import torch
 import torch.nn as nn
 
-from encdec import EncDecConfig, ReformerEncDec
+from encdec import EncDecConfig, ReformerEncDec, token_scale
 from model import ReformerLM, logits_and_loss, positional_embedding
 from translate import evaluate
 from translation_data import (ParallelStream, build_tokenizer, collate, encode_splits,
@@ -55,7 +56,8 @@ class TorchTransformerMT(nn.Module):
         self.lm_head.weight = self.emb.weight
 
     def _embed(self, idx):
-        return self.drop(self.emb(idx) + self.pos_emb(idx.shape[1]))       # (B, T, C)
+        x = token_scale(self.config) * self.emb(idx) + self.pos_emb(idx.shape[1])
+        return self.drop(x)                                                # (B, T, C)
 
     def encode(self, src):
         mask = src != 0
@@ -178,7 +180,8 @@ def main(argv=None):
         print(f"{k}: {m.num_params():,} parameters")
     t0 = time.time()
     steps, used, log = train_side_by_side(models, data["train"], a)
-    results = {"command": "python compare_translation.py " + " ".join(argv or []),
+    results = {"command": " ".join(["python compare_translation.py"] + (sys.argv[1:] if argv is None
+                                                                       else argv)),
                "args": vars(a), "config": cfg.__dict__, "n_train": len(data["train"]),
                "n_test": len(data["test"]), "vocab_size": tok.vocab_size,
                "machine": {"cpu": platform.processor() or platform.machine(),

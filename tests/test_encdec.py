@@ -44,7 +44,7 @@ def batch(B=3, S=7, T=6, seed=0):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(reversible=False), dict(shared_qk=True),
-                                dict(tie_weights=False, pos_emb="absolute"),
+                                dict(tie_weights=False, pos_emb="sinusoidal"),
                                 dict(pos_emb="axial", ff_chunks=3, attn="local"),
                                 dict(attn="lsh", shared_qk=True, reversible=False)])
 def test_cached_step_equals_full_recompute(kw):
@@ -104,7 +104,8 @@ def test_beam_scores_are_the_models_log_probabilities(reversible):
                                    rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(attn="local"), dict(reversible=False, shared_qk=True)])
+@pytest.mark.parametrize("kw", [dict(), dict(attn="local", pos_emb="sinusoidal"),
+                                dict(reversible=False, shared_qk=True)])
 def test_extra_source_padding_changes_nothing(kw):
     model = make_model(1, **kw)
     src, tgt_in = batch()
