@@ -314,7 +314,14 @@ def start_log(args, step, resumed):
     lines = open(log_path).readlines() if resumed and os.path.exists(log_path) else []
     if not resumed and os.path.exists(ckpt_path(args)):
         print(f"note: overwriting {ckpt_path(args)} (add --resume to continue it instead)")
-    open(log_path, 'w').writelines(l for l in lines if json.loads(l)['step'] <= step)
+    kept = []
+    for line in lines:
+        if not line.endswith('\n') or json.loads(line)['step'] > step:
+            break   # a kill can cut the last line short: it and what follows are dropped
+        kept.append(line)
+    with open(log_path + '.tmp', 'w') as f:   # atomic, like the checkpoint
+        f.writelines(kept)
+    os.replace(log_path + '.tmp', log_path)
     if args.wandb:
         import wandb   # optional: only this flag needs it
         wandb.init(project='reformer', name=os.path.basename(os.path.abspath(args.out_dir)),

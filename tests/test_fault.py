@@ -1,0 +1,118 @@
+"""Fault tests for train.py's checkpoints: a run killed again and again (SIGKILL at random moments,
+SIGKILL inside save_checkpoint, SIGTERM once), resumed each time with --resume=auto, ends with
+the parameters and the training losses of an uninterrupted run, bit for bit. And a corrupted or
+truncated ckpt.pt gives a clear error naming the file, and is left as it was.
+
+    python -m pytest tests/test_fault.py        # about a minute on 2 CPU cores (7 processes)
+
+The kills inside save_checkpoint are deterministic: REFORMER_TEST_SLOW_SAVE (tests only) makes
+save_checkpoint print a line and sleep between writing ckpt.pt.tmp and renaming it, and the test
+kills the process when it reads that line.
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from checkpoint import TEST_SLOW_SAVE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A tiny LSH Reformer with dropout (so the RNG state matters): 60 steps, a checkpoint every 4.
+FLAGS = ['--device=cpu', '--seq_len=32', '--vocab_size=8', '--n_layers=2', '--d_model=16',
+         '--n_heads=2', '--d_ff=32', '--bucket_size=4', '--n_hashes=2', '--batch_size=4',
+         '--valid_size=8', '--warmup=2', '--lr=3e-3', '--log_interval=1', '--eval_interval=4',
+         '--dropout=0.1', '--max_steps=60']
+
+
+def start(out, **env):
+    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *FLAGS, f'--out_dir={out}',
+           '--resume=auto']
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', **env)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+
+
+def read_until(p, text):
+    """The lines p prints up to and including the first that contains text."""
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"process ended ({p.wait()}) before printing {text!r}: {''.join(lines)}")
+
+
+def ckpt_step(out):
+    return torch.load(out / 'ckpt.pt', weights_only=False)['step'] if (out / 'ckpt.pt').exists() else 0
+
+
+def train_losses(out):
+    return [(r['step'], r['loss']) for r in map(json.loads, open(out / 'log.jsonl'))
+            if r['kind'] == 'train']
+
+
+def test_kills_and_resumes_end_bit_identical(tmp_path):
+    t0 = time.time()
+    whole, cut = tmp_path / 'whole', tmp_path / 'cut'
+    p = start(whole)
+    assert p.wait(timeout=120) == 0
+    rng, kills = random.Random(0), 0
+    for _ in range(3):   # SIGKILL at random moments: a random time after a random eval
+        p = start(cut)
+        read_until(p, f'step {ckpt_step(cut) + 4 * rng.randint(1, 2)}: valid')
+        time.sleep(rng.uniform(0, 0.15))
+        p.kill()
+        kills += p.wait() == -signal.SIGKILL
+        p.stdout.close()
+    before = ckpt_step(cut)   # SIGKILL inside save_checkpoint: the previous checkpoint survives
+    p = start(cut, **{TEST_SLOW_SAVE: '60'})
+    read_until(p, f'{TEST_SLOW_SAVE}: in save_checkpoint')
+    p.kill()
+    p.wait()
+    p.stdout.close()
+    kills += 1
+    assert (cut / 'ckpt.pt.tmp').exists() and ckpt_step(cut) == before
+    p = start(cut)   # SIGTERM: the step in flight finishes, a checkpoint, a message, exit 143
+    read_until(p, f'step {ckpt_step(cut) + 4}: valid')
+    time.sleep(rng.uniform(0, 0.05))
+    p.send_signal(signal.SIGTERM)
+    out = p.stdout.read()
+    assert p.wait(timeout=60) == 128 + signal.SIGTERM, out
+    kills += 1
+    step = int(out.split('stopped by SIGTERM after step ')[1].split()[0])
+    assert '--resume' in out and ckpt_step(cut) == step and step % 4, out   # not an eval step
+    p.stdout.close()
+    p = start(cut)
+    assert p.wait(timeout=120) == 0 and ckpt_step(cut) == 60
+    p.stdout.close()
+    a = torch.load(whole / 'ckpt.pt', weights_only=False)
+    b = torch.load(cut / 'ckpt.pt', weights_only=False)
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    assert a['data'] == b['data'] and train_losses(whole) == train_losses(cut)
+    assert kills == 5
+    print(f"survived {kills} kills in {time.time() - t0:.0f} s")
+
+
+@pytest.mark.parametrize('damage', ['garbage', 'truncated', 'empty'])
+def test_damaged_checkpoint_is_a_clear_error_and_is_kept(tmp_path, capsys, damage):
+    out = tmp_path / 'out'
+    argv = FLAGS[:-1] + ['--max_steps=2', '--eval_interval=2', f'--out_dir={out}']
+    train.main(argv)
+    path = out / 'ckpt.pt'
+    good = path.read_bytes()
+    path.write_bytes({'garbage': b'not a checkpoint' * 100, 'truncated': good[:len(good) // 2],
+                      'empty': b''}[damage])
+    damaged = path.read_bytes()
+    for flag in ('--resume', '--resume=auto', '--eval_only'):
+        with pytest.raises(SystemExit) as e:
+            train.main(argv[:-1] + ['--max_steps=4', flag, f'--out_dir={out}'])
+        message = str(e.value.code)
+        assert f'{path} is not a readable checkpoint' in message and 'Traceback' not in message
+        assert path.read_bytes() == damaged   # left as it was, for the user to decide
