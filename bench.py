@@ -24,23 +24,8 @@ Sub-commands (each prints a table and writes <out>/<name>.json and <out>/<name>.
     python bench.py profile --lengths 16384 --n_hashes 4
     pip install -r requirements-bench.txt                # the peers; skipped when missing
 
-What each timed layer contains (input (B, T, C) -> output (B, T, C), all with the same shapes):
-    ours LSH / ours full   lsh_attention.LSHSelfAttention: qk and v projections, attention, output
-                           projection. 'full' is full_attention with shared QK (an explicit
-                           (B*nh, T, T) logits tensor, what the Reformer evaluates with).
-    SDPA                   q, k, v and output projections around F.scaled_dot_product_attention(
-                           is_causal=True) on (B, nh, T, hs) tensors: PyTorch's fused flash kernels.
-    reformer-pytorch       reformer_pytorch.LSHSelfAttention: toqk, tov, attention, to_out.
-    transformers           modeling_reformer.LSHSelfAttention (query_key and value projections,
-                           attention) followed by ReformerSelfOutput's dense output projection.
-Timing: one warm-up step (two under --compile: compilation is excluded), then the median of
---repeats steps, each y = layer(x); (y * g).sum().backward() with x requiring grad and a fixed
-random g. The layers compared at one length and n_hashes are timed round-robin (ours, peer 1,
-peer 2, ours, ...), so on a shared machine a busy moment slows them alike.
-Memory on CPU: every configuration runs in its own process (`python bench.py _mem_worker --json
-...`) and reports its peak RSS above the RSS after imports, model and input construction and a
-tiny warm-up step, with glibc's MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors leave the RSS;
-on CUDA the allocator's peak above what was allocated before the step.
+How each row is measured (what a timed layer contains, the round-robin timing, peak RSS in a
+fresh process per memory row): bench_results/README.md, section Method.
 """
 import argparse
 import datetime
@@ -57,6 +42,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+import plot
 from lsh_attention import LSHSelfAttention
 from model import ModelConfig, ReformerLM
 
@@ -183,20 +169,22 @@ def print_table(rows, columns):
             print("  ".join("-" * w for w in widths))
 
 
-def new_figure(ncols=1):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4), squeeze=False)
-    return plt, fig, axes[0]
+def save_figure(fig, args, name):
+    return plot.save(fig, os.path.join(args.out, f"{name}.png"))
 
 
-def save_figure(plt, fig, args, command):
-    fig.tight_layout()
-    path = os.path.join(args.out, f"{command}.png")
-    fig.savefig(path, dpi=80, bbox_inches="tight")   # "tight": keeps a legend placed outside
-    plt.close(fig)
-    return path
+def ratio_to_ours(rows, value, keys, is_ours, out="vs_ours", include_ours=False):
+    """row[out] = row[value] / the value of our row with the same `keys` (> 1: ours is smaller,
+    i.e. faster or lighter); for the other rows only, unless include_ours."""
+    ours = {tuple(r[k] for k in keys): r[value] for r in rows if is_ours(r) and value in r}
+    for r in rows:
+        key = tuple(r[k] for k in keys)
+        if value in r and key in ours and (include_ours or not is_ours(r)):
+            r[out] = r[value] / max(ours[key], 1e-9)
+
+
+def base_impl(row):
+    return row["impl"].split(" (")[0]   # 'ours (compiled)' -> 'ours'
 
 
 # -----------------------------------------------------------------------------------------------
@@ -393,11 +381,8 @@ def speed(args):
     for row in rows:
         if "gflop_per_s" in row:
             row["matmul_fraction"] = row["gflop_per_s"] * 1e9 / peak
-    ours = {(r["n_hashes"], r["length"]): r["seconds"] for r in rows
-            if r["impl"].split(" (")[0] == "ours" and "seconds" in r}
-    for r in rows:   # peer time / our time at the same n_hashes and length: > 1 means we are faster
-        if r["impl"] in peers and "seconds" in r and (r["n_hashes"], r["length"]) in ours:
-            r["vs_ours"] = r["seconds"] / ours[(r["n_hashes"], r["length"])]
+    # peer time / our time at the same n_hashes and length: > 1 means we are faster
+    ratio_to_ours(rows, "seconds", ("n_hashes", "length"), lambda r: base_impl(r) == "ours")
     columns = [("impl", "impl", "{}"), ("n_hashes", "n_hashes", "{}"), ("length", "length", "{}"),
                ("batch", "batch", "{}"), ("seconds", "s/step", "{:.3f}"),
                ("tokens_per_s", "tokens/s", "{:.0f}"), ("gflop", "GFLOP", "{:.1f}"),
@@ -421,7 +406,7 @@ def summarize_speed(rows, peers):
     by = {}
     for r in rows:
         if "seconds" in r:
-            by.setdefault((r["impl"].split(" (")[0], r["n_hashes"]), {})[r["length"]] = r["seconds"]
+            by.setdefault((base_impl(r), r["n_hashes"]), {})[r["length"]] = r["seconds"]
     for (impl, h), series in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
         if impl == "ours" and len(series) > 1:
             lo, hi = min(series), max(series)
@@ -434,25 +419,23 @@ def summarize_speed(rows, peers):
 
 
 def plot_speed(rows, args, name):
-    plt, fig, (ax1, ax2) = new_figure(2)
-    colors = {1: "tab:blue", 2: "tab:orange", 4: "tab:green", 8: "tab:red"}
-    styles = {"ours": "-", "reformer-pytorch": "--", "transformers": ":"}
+    fig, (ax1, ax2) = plot.figure(2)
     lines = {}
     for r in rows:
         if "seconds" in r:
             lines.setdefault((r["impl"], r["n_hashes"]), []).append((r["length"], r["seconds"]))
     for (impl, h), pts in lines.items():
         xs, ys = zip(*sorted(pts))
-        base = impl.split(" (")[0]
+        base = base_impl(dict(impl=impl))
         if base in ("ours-full", "sdpa"):
             label = {"ours-full": "ours full", "sdpa": "SDPA"}[base]
             ax1.plot(xs, ys, "k-o" if base == "ours-full" else "k--s", label=label, ms=4)
             ax2.plot(xs, ys, "k--s" if base == "sdpa" else "k-o", label=label, ms=4, alpha=0.4)
             continue
-        kw = dict(color=colors.get(h), marker="o", ms=4)
+        kw = dict(color=plot.HASH_COLORS.get(h), marker="o", ms=4)
         if base == "ours":
             ax1.plot(xs, ys, "-", label=f"LSH-{h}", **kw)
-        ax2.plot(xs, ys, styles.get(base, "-."), label=f"{base} LSH-{h}", **kw)
+        ax2.plot(xs, ys, plot.IMPL_STYLES.get(base, "-."), label=f"{base} LSH-{h}", **kw)
     for ax, title in ((ax1, "ours (paper Figure 5)"), (ax2, "ours (solid) vs peers")):
         ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens per step fixed)",
                ylabel="seconds per forward+backward", title=title)
@@ -460,14 +443,14 @@ def plot_speed(rows, args, name):
         ax.set_xticks(lengths, [str(t) for t in lengths])
     ax1.legend(fontsize=6, ncol=2)
     ax2.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return save_figure(plt, fig, args, name)
+    return save_figure(fig, args, name)
 
 
 # -----------------------------------------------------------------------------------------------
 # Memory: every configuration in its own process on CPU (peak RSS is per process and only grows)
 # -----------------------------------------------------------------------------------------------
 
-def build_model(spec):
+def build_lm(spec):
     """Ours or reformer-pytorch's ReformerLM, from a spec dict; returns (model, forward->loss)."""
     T, L, h = spec["length"], spec["n_layers"], spec["n_hashes"]
     C, nh, m, d_ff, V = spec["d_model"], spec["n_heads"], spec["bucket_size"], spec["d_ff"], 256
@@ -493,15 +476,23 @@ def make_step(spec):
     T, B = spec["length"], spec["batch"]
     if spec["kind"] == "layer":
         return layer_step(build_layer(spec["impl"], spec["n_hashes"], T, args), B, T, args)
-    model, loss_fn = build_model(spec)
+    return lm_step(spec)[1]
+
+
+def lm_step(spec, adamw=False):
+    """(model, a closure for one training step of it: forward, backward, with adamw an AdamW step)."""
+    model, loss_fn = build_lm(spec)
     model.to(spec["device"]).train()
-    idx = torch.randint(0, 256, (B, T), device=spec["device"])
-    tgt = torch.randint(0, 256, (B, T), device=spec["device"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if adamw else None
+    idx, tgt = (torch.randint(0, 256, (spec["batch"], spec["length"]), device=spec["device"])
+                for _ in range(2))
 
     def step():
         loss_fn(idx, tgt).backward()
+        if opt:
+            opt.step()
         model.zero_grad(set_to_none=True)
-    return step
+    return model, step
 
 
 def peak_rss():
@@ -591,11 +582,7 @@ def memory_hashes(args):
                 rows.append(row)
                 print(f"  {impl:>16} n_hashes={h} T={T}: "
                       + (row.get("error") or f"{row['delta_mb']:.0f} MB"), flush=True)
-    ours = {(r["n_hashes"], r["length"]): r["delta_mb"] for r in rows
-            if r["impl"] == "ours" and "delta_mb" in r}
-    for r in rows:
-        if r["impl"] != "ours" and "delta_mb" in r and (r["n_hashes"], r["length"]) in ours:
-            r["vs_ours"] = r["delta_mb"] / max(ours[(r["n_hashes"], r["length"])], 1e-9)
+    ratio_to_ours(rows, "delta_mb", ("n_hashes", "length"), lambda r: r["impl"] == "ours")
     print(f"\nmemory-hashes: peak memory of one forward+backward of the layer, {args.tokens} "
           f"tokens per step; 'logits' = b n_h l n_r c floats (c = 2 bucket_size), paper Table 3")
     print_table(rows, [("impl", "impl", "{}"), ("n_hashes", "n_hashes", "{}"),
@@ -605,21 +592,19 @@ def memory_hashes(args):
                        ("logits_mb", "logits MB", "{:.0f}"), ("vs_ours", "x ours", "{:.2f}"),
                        ("error", "error", "{}")])
     path = save(args, "memory-hashes", rows, dict(memory=memory_method(args)))
-    plt, fig, (ax,) = new_figure()
-    colors = {1: "tab:blue", 2: "tab:orange", 4: "tab:green", 8: "tab:red"}
-    styles = {"ours": "-", "reformer-pytorch": "--", "transformers": ":"}
+    fig, (ax,) = plot.figure()
     for impl in ["ours", *peers]:
         for h in args.n_hashes:
             pts = sorted((r["length"], r["delta_mb"]) for r in rows
                          if r["impl"] == impl and r["n_hashes"] == h and r.get("delta_mb", 0) > 0)
             if pts:
-                ax.plot(*zip(*pts), styles[impl], color=colors.get(h), marker="o", ms=4,
+                ax.plot(*zip(*pts), plot.IMPL_STYLES[impl], color=plot.HASH_COLORS.get(h), marker="o", ms=4,
                         label=f"{impl} LSH-{h}")
     ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens per step fixed)",
            ylabel="peak MB above baseline", title="LSH layer memory (solid: ours)")
     if ax.lines:   # a tiny run may measure nothing above the baseline
         ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    save_figure(plt, fig, args, "memory-hashes")
+    save_figure(fig, args, "memory-hashes")
     print(f"wrote {path}")
     return rows
 
@@ -646,12 +631,8 @@ def memory_depth(args):
                     rows.append(row)
                     print(f"  T={T} layers={L} reversible={reversible} ff_chunks={ff_chunks}: "
                           + (row.get("error") or f"{row['delta_mb']:.0f} MB"), flush=True)
-    first = {(r["length"], r["reversible"], r["ff_chunks"]): r["delta_mb"] for r in rows
-             if r["n_layers"] == min(args.layers) and "delta_mb" in r}
-    for r in rows:
-        key = (r["length"], r["reversible"], r["ff_chunks"])
-        if "delta_mb" in r and key in first:
-            r["vs_fewest_layers"] = r["delta_mb"] / max(first[key], 1e-9)
+    ratio_to_ours(rows, "delta_mb", ("length", "reversible", "ff_chunks"),
+                  lambda r: r["n_layers"] == min(args.layers), "vs_fewest_layers", True)
     print(f"\nmemory-depth: peak memory of a training step of ReformerLM, batch 1, LSH-"
           f"{args.n_hashes[0]}, d_model {args.d_model}, d_ff {args.d_ff}; "
           f"'x {min(args.layers)} layers' = peak / peak of the {min(args.layers)}-layer model")
@@ -663,7 +644,7 @@ def memory_depth(args):
                        ("error", "error", "{}")])
     path = save(args, "memory-depth", rows, dict(memory=memory_method(args), d_ff=args.d_ff,
                                                  n_hashes=args.n_hashes[0]))
-    plt, fig, (ax,) = new_figure()
+    fig, (ax,) = plot.figure()
     groups = [(rev, ch) for rev in (False, True) for ch in (1, 8)]
     width = 0.8 / len(groups)
     for i, (rev, ch) in enumerate(groups):
@@ -677,7 +658,7 @@ def memory_depth(args):
     ax.set(xlabel="layers", ylabel="peak MB above baseline",
            title=f"training-step memory at length {args.lengths[-1]}")
     ax.legend(fontsize=7)
-    save_figure(plt, fig, args, "memory-depth")
+    save_figure(fig, args, "memory-depth")
     print(f"wrote {path}")
     return rows
 
@@ -700,11 +681,8 @@ def throughput(args):
                 r = rows[-1]
                 print(f"  {impl} T={T} layers={L}: "
                       + (r.get("error") or f"{r['tokens_per_s']:.0f} tokens/s"), flush=True)
-    ours = {(r["length"], r["n_layers"]): r["tokens_per_s"] for r in rows
-            if r["impl"] == "ours" and "tokens_per_s" in r}
-    for r in rows:
-        if "tokens_per_s" in r and (r["length"], r["n_layers"]) in ours:
-            r["vs_ours"] = r["tokens_per_s"] / ours[(r["length"], r["n_layers"])]
+    ratio_to_ours(rows, "tokens_per_s", ("length", "n_layers"), lambda r: r["impl"] == "ours",
+                  include_ours=True)
     print(f"\nthroughput: training steps (forward, backward, AdamW) of a ReformerLM, reversible, "
           f"LSH-{args.n_hashes[0]}, d_model {args.d_model}, d_ff {args.d_ff}, median of "
           f"{args.repeats}")
@@ -714,14 +692,14 @@ def throughput(args):
                        ("tokens_per_s", "tokens/s", "{:.0f}"), ("vs_ours", "x ours", "{:.2f}"),
                        ("error", "error", "{}")])
     path = save(args, "throughput", rows, dict(d_ff=args.d_ff, n_hashes=args.n_hashes[0]))
-    plt, fig, (ax,) = new_figure()
+    fig, (ax,) = plot.figure()
     ok = [r for r in rows if "tokens_per_s" in r]
     ax.bar(range(len(ok)), [r["tokens_per_s"] for r in ok],
-           color=["tab:green" if r["impl"] == "ours" else "tab:gray" for r in ok])
+           color=[plot.OURS_COLOR if r["impl"] == "ours" else plot.PEER_COLOR for r in ok])
     ax.set_xticks(range(len(ok)), [f"{r['impl']}\nT={r['length']} L={r['n_layers']}" for r in ok],
                   fontsize=7)
     ax.set(ylabel="training tokens/s", title="whole-model training throughput")
-    save_figure(plt, fig, args, "throughput")
+    save_figure(fig, args, "throughput")
     print(f"wrote {path}")
     return rows
 
@@ -731,17 +709,8 @@ def measure_throughput(spec, args):
                n_layers=spec["n_layers"])
     torch.manual_seed(0)
     try:
-        model, loss_fn = build_model(spec)
-        model.to(args.device).train()
+        model, step = lm_step(spec, adamw=True)
         row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        idx = torch.randint(0, 256, (spec["batch"], spec["length"]), device=args.device)
-        tgt = torch.randint(0, 256, (spec["batch"], spec["length"]), device=args.device)
-
-        def step():
-            loss_fn(idx, tgt).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
         row["seconds"], row["all_seconds"] = median_time(step, args.repeats, args.warmup,
                                                          args.device)
     except Exception as e:
@@ -796,19 +765,19 @@ def ints(s):
     return [int(v) for v in s.split(",") if v.strip()]
 
 
+def sizes_text(table):
+    """'  speed          lengths 1024,2048, n_hashes 1,2' etc., one line per sub-command."""
+    return "\n".join(f"  {name:<14} " + ", ".join(f"{k} {','.join(map(str, v))}" for k, v in d.items())
+                     for name, d in table.items())
+
+
 def get_parser():
-    sizes = "\n".join(f"  {name:<14} " + ", ".join(f"{k} {','.join(map(str, v))}"
-                                                   for k, v in d.items())
-                      for name, d in DEFAULTS.items())
-    all_sizes = "\n".join(f"  {name:<14} " + ", ".join(f"{k} {','.join(map(str, v))}"
-                                                       for k, v in d.items())
-                          for name, d in ALL_CPU.items())
     parser = argparse.ArgumentParser(
         description="Reformer benchmarks: speed (paper Figure 5), memory, throughput, against "
                     "reformer-pytorch and transformers when installed.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"default sizes:\n{sizes}\n  (on CUDA speed adds length 32768)\n"
-               f"`all` (the default) on a CPU overrides them with:\n{all_sizes}")
+        epilog=f"default sizes:\n{sizes_text(DEFAULTS)}\n  (on CUDA speed adds length 32768)\n"
+               f"`all` (the default) on a CPU overrides them with:\n{sizes_text(ALL_CPU)}")
     common = argparse.ArgumentParser(add_help=False)
     # --- what is measured
     common.add_argument("--lengths", type=ints, default=None,
