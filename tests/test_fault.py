@@ -116,3 +116,29 @@ def test_damaged_checkpoint_is_a_clear_error_and_is_kept(tmp_path, capsys, damag
         message = str(e.value.code)
         assert f'{path} is not a readable checkpoint' in message and 'Traceback' not in message
         assert path.read_bytes() == damaged   # left as it was, for the user to decide
+
+
+def test_torchrun_sigterm_to_one_rank_stops_both_at_one_step(tmp_path):
+    """SIGTERM to one of two torchrun workers: the all-reduced stop flag makes both stop after the
+    same step (otherwise the other would wait in the next all-reduce until the timeout below), rank
+    0 saves both ranks' RNG states, and --resume=auto finishes the run from there."""
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           os.path.join(ROOT, 'train.py'), *FLAGS[:-1], '--max_steps=400', f'--out_dir={tmp_path}',
+           '--resume=auto']
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         text=True)
+    read_until(p, 'step 8: valid')
+    with open(f'/proc/{p.pid}/task/{p.pid}/children') as f:
+        workers = [int(pid) for pid in f.read().split()]
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGTERM)
+    out = p.stdout.read()
+    p.wait(timeout=60)
+    p.stdout.close()
+    step = int(out.split('stopped by SIGTERM after step ')[1].split()[0])
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=False)
+    assert ckpt['step'] == step < 400 and len(ckpt['rng']) == 2
+    cmd[cmd.index('--max_steps=400')] = f'--max_steps={step + 2}'
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and 'parameters identical on all 2 ranks' in done.stdout, done.stderr
