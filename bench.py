@@ -66,9 +66,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PEERS = ("reformer-pytorch", "transformers")   # PyPI names; imported only when installed
 
 
-# -----------------------------------------------------------------------------------------------
-# The machine, timing, output
-# -----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- The machine, timing, output
 
 def device_name(device):
     if device.startswith("cuda"):
@@ -156,6 +154,29 @@ def save(args, command, rows, extra=None):
     return path
 
 
+# The columns of the printed tables: row key -> (header, format).
+COLUMNS = dict(impl=("impl", "{}"), n_hashes=("n_hashes", "{}"), length=("length", "{}"),
+               batch=("batch", "{}"), n_layers=("layers", "{}"), reversible=("reversible", "{}"),
+               ff_chunks=("ff_chunks", "{}"), params_m=("params (M)", "{:.2f}"),
+               seconds=("s/step", "{:.3f}"), tokens_per_s=("tokens/s", "{:.0f}"),
+               peak_mb=("peak MB", "{:.0f}"), delta_mb=("peak MB above base", "{:.0f}"),
+               logits_mb=("logits MB", "{:.0f}"), gflop=("GFLOP", "{:.1f}"),
+               gflop_per_s=("GFLOP/s", "{:.1f}"), matmul_fraction=("of matmul", "{:.0%}"),
+               vs_ours=("x ours", "{:.2f}"), error=("error", "{}"))
+
+
+def report(args, name, title, rows, keys, extra=None, headers=None):
+    """Print the title and the table of `keys` (plus error), write <out>/<name>.json; its path."""
+    print(f"\n{title}")
+    headers = dict(COLUMNS, **(headers or {}))
+    print_table(rows, [(k, *headers[k]) for k in [*keys, "error"]])
+    return save(args, name, rows, extra)
+
+
+def progress(label, row, result):
+    print(f"  {label}: " + (row.get("error") or result), flush=True)
+
+
 def print_table(rows, columns):
     """rows: list of dicts; columns: list of (key, header, format)."""
     cells = [[h for _, h, _ in columns]]
@@ -167,10 +188,6 @@ def print_table(rows, columns):
         print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
-
-
-def save_figure(fig, args, name):
-    return plot.save(fig, os.path.join(args.out, f"{name}.png"))
 
 
 def ratio_to_ours(rows, value, keys, is_ours, out="vs_ours", include_ours=False):
@@ -187,9 +204,7 @@ def base_impl(row):
     return row["impl"].split(" (")[0]   # 'ours (compiled)' -> 'ours'
 
 
-# -----------------------------------------------------------------------------------------------
-# The layers: ours and the peers, configured alike
-# -----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- The layers: ours and the peers, configured alike
 
 class _HFLayer(torch.nn.Module):
     """Hugging Face's LSHSelfAttention plus the output projection that ReformerSelfOutput adds,
@@ -296,9 +311,7 @@ def batch_for(T, args):
     return max(1, args.tokens // T)
 
 
-# -----------------------------------------------------------------------------------------------
-# speed: paper Figure 5, peers, FLOP/s
-# -----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- speed: paper Figure 5, peers, FLOP/s
 
 def speed_groups(args, peers):
     """(T, [(impl, n_hashes or None), ...]): the layers timed together, in order."""
@@ -372,8 +385,8 @@ def speed(args):
     for T, group in speed_groups(args, peers):
         for row in measure_group(group, T, args):
             rows.append(row)
-            print(f"  {row['impl']:>22} n_hashes={row['n_hashes'] or '-'} T={T}: "
-                  + (row.get("error") or f"{row['seconds']:.3f} s"), flush=True)
+            progress(f"{row['impl']:>22} n_hashes={row['n_hashes'] or '-'} T={T}", row,
+                     f"{row.get('seconds', 0):.3f} s")
     # The ceiling: the better of two measurements, before and after (the machine may be shared).
     after = matmul_rate(args.device, dtype)
     peak = max(before, after)
@@ -383,20 +396,15 @@ def speed(args):
             row["matmul_fraction"] = row["gflop_per_s"] * 1e9 / peak
     # peer time / our time at the same n_hashes and length: > 1 means we are faster
     ratio_to_ours(rows, "seconds", ("n_hashes", "length"), lambda r: base_impl(r) == "ours")
-    columns = [("impl", "impl", "{}"), ("n_hashes", "n_hashes", "{}"), ("length", "length", "{}"),
-               ("batch", "batch", "{}"), ("seconds", "s/step", "{:.3f}"),
-               ("tokens_per_s", "tokens/s", "{:.0f}"), ("gflop", "GFLOP", "{:.1f}"),
-               ("gflop_per_s", "GFLOP/s", "{:.1f}"), ("matmul_fraction", "of matmul", "{:.0%}"),
-               ("vs_ours", "x ours", "{:.2f}"), ("error", "error", "{}")]
-    if args.device.startswith("cuda"):
-        columns.insert(6, ("peak_mb", "peak MB", "{:.0f}"))
-    print(f"\nspeed: forward+backward of one layer, {args.tokens} tokens per step, median of "
-          f"{args.repeats}; 'x ours' = peer time / our time")
-    print_table(rows, columns)
-    summarize_speed(rows, peers)
+    keys = ["impl", "n_hashes", "length", "batch", "seconds", "tokens_per_s",
+            *(["peak_mb"] if args.device.startswith("cuda") else []), "gflop", "gflop_per_s",
+            "matmul_fraction", "vs_ours"]
     name = "speed" + ("-compile" if args.compile else "") + ("-reuse" if args.reuse_memory else "")
-    path = save(args, name, rows, dict(matmul_gflop_per_s=[before / 1e9, after / 1e9]))
-    plot_speed(rows, args, name)
+    path = report(args, name, f"speed: forward+backward of one layer, {args.tokens} tokens per step, "
+                  f"median of {args.repeats}; 'x ours' = peer time / our time", rows, keys,
+                  dict(matmul_gflop_per_s=[before / 1e9, after / 1e9]))
+    summarize_speed(rows, peers)
+    plot.speed(rows, os.path.join(args.out, f"{name}.png"))
     print(f"wrote {path}")
     return rows
 
@@ -418,37 +426,7 @@ def summarize_speed(rows, peers):
             print(line)
 
 
-def plot_speed(rows, args, name):
-    fig, (ax1, ax2) = plot.figure(2)
-    lines = {}
-    for r in rows:
-        if "seconds" in r:
-            lines.setdefault((r["impl"], r["n_hashes"]), []).append((r["length"], r["seconds"]))
-    for (impl, h), pts in lines.items():
-        xs, ys = zip(*sorted(pts))
-        base = base_impl(dict(impl=impl))
-        if base in ("ours-full", "sdpa"):
-            label = {"ours-full": "ours full", "sdpa": "SDPA"}[base]
-            ax1.plot(xs, ys, "k-o" if base == "ours-full" else "k--s", label=label, ms=4)
-            ax2.plot(xs, ys, "k--s" if base == "sdpa" else "k-o", label=label, ms=4, alpha=0.4)
-            continue
-        kw = dict(color=plot.HASH_COLORS.get(h), marker="o", ms=4)
-        if base == "ours":
-            ax1.plot(xs, ys, "-", label=f"LSH-{h}", **kw)
-        ax2.plot(xs, ys, plot.IMPL_STYLES.get(base, "-."), label=f"{base} LSH-{h}", **kw)
-    for ax, title in ((ax1, "ours (paper Figure 5)"), (ax2, "ours (solid) vs peers")):
-        ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens per step fixed)",
-               ylabel="seconds per forward+backward", title=title)
-        lengths = sorted({r["length"] for r in rows})
-        ax.set_xticks(lengths, [str(t) for t in lengths])
-    ax1.legend(fontsize=6, ncol=2)
-    ax2.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return save_figure(fig, args, name)
-
-
-# -----------------------------------------------------------------------------------------------
-# Memory: every configuration in its own process on CPU (peak RSS is per process and only grows)
-# -----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- Memory: every configuration in its own process on CPU (peak RSS is per process and only grows)
 
 def build_lm(spec):
     """Ours or reformer-pytorch's ReformerLM, from a spec dict; returns (model, forward->loss)."""
@@ -580,31 +558,15 @@ def memory_hashes(args):
                 row = dict(impl=impl, n_hashes=h, length=T, batch=B, logits_mb=logits_mb,
                            **measure_memory(spec))
                 rows.append(row)
-                print(f"  {impl:>16} n_hashes={h} T={T}: "
-                      + (row.get("error") or f"{row['delta_mb']:.0f} MB"), flush=True)
+                progress(f"{impl:>16} n_hashes={h} T={T}", row, f"{row.get('delta_mb', 0):.0f} MB")
     ratio_to_ours(rows, "delta_mb", ("n_hashes", "length"), lambda r: r["impl"] == "ours")
-    print(f"\nmemory-hashes: peak memory of one forward+backward of the layer, {args.tokens} "
-          f"tokens per step; 'logits' = b n_h l n_r c floats (c = 2 bucket_size), paper Table 3")
-    print_table(rows, [("impl", "impl", "{}"), ("n_hashes", "n_hashes", "{}"),
-                       ("length", "length", "{}"), ("batch", "batch", "{}"),
-                       ("delta_mb", "peak MB above base", "{:.0f}"),
-                       ("peak_mb", "peak MB total", "{:.0f}"),
-                       ("logits_mb", "logits MB", "{:.0f}"), ("vs_ours", "x ours", "{:.2f}"),
-                       ("error", "error", "{}")])
-    path = save(args, "memory-hashes", rows, dict(memory=memory_method(args)))
-    fig, (ax,) = plot.figure()
-    for impl in ["ours", *peers]:
-        for h in args.n_hashes:
-            pts = sorted((r["length"], r["delta_mb"]) for r in rows
-                         if r["impl"] == impl and r["n_hashes"] == h and r.get("delta_mb", 0) > 0)
-            if pts:
-                ax.plot(*zip(*pts), plot.IMPL_STYLES[impl], color=plot.HASH_COLORS.get(h), marker="o", ms=4,
-                        label=f"{impl} LSH-{h}")
-    ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens per step fixed)",
-           ylabel="peak MB above baseline", title="LSH layer memory (solid: ours)")
-    if ax.lines:   # a tiny run may measure nothing above the baseline
-        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    save_figure(fig, args, "memory-hashes")
+    path = report(args, "memory-hashes", f"memory-hashes: peak memory of one forward+backward of the layer, "
+                  f"{args.tokens} tokens per step; 'logits' = b n_h l n_r c floats (c = 2 "
+                  f"bucket_size), paper Table 3", rows, ["impl", "n_hashes", "length", "batch",
+                  "delta_mb", "peak_mb", "logits_mb", "vs_ours"], dict(memory=memory_method(args)),
+                  headers=dict(peak_mb=("peak MB total", "{:.0f}")))
+    plot.memory_hashes(rows, ["ours", *peers], args.n_hashes,
+                       os.path.join(args.out, "memory-hashes.png"))
     print(f"wrote {path}")
     return rows
 
@@ -629,43 +591,25 @@ def memory_depth(args):
                     row = dict(length=T, n_layers=L, reversible=reversible, ff_chunks=ff_chunks,
                                **measure_memory(spec))
                     rows.append(row)
-                    print(f"  T={T} layers={L} reversible={reversible} ff_chunks={ff_chunks}: "
-                          + (row.get("error") or f"{row['delta_mb']:.0f} MB"), flush=True)
+                    progress(f"T={T} layers={L} reversible={reversible} ff_chunks={ff_chunks}",
+                             row, f"{row.get('delta_mb', 0):.0f} MB")
     ratio_to_ours(rows, "delta_mb", ("length", "reversible", "ff_chunks"),
                   lambda r: r["n_layers"] == min(args.layers), "vs_fewest_layers", True)
-    print(f"\nmemory-depth: peak memory of a training step of ReformerLM, batch 1, LSH-"
-          f"{args.n_hashes[0]}, d_model {args.d_model}, d_ff {args.d_ff}; "
-          f"'x {min(args.layers)} layers' = peak / peak of the {min(args.layers)}-layer model")
-    print_table(rows, [("length", "length", "{}"), ("n_layers", "layers", "{}"),
-                       ("reversible", "reversible", "{}"), ("ff_chunks", "ff_chunks", "{}"),
-                       ("delta_mb", "peak MB above base", "{:.0f}"),
-                       ("peak_mb", "peak MB total", "{:.0f}"),
-                       ("vs_fewest_layers", f"x {min(args.layers)} layers", "{:.2f}"),
-                       ("error", "error", "{}")])
-    path = save(args, "memory-depth", rows, dict(memory=memory_method(args), d_ff=args.d_ff,
-                                                 n_hashes=args.n_hashes[0]))
-    fig, (ax,) = plot.figure()
-    groups = [(rev, ch) for rev in (False, True) for ch in (1, 8)]
-    width = 0.8 / len(groups)
-    for i, (rev, ch) in enumerate(groups):
-        ys = [next((r.get("delta_mb", 0) for r in rows if r["n_layers"] == L and r["reversible"]
-                    == rev and r["ff_chunks"] == ch and r["length"] == args.lengths[-1]), 0)
-              for L in args.layers]
-        ax.bar([j + i * width for j in range(len(args.layers))], ys, width,
-               label=f"{'reversible' if rev else 'residual'}, ff_chunks={ch}")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(args.layers))],
-                  [str(L) for L in args.layers])
-    ax.set(xlabel="layers", ylabel="peak MB above baseline",
-           title=f"training-step memory at length {args.lengths[-1]}")
-    ax.legend(fontsize=7)
-    save_figure(fig, args, "memory-depth")
+    fewest = min(args.layers)
+    path = report(args, "memory-depth", f"memory-depth: peak memory of a training step of ReformerLM, batch 1, "
+                  f"LSH-{args.n_hashes[0]}, d_model {args.d_model}, d_ff {args.d_ff}; 'x {fewest} "
+                  f"layers' = peak / peak of the {fewest}-layer model", rows,
+                  ["length", "n_layers", "reversible", "ff_chunks", "delta_mb", "peak_mb",
+                   "vs_fewest_layers"], dict(memory=memory_method(args), d_ff=args.d_ff,
+                                             n_hashes=args.n_hashes[0]),
+                  headers=dict(peak_mb=("peak MB total", "{:.0f}"),
+                               vs_fewest_layers=(f"x {fewest} layers", "{:.2f}")))
+    plot.memory_depth(rows, args.layers, args.lengths[-1], os.path.join(args.out, "memory-depth.png"))
     print(f"wrote {path}")
     return rows
 
 
-# -----------------------------------------------------------------------------------------------
-# throughput: whole-model training steps, ours against reformer-pytorch
-# -----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- throughput: whole-model training steps, ours against reformer-pytorch
 
 def throughput(args):
     peers = peers_to_run(args)
@@ -678,28 +622,16 @@ def throughput(args):
                 spec = base_spec(args, kind="model", impl=impl, n_hashes=args.n_hashes[0],
                                  length=T, batch=B, n_layers=L, reversible=True, ff_chunks=1)
                 rows.append(measure_throughput(spec, args))
-                r = rows[-1]
-                print(f"  {impl} T={T} layers={L}: "
-                      + (r.get("error") or f"{r['tokens_per_s']:.0f} tokens/s"), flush=True)
+                progress(f"{impl} T={T} layers={L}", rows[-1],
+                         f"{rows[-1].get('tokens_per_s', 0):.0f} tokens/s")
     ratio_to_ours(rows, "tokens_per_s", ("length", "n_layers"), lambda r: r["impl"] == "ours",
                   include_ours=True)
-    print(f"\nthroughput: training steps (forward, backward, AdamW) of a ReformerLM, reversible, "
-          f"LSH-{args.n_hashes[0]}, d_model {args.d_model}, d_ff {args.d_ff}, median of "
-          f"{args.repeats}")
-    print_table(rows, [("impl", "impl", "{}"), ("length", "length", "{}"),
-                       ("batch", "batch", "{}"), ("n_layers", "layers", "{}"),
-                       ("params_m", "params (M)", "{:.2f}"), ("seconds", "s/step", "{:.3f}"),
-                       ("tokens_per_s", "tokens/s", "{:.0f}"), ("vs_ours", "x ours", "{:.2f}"),
-                       ("error", "error", "{}")])
-    path = save(args, "throughput", rows, dict(d_ff=args.d_ff, n_hashes=args.n_hashes[0]))
-    fig, (ax,) = plot.figure()
-    ok = [r for r in rows if "tokens_per_s" in r]
-    ax.bar(range(len(ok)), [r["tokens_per_s"] for r in ok],
-           color=[plot.OURS_COLOR if r["impl"] == "ours" else plot.PEER_COLOR for r in ok])
-    ax.set_xticks(range(len(ok)), [f"{r['impl']}\nT={r['length']} L={r['n_layers']}" for r in ok],
-                  fontsize=7)
-    ax.set(ylabel="training tokens/s", title="whole-model training throughput")
-    save_figure(fig, args, "throughput")
+    path = report(args, "throughput", f"throughput: training steps (forward, backward, AdamW) of a ReformerLM, "
+                  f"reversible, LSH-{args.n_hashes[0]}, d_model {args.d_model}, d_ff {args.d_ff}, "
+                  f"median of {args.repeats}", rows, ["impl", "length", "batch", "n_layers",
+                  "params_m", "seconds", "tokens_per_s", "vs_ours"],
+                  dict(d_ff=args.d_ff, n_hashes=args.n_hashes[0]))
+    plot.throughput(rows, os.path.join(args.out, "throughput.png"))
     print(f"wrote {path}")
     return rows
 
@@ -720,9 +652,7 @@ def measure_throughput(spec, args):
     return row
 
 
-# -----------------------------------------------------------------------------------------------
-# profile: where one step of our LSH layer spends its time
-# -----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- profile: where one step of our LSH layer spends its time
 
 def profile(args):
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -753,9 +683,7 @@ def profile(args):
     return rows
 
 
-# -----------------------------------------------------------------------------------------------
-# Command line
-# -----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- Command line
 
 COMMANDS = {"speed": speed, "memory-depth": memory_depth, "memory-hashes": memory_hashes,
             "throughput": throughput, "profile": profile}
