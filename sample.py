@@ -77,24 +77,26 @@ def sample_duplication(model, start, seq_len, args):
                              f"e.g. '3 1 4'") from None
         if w.numel() == 0 or not ((1 <= w) & (w < V)).all():
             raise SystemExit(f"error: --start={start!r}: need symbols in 1..{V - 1}")
-    else:   # a fresh w of the trained length, |w| = seq_len/2 - 1
-        w = DuplicationTask(V, seq_len, args.seed).valid_set(1)[0][:, 1:seq_len // 2]
-    if 2 * w.shape[1] + 2 > model.config.max_seq_len:
-        print(f"note: '0 w 0 w' has {2 * w.shape[1] + 2} tokens, more than max_seq_len="
+        ws = w.expand(args.num_samples, -1)                                          # (N, |w|)
+    else:   # a fresh w of the trained length per sample, |w| = seq_len/2 - 1
+        ws = DuplicationTask(V, seq_len, args.seed).valid_set(args.num_samples)[0][:, 1:seq_len // 2]
+    if 2 * ws.shape[1] + 2 > model.config.max_seq_len:
+        print(f"note: '0 w 0 w' has {2 * ws.shape[1] + 2} tokens, more than max_seq_len="
               f"{model.config.max_seq_len}: the model sees only the last ones, as generate() does")
     zero = torch.zeros(1, 1, dtype=torch.long)
-    prompt = torch.cat([zero, w, zero], dim=1).to(args.device)                      # (1, |w|+2)
-    n = args.max_new_tokens or w.shape[1]
     copies = []
-    for _ in range(args.num_samples):
-        copy = model.generate(prompt, n, args.temperature, args.top_k)[0, prompt.shape[1]:].cpu()
-        right = sum(int(a == b) for a, b in zip(copy.tolist(), w[0].tolist()))
-        print('w:    ', ' '.join(map(str, w[0].tolist())))
-        print('copy: ', ' '.join(map(str, copy.tolist())))
-        print('wrong:', ' '.join('^' * len(str(a)) if a != b else ' ' * len(str(a))
-                                 for a, b in zip(copy.tolist(), w[0].tolist())).rstrip())
-        print(f"{right}/{w.shape[1]} symbols copied right\n" + '-' * 40)
-        copies.append(copy.tolist())
+    for w in ws.tolist():
+        prompt = torch.cat([zero, torch.tensor([w]), zero], dim=1).to(args.device)  # (1, |w|+2)
+        copy = model.generate(prompt, args.max_new_tokens or len(w), args.temperature,
+                              args.top_k)[0, prompt.shape[1]:].tolist()
+        wrong = [a != b for a, b in zip(copy, w)]
+        print('w:    ', ' '.join(map(str, w)))
+        print('copy: ', ' '.join(map(str, copy)))
+        if any(wrong):   # a caret under every symbol copied wrong
+            print('wrong:', ' '.join(('^' if bad else ' ') * len(str(a))
+                                     for a, bad in zip(copy, wrong)).rstrip())
+        print(f"{len(w) - sum(wrong)}/{len(w)} symbols copied right\n" + '-' * 40)
+        copies.append(copy)
     return copies
 
 
