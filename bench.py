@@ -66,7 +66,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PEERS = ("reformer-pytorch", "transformers")   # PyPI names; imported only when installed
 
 
-# ----------------------------------------------------------------------------- The machine, timing, output
+# --------------------------------------------------------------------- the machine, timing, output
 
 def device_name(device):
     if device.startswith("cuda"):
@@ -204,7 +204,7 @@ def base_impl(row):
     return row["impl"].split(" (")[0]   # 'ours (compiled)' -> 'ours'
 
 
-# ----------------------------------------------------------------------------- The layers: ours and the peers, configured alike
+# ------------------------------------------------ the layers: ours and the peers, configured alike
 
 class _HFLayer(torch.nn.Module):
     """Hugging Face's LSHSelfAttention plus the output projection that ReformerSelfOutput adds,
@@ -311,7 +311,7 @@ def batch_for(T, args):
     return max(1, args.tokens // T)
 
 
-# ----------------------------------------------------------------------------- speed: paper Figure 5, peers, FLOP/s
+# ------------------------------------------------------------ speed: paper Figure 5, peers, FLOP/s
 
 def speed_groups(args, peers):
     """(T, [(impl, n_hashes or None), ...]): the layers timed together, in order."""
@@ -400,8 +400,8 @@ def speed(args):
             *(["peak_mb"] if args.device.startswith("cuda") else []), "gflop", "gflop_per_s",
             "matmul_fraction", "vs_ours"]
     name = "speed" + ("-compile" if args.compile else "") + ("-reuse" if args.reuse_memory else "")
-    path = report(args, name, f"speed: forward+backward of one layer, {args.tokens} tokens per step, "
-                  f"median of {args.repeats}; 'x ours' = peer time / our time", rows, keys,
+    path = report(args, name, f"speed: forward+backward of one layer, {args.tokens} tokens per "
+                  f"step, median of {args.repeats}; 'x ours' = peer time / our time", rows, keys,
                   dict(matmul_gflop_per_s=[before / 1e9, after / 1e9]))
     summarize_speed(rows, peers)
     plot.speed(rows, os.path.join(args.out, f"{name}.png"))
@@ -426,7 +426,7 @@ def summarize_speed(rows, peers):
             print(line)
 
 
-# ----------------------------------------------------------------------------- Memory: every configuration in its own process on CPU (peak RSS is per process and only grows)
+# ---------------------- memory: each configuration in its own process on CPU (peak RSS only grows)
 
 def build_lm(spec):
     """Ours or reformer-pytorch's ReformerLM, from a spec dict; returns (model, forward->loss)."""
@@ -458,7 +458,7 @@ def make_step(spec):
 
 
 def lm_step(spec, adamw=False):
-    """(model, a closure for one training step of it: forward, backward, with adamw an AdamW step)."""
+    """(model, a closure for one training step: forward, backward, with adamw an AdamW step)."""
     model, loss_fn = build_lm(spec)
     model.to(spec["device"]).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if adamw else None
@@ -560,9 +560,9 @@ def memory_hashes(args):
                 rows.append(row)
                 progress(f"{impl:>16} n_hashes={h} T={T}", row, f"{row.get('delta_mb', 0):.0f} MB")
     ratio_to_ours(rows, "delta_mb", ("n_hashes", "length"), lambda r: r["impl"] == "ours")
-    path = report(args, "memory-hashes", f"memory-hashes: peak memory of one forward+backward of the layer, "
-                  f"{args.tokens} tokens per step; 'logits' = b n_h l n_r c floats (c = 2 "
-                  f"bucket_size), paper Table 3", rows, ["impl", "n_hashes", "length", "batch",
+    title = (f"memory-hashes: peak memory of one forward+backward of the layer, {args.tokens} "
+             f"tokens per step; 'logits' = b n_h l n_r c floats (c = 2 bucket_size), paper Table 3")
+    path = report(args, "memory-hashes", title, rows, ["impl", "n_hashes", "length", "batch",
                   "delta_mb", "peak_mb", "logits_mb", "vs_ours"], dict(memory=memory_method(args)),
                   headers=dict(peak_mb=("peak MB total", "{:.0f}")))
     plot.memory_hashes(rows, ["ours", *peers], args.n_hashes,
@@ -596,20 +596,21 @@ def memory_depth(args):
     ratio_to_ours(rows, "delta_mb", ("length", "reversible", "ff_chunks"),
                   lambda r: r["n_layers"] == min(args.layers), "vs_fewest_layers", True)
     fewest = min(args.layers)
-    path = report(args, "memory-depth", f"memory-depth: peak memory of a training step of ReformerLM, batch 1, "
-                  f"LSH-{args.n_hashes[0]}, d_model {args.d_model}, d_ff {args.d_ff}; 'x {fewest} "
-                  f"layers' = peak / peak of the {fewest}-layer model", rows,
-                  ["length", "n_layers", "reversible", "ff_chunks", "delta_mb", "peak_mb",
-                   "vs_fewest_layers"], dict(memory=memory_method(args), d_ff=args.d_ff,
-                                             n_hashes=args.n_hashes[0]),
+    title = (f"memory-depth: peak memory of a training step of ReformerLM, batch 1, LSH-"
+             f"{args.n_hashes[0]}, d_model {args.d_model}, d_ff {args.d_ff}; 'x {fewest} layers' "
+             f"= peak / peak of the {fewest}-layer model")
+    path = report(args, "memory-depth", title, rows, ["length", "n_layers", "reversible",
+                  "ff_chunks", "delta_mb", "peak_mb", "vs_fewest_layers"],
+                  dict(memory=memory_method(args), d_ff=args.d_ff, n_hashes=args.n_hashes[0]),
                   headers=dict(peak_mb=("peak MB total", "{:.0f}"),
                                vs_fewest_layers=(f"x {fewest} layers", "{:.2f}")))
-    plot.memory_depth(rows, args.layers, args.lengths[-1], os.path.join(args.out, "memory-depth.png"))
+    plot.memory_depth(rows, args.layers, args.lengths[-1],
+                      os.path.join(args.out, "memory-depth.png"))
     print(f"wrote {path}")
     return rows
 
 
-# ----------------------------------------------------------------------------- throughput: whole-model training steps, ours against reformer-pytorch
+# --------------------------- throughput: whole-model training steps, ours against reformer-pytorch
 
 def throughput(args):
     peers = peers_to_run(args)
@@ -626,9 +627,10 @@ def throughput(args):
                          f"{rows[-1].get('tokens_per_s', 0):.0f} tokens/s")
     ratio_to_ours(rows, "tokens_per_s", ("length", "n_layers"), lambda r: r["impl"] == "ours",
                   include_ours=True)
-    path = report(args, "throughput", f"throughput: training steps (forward, backward, AdamW) of a ReformerLM, "
-                  f"reversible, LSH-{args.n_hashes[0]}, d_model {args.d_model}, d_ff {args.d_ff}, "
-                  f"median of {args.repeats}", rows, ["impl", "length", "batch", "n_layers",
+    title = (f"throughput: training steps (forward, backward, AdamW) of a ReformerLM, reversible, "
+             f"LSH-{args.n_hashes[0]}, d_model {args.d_model}, d_ff {args.d_ff}, median of "
+             f"{args.repeats}")
+    path = report(args, "throughput", title, rows, ["impl", "length", "batch", "n_layers",
                   "params_m", "seconds", "tokens_per_s", "vs_ours"],
                   dict(d_ff=args.d_ff, n_hashes=args.n_hashes[0]))
     plot.throughput(rows, os.path.join(args.out, "throughput.png"))
@@ -652,7 +654,7 @@ def measure_throughput(spec, args):
     return row
 
 
-# ----------------------------------------------------------------------------- profile: where one step of our LSH layer spends its time
+# ---------------------------------------- profile: where one step of our LSH layer spends its time
 
 def profile(args):
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -683,7 +685,7 @@ def profile(args):
     return rows
 
 
-# ----------------------------------------------------------------------------- Command line
+# ------------------------------------------------------------------------------------ command line
 
 COMMANDS = {"speed": speed, "memory-depth": memory_depth, "memory-hashes": memory_hashes,
             "throughput": throughput, "profile": profile}
@@ -695,7 +697,8 @@ def ints(s):
 
 def sizes_text(table):
     """'  speed          lengths 1024,2048, n_hashes 1,2' etc., one line per sub-command."""
-    return "\n".join(f"  {name:<14} " + ", ".join(f"{k} {','.join(map(str, v))}" for k, v in d.items())
+    return "\n".join(f"  {name:<14} " + ", ".join(f"{k} {','.join(map(str, v))}"
+                                                   for k, v in d.items())
                      for name, d in table.items())
 
 

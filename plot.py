@@ -1,7 +1,7 @@
 """
 The figures of train.py (loss.png: the training and validation loss) and of bench.py (one per
-sub-command: speed, memory-hashes, memory-depth, throughput), in one place with one palette. matplotlib is imported only when a figure is drawn,
-with the Agg backend, so no display is needed.
+sub-command: speed, memory-hashes, memory-depth, throughput), in one place with one palette.
+matplotlib is imported only when a figure is drawn, with the Agg backend: no display needed.
 
     import plot
     plot.loss_curves(records, 'out/loss.png')           # records: the lines of log.jsonl, as dicts

@@ -79,7 +79,8 @@ def sample_duplication(model, start, seq_len, args):
             raise SystemExit(f"error: --start={start!r}: need symbols in 1..{V - 1}")
         ws = w.expand(args.num_samples, -1)                                          # (N, |w|)
     else:   # a fresh w of the trained length per sample, |w| = seq_len/2 - 1
-        ws = DuplicationTask(V, seq_len, args.seed).valid_set(args.num_samples)[0][:, 1:seq_len // 2]
+        x, _ = DuplicationTask(V, seq_len, args.seed).valid_set(args.num_samples)  # (N, T)
+        ws = x[:, 1:seq_len // 2]
     if 2 * ws.shape[1] + 2 > model.config.max_seq_len:
         print(f"note: '0 w 0 w' has {2 * ws.shape[1] + 2} tokens, more than max_seq_len="
               f"{model.config.max_seq_len}: the model sees only the last ones, as generate() does")

@@ -13,8 +13,9 @@ One code path for a CPU, one GPU and many GPUs (torchrun sets RANK in the enviro
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 train.py --device=cpu  # 2 CPU, gloo
     torchrun --max_restarts=3 ... train.py ... --resume=auto      # preemptible: restarts resume
 
-Several nodes and SLURM: see the README. All flags: python train.py --help. In an @FILE flags are
-separated by spaces or newlines and '#' starts a comment; flags after it on the command line win.
+Several nodes and SLURM: see the README. All flags: python train.py --help (they live in flags.py;
+the checkpoints' machinery in checkpoint.py). In an @FILE flags are separated by spaces or newlines
+and '#' starts a comment; flags after it on the command line win.
 
 The global batch is --batch_size sequences, batch_size * seq_len tokens per optimizer step whatever
 the number of processes: each of the world_size ranks runs --grad_accum micro-steps of
@@ -342,7 +343,8 @@ def log(args, run, record):
 def print_setup(args, config, model, run, step):
     sees = {'lsh': f"{config.n_hashes} rounds x 2 x {config.bucket_size}",
             'full': f"all {args.seq_len}", 'local': f"2 x {config.bucket_size}"}
-    attn = ', '.join(f"{a} (a query sees {sees[a]} keys)" for a in dict.fromkeys(config.layer_attn()))
+    kinds = dict.fromkeys(config.layer_attn())   # each kind once, in order
+    attn = ', '.join(f"{a} (a query sees {sees[a]} keys)" for a in kinds)
     print(f"model: {model.num_params():,} parameters, {config.n_layers} layers of {attn}, "
           f"reversible={config.reversible}")
     print(f"data: {args.dataset}, vocab {config.vocab_size}, seq_len {args.seq_len}")
@@ -350,7 +352,8 @@ def print_setup(args, config, model, run, step):
           f"{args.seq_len} = {run.world} rank(s) x {args.grad_accum} grad-accumulation step(s) x "
           f"{run.micro} sequences x {args.seq_len}")
     print(f"device: {run.device}, dtype: {args.precision}, optimizer: {args.optimizer}, lr "
-          f"{args.lr:g} ({args.lr_schedule}, warmup {args.warmup}), steps {step} -> {args.max_steps}")
+          f"{args.lr:g} ({args.lr_schedule}, warmup {args.warmup}), steps {step} -> "
+          f"{args.max_steps}")
 
 
 # ----------------------------------------------------------------------------- training
@@ -390,14 +393,12 @@ def train(args, run):
             loss = forward_backward(model, train_data, scaler, ctx, args, run)
             if not math.isfinite(loss):   # the same on every rank: the loss was all-reduced
                 bar.close()
-                saved = f"{ckpt_path(args)} (step {saved_step})" if saved_step else "none yet"
-                raise SystemExit(f"error: the training loss is {loss} at step {step}; stopping. "
-                                 f"Last good checkpoint: {saved}. Try a lower --lr, a longer "
-                                 f"--warmup, --clip or --precision=fp32, and continue with --resume.")
+                stop_on_nan(args, loss, step, saved_step)
             skipped = skipped + 1 if optimizer_step(raw_model, optimizer, scaler, args.clip) else 0
             if skipped >= 3 and run.master:
-                tqdm.write(f"warning: step {step}: fp16 gradients overflowed {skipped} steps in a "
-                           f"row; those updates were skipped (loss scale now {scaler.get_scale():g})")
+                tqdm.write(f"warning: step {step}: fp16 gradients overflowed {skipped} steps in "
+                           f"a row; those updates were skipped (loss scale now "
+                           f"{scaler.get_scale():g})")
             tokens_per_s = args.batch_size * args.seq_len / (time.time() - t0)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
@@ -409,11 +410,13 @@ def train(args, run):
             if step % args.eval_interval == 0 or step == args.max_steps:
                 last = validate(fam, raw_model, valid, args, run, ctx)
                 best_val = min(best_val, last['loss'])
-                log(args, run, {'kind': 'eval', 'step': step, **last, 'time_s': time.time() - t_start})
+                log(args, run, {'kind': 'eval', 'step': step, **last,
+                                'time_s': time.time() - t_start})
                 if run.master:
                     tqdm.write(f"step {step}: valid {describe(last)}")
             if step % args.eval_interval == 0 or step == args.max_steps or stopping:
-                save_training_state(args, run, step, best_val, raw_model, optimizer, scaler, train_data, config)
+                save_training_state(args, run, step, best_val, raw_model, optimizer, scaler,
+                                    train_data, config)
                 saved_step = step
             if stopping:
                 bar.close()
@@ -428,17 +431,28 @@ def train(args, run):
     if run.ddp:
         check_in_sync(raw_model, run)
     if run.master:
-        log_path = os.path.join(args.out_dir, 'log.jsonl')
-        plot.loss_curves([json.loads(line) for line in open(log_path)],
-                         os.path.join(args.out_dir, 'loss.png'))
-        print(f"step {step} after {time.time() - t_start:.1f} s; ckpt.pt, log.jsonl and loss.png "
-              f"in {args.out_dir}")
-        if 'accuracy' in last:
-            print(f"final valid accuracy: {100 * last['accuracy']:.2f}% (loss {last['loss']:.4f})")
-        else:
-            print(f"final valid bpc: {last['bpc']:.4f} on {args.eval_iters} batches "
-                  f"(--eval_only for the whole split)")
+        print_end(args, step, last, time.time() - t_start)
     return last
+
+
+def stop_on_nan(args, loss, step, saved_step):
+    saved = f"{ckpt_path(args)} (step {saved_step})" if saved_step else "none yet"
+    raise SystemExit(f"error: the training loss is {loss} at step {step}; stopping. Last good "
+                     f"checkpoint: {saved}. Try a lower --lr, a longer --warmup, --clip or "
+                     f"--precision=fp32, and continue with --resume.")
+
+
+def print_end(args, step, last, seconds):
+    """Rank 0, after the last step: loss.png, and the final validation score last."""
+    log_path = os.path.join(args.out_dir, 'log.jsonl')
+    plot.loss_curves([json.loads(line) for line in open(log_path)],
+                     os.path.join(args.out_dir, 'loss.png'))
+    print(f"step {step} after {seconds:.1f} s; ckpt.pt, log.jsonl and loss.png in {args.out_dir}")
+    if 'accuracy' in last:
+        print(f"final valid accuracy: {100 * last['accuracy']:.2f}% (loss {last['loss']:.4f})")
+    else:
+        print(f"final valid bpc: {last['bpc']:.4f} on {args.eval_iters} batches "
+              f"(--eval_only for the whole split)")
 
 
 def check_in_sync(model, run):

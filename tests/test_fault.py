@@ -50,7 +50,8 @@ def read_until(p, text):
 
 
 def ckpt_step(out):
-    return torch.load(out / 'ckpt.pt', weights_only=False)['step'] if (out / 'ckpt.pt').exists() else 0
+    path = out / 'ckpt.pt'
+    return torch.load(path, weights_only=False)['step'] if path.exists() else 0
 
 
 def train_losses(out):
@@ -144,4 +145,5 @@ def test_torchrun_sigterm_to_one_rank_stops_both_at_one_step(tmp_path):
     assert ckpt['step'] == step < 400 and len(ckpt['rng']) == 2
     cmd[cmd.index('--max_steps=400')] = f'--max_steps={step + 2}'
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and 'parameters identical on all 2 ranks' in done.stdout, done.stderr
+    assert done.returncode == 0, done.stderr
+    assert 'parameters identical on all 2 ranks' in done.stdout

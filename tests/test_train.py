@@ -261,7 +261,8 @@ def test_offline_enwik8_is_a_message_not_a_traceback(tmp_path):
     code = ("import sys, time; time.sleep = lambda s: None; sys.argv[0] = 'train.py'; "
             "import train; train.main(sys.argv[1:])")
     env = {k: v for k, v in os.environ.items() if k.lower() not in ('no_proxy', 'http_proxy')}
-    env.update(http_proxy='http://127.0.0.1:9', HTTP_PROXY='http://127.0.0.1:9', OMP_NUM_THREADS='1')
+    proxy = 'http://127.0.0.1:9'   # the discard port: nothing listens, the connection is refused
+    env.update(http_proxy=proxy, HTTP_PROXY=proxy, OMP_NUM_THREADS='1')
     p = subprocess.run([sys.executable, '-c', code, '--dataset=enwik8', f'--data_dir={tmp_path}',
                         '--device=cpu', f'--out_dir={tmp_path / "out"}'], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
