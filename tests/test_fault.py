@@ -31,12 +31,26 @@ FLAGS = ['--device=cpu', '--seq_len=32', '--vocab_size=8', '--n_layers=2', '--d_
          '--dropout=0.1', '--max_steps=60']
 
 
+STARTED = []   # every process a test starts; the fixture below kills any left when a test fails
+
+
+@pytest.fixture(autouse=True)
+def kill_leftovers():
+    yield
+    while STARTED:
+        p = STARTED.pop()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def start(out, **env):
     cmd = [sys.executable, os.path.join(ROOT, 'train.py'), *FLAGS, f'--out_dir={out}',
            '--resume=auto']
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', **env)
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    STARTED.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, text=True))
+    return STARTED[-1]
 
 
 def read_until(p, text):
@@ -129,6 +143,7 @@ def test_torchrun_sigterm_to_one_rank_stops_both_at_one_step(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                          text=True)
+    STARTED.append(p)
     read_until(p, 'step 8: valid')
     with open(f'/proc/{p.pid}/task/{p.pid}/children') as f:
         workers = [int(pid) for pid in f.read().split()]
@@ -147,3 +162,17 @@ def test_torchrun_sigterm_to_one_rank_stops_both_at_one_step(tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert 'parameters identical on all 2 ranks' in done.stdout
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path):
+    """Ctrl-C (SIGINT) during a checkpoint write that takes a minute (the test hook), then Ctrl-C
+    again: the process exits at once (130 = 128 + SIGINT), and ckpt.pt is never half written."""
+    p = start(tmp_path, **{TEST_SLOW_SAVE: '60'})
+    read_until(p, f'{TEST_SLOW_SAVE}: in save_checkpoint')
+    p.send_signal(signal.SIGINT)
+    time.sleep(1.5)   # a second signal within 1 s counts as the first (torchrun forwards Ctrl-C)
+    t0 = time.time()
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=30) == 128 + signal.SIGINT and time.time() - t0 < 10
+    p.stdout.close()
+    assert not (tmp_path / 'ckpt.pt').exists() and (tmp_path / 'ckpt.pt.tmp').exists()
