@@ -136,26 +136,6 @@ def metrics(args, nats, correct, count):
     return {'loss': nats / count, 'bpc': bits_per_char(nats, count)}
 
 
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """What train() needs from a family of models, chosen in one place (family(args) below): the
-    config dataclass (its fields are the model flags), the model class, the training stream, the
-    held-out batches and the metrics. The language model is the only family so far; another one
-    (an encoder-decoder for translation) is one more Family and one more line in family()."""
-    config: type
-    model: type
-    setup_data: object     # (args, run) -> (stream with .batch(n, device) and .state_dict(), paths)
-    eval_batches: object   # (args, paths, split, run, full) -> iterable of (x, y)
-    metrics: object        # (args, nats, correct, count) -> {'loss': ..., ...}
-
-
-LANGUAGE_MODEL = Family(ModelConfig, ReformerLM, setup_data, eval_batches, metrics)
-
-
-def family(args):
-    return LANGUAGE_MODEL
-
-
 # ----------------------------------------------------------------------------- model, optimizer
 
 def build_model(fam, config, device):
@@ -251,7 +231,7 @@ def evaluate(model, batches, device, ctx, seed, accuracy):
 
 def validate(fam, model, batches, args, run, ctx):
     """The metrics over all ranks' share of `batches`."""
-    sums = evaluate(model, batches, run.device, ctx, args.seed + run.rank,
+    sums = fam.evaluate(model, batches, run.device, ctx, args.seed + run.rank,
                     accuracy=args.dataset == 'duplication')
     return fam.metrics(args, *all_reduce_sum(sums, run))
 
@@ -259,6 +239,31 @@ def validate(fam, model, batches, args, run, ctx):
 def describe(m):
     score = f"accuracy {100 * m['accuracy']:.2f}%" if 'accuracy' in m else f"bpc {m['bpc']:.4f}"
     return f"loss {m['loss']:.4f}, {score}"
+
+
+# ----------------------------------------------------------------------------- the model family
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What train() needs from a family of models, chosen in one place (family(args) below): the
+    config dataclass (its fields are the model flags), the model class, the training stream, the
+    held-out batches, the evaluation and the metrics. The language model is the only family so
+    far; another (an encoder-decoder for translation) is one more Family and one more line in
+    family(), with its own config's flags added in flags.py (add_config_flags)."""
+    config: type
+    model: type
+    setup_data: object     # (args, run) -> (stream with .batch(n, device) and .state_dict(), paths)
+    eval_batches: object   # (args, paths, split, run, full) -> iterable of (x, y)
+    evaluate: object       # (model, batches, device, ctx, seed, accuracy) -> sums to all-reduce
+    metrics: object        # (args, *those sums) -> {'loss': ..., ...}
+
+
+LANGUAGE_MODEL = Family(ModelConfig, ReformerLM, setup_data, eval_batches, evaluate, metrics)
+
+
+def family(args):
+    """The family that --dataset asks for: duplication, enwik8 and text train a language model."""
+    return LANGUAGE_MODEL
 
 
 # ----------------------------------------------------------------------------- checkpoints and logs
@@ -481,7 +486,7 @@ def evaluate_checkpoint(args, run):
     attn, n_hashes = args.eval_attn or config.attn, args.eval_n_hashes or config.n_hashes
     _, paths = fam.setup_data(args, run)
     batches = fam.eval_batches(args, paths, args.eval_split, run, full=True)
-    sums = evaluate(model, batches, run.device, autocast_context(args.precision, run.device),
+    sums = fam.evaluate(model, batches, run.device, autocast_context(args.precision, run.device),
                     args.seed + run.rank, accuracy=args.dataset == 'duplication')
     nats, correct, count = all_reduce_sum(sums, run)
     m = fam.metrics(args, nats, correct, count)
