@@ -338,12 +338,8 @@ def measure_group(group, T, args):
             for _ in range(args.warmup + compile):   # compilation happens here, untimed
                 step()
             if cuda:   # one step alone, for the allocator's peak above what is already there
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                step()
-                torch.cuda.synchronize()
-                row["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+                base, peak = cuda_peak(step)
+                row["peak_mb"] = (peak - base) / 2 ** 20
             steps.append((row, step))
         except Exception as e:   # an OOM or a compile failure is a result, not a crash
             row["error"] = error_text(e)
@@ -473,6 +469,16 @@ def lm_step(spec, adamw=False):
     return model, step
 
 
+def cuda_peak(step):
+    """(bytes allocated before, peak bytes allocated during) one call of step() on CUDA."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return base, torch.cuda.max_memory_allocated()
+
+
 def peak_rss():
     """Peak resident memory of this process in bytes. Linux: VmHWM, because ru_maxrss of a child
     process starts at its parent's peak (exec records the old address space's peak)."""
@@ -503,17 +509,11 @@ def mem_worker(spec):
     make_step(tiny)()   # lazy initialisation (thread pools, kernels) belongs to the baseline
     step = make_step(spec)
     if cuda:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        base, peak = cuda_peak(step)
     else:
         reset_peak_rss()
         base = peak_rss()
-    step()
-    if cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
+        step()
         peak = peak_rss()
     mb = 2 ** 20
     return dict(baseline_mb=base / mb, peak_mb=peak / mb, delta_mb=(peak - base) / mb)
