@@ -324,6 +324,11 @@ class ReformerEncDec(nn.Module):
         for layer in cache["layers"]:
             layer["k"], layer["v"] = layer["k"][rows], layer["v"][rows]
 
+    def set_attention(self, attn=None, n_hashes=None):
+        """Switch the encoder's self-attention after training (paper Table 2); the decoder's
+        self-attention stays full (its cache needs it)."""
+        ReformerLM.set_attention(self.encoder, attn, n_hashes)   # it walks .modules() only
+
     def num_params(self):
         """Parameter count, each shared tensor once (tied embeddings counted once)."""
         return sum(p.numel() for p in self.parameters())

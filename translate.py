@@ -13,9 +13,10 @@ held-out split, and the teacher-forced token accuracy (argmax of the next token 
 prefix, labelled as such): the number the seed reproduction reported as "BLEU", which is not a
 translation and not comparable with published BLEU.
 
-The checkpoint (DIR/ckpt.pt, written by train.py) holds the model ('model_args', 'model'), the
-tokenizer ('tokenizer': its kind and, for sentencepiece, the serialized model) and the training
-flags ('args': dataset, data_dir, data_path, heldout, seed), from which --eval finds the test set.
+The checkpoint (DIR/ckpt.pt, written by train.py --dataset=parallel or wmt14) holds the model
+('model_args', 'model'), the tokenizer (in 'data': its kind and, for sentencepiece, the serialized
+model) and the training flags ('args': dataset, data_dir, data_path, heldout, seed), from which
+--eval finds the test set.
 """
 import argparse
 import json
@@ -46,11 +47,13 @@ def load(out_dir, device="cpu"):
         raise FileNotFoundError(f"no checkpoint at {path}; train one with train.py "
                                 f"--out_dir={out_dir}")
     ckpt = torch.load(path, map_location=device, weights_only=False)
-    if "tokenizer" not in ckpt:
-        raise ValueError(f"{path} is not a translation checkpoint (it has no tokenizer; a "
-                         f"language-model checkpoint? use train.py --eval_only for those)")
+    tokenizer = (ckpt.get("data") or {}).get("tokenizer")   # train.py keeps it with the data
+    if tokenizer is None:
+        raise ValueError(f"{path} is not a checkpoint of a translation corpus (it has no "
+                         f"tokenizer: a language model, or the reverse task? use train.py "
+                         f"--eval_only for those)")
     model = ReformerEncDec.from_checkpoint(path, map_location=device).to(device).eval()
-    return model, tokenizer_from_state(ckpt["tokenizer"]), ckpt
+    return model, tokenizer_from_state(tokenizer), ckpt
 
 
 @torch.no_grad()

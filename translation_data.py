@@ -527,6 +527,76 @@ class ReverseTask(_Stream):
         return self._examples(self._strings(n, _generator(self.seed, _VALID), heldout=True))
 
 
+# ----------------------------------------------------------------------------- train.py's family
+
+TRANSLATION_DATASETS = ("reverse", "parallel", "wmt14")
+
+
+class TokenizedStream(ParallelStream):
+    """ParallelStream that also keeps the tokenizer in its state_dict: the checkpoint then holds
+    what translate.py needs, and --resume refuses a different tokenizer."""
+
+    def __init__(self, tokenizer, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tokenizer = tokenizer
+
+    def state_dict(self):
+        return {**super().state_dict(), "tokenizer": self.tokenizer.state()}
+
+    def load_state_dict(self, state):
+        if state.get("tokenizer") != self.tokenizer.state():
+            raise SystemExit("error: --resume: the checkpoint was trained with another tokenizer "
+                             "(other --tokenizer, --vocab_size or data)")
+        super().load_state_dict(state)
+
+
+def setup_translation(args, run):
+    """train.py's setup_data for translation: (train stream, held-out data). The reverse task
+    draws its strings; a corpus is read, and the tokenizer trained (sentencepiece) on rank 0
+    while the other ranks wait, then found in its cache. Sets args.vocab_size to the
+    tokenizer's."""
+    if args.dataset == "reverse":
+        task = ReverseTask(args.vocab_size, 4, args.seq_len - 1, args.seed, run.rank, run.world)
+        return task, {"task": task}
+    try:
+        def prepare():
+            splits, name = load_parallel(args.dataset, args.data_dir, args.data_path,
+                                         args.heldout, args.seed)
+            tok = build_tokenizer(args.tokenizer, splits["train"], args.data_dir, name,
+                                  args.vocab_size)
+            return splits, tok
+        if run.rank == 0:
+            splits, tok = prepare()
+        if run.ddp:
+            torch.distributed.barrier()
+        if run.rank != 0:
+            splits, tok = prepare()
+    except (OSError, ValueError, DownloadError) as e:
+        raise SystemExit(f"error: {e}")
+    args.vocab_size = tok.vocab_size
+    data = encode_splits(splits, tok, args.seq_len)
+    stream = TokenizedStream(tok, data["train"], args.seq_len, args.seed, run.rank, run.world)
+    return stream, {**data, "text": splits, "tokenizer": tok}
+
+
+def translation_eval_batches(args, data, split, run, full):
+    """This rank's share of a held-out split in batches of at most run.micro * seq_len tokens:
+    for the reverse task args.valid_size strings (the same every time), else the whole split
+    (full) or its first eval_iters * run.micro pairs."""
+    if args.dataset == "reverse":
+        examples = data["task"].heldout_set(args.valid_size)
+    else:
+        examples = data[split] if full else data[split][:args.eval_iters * run.micro]
+    mine = examples[run.rank::run.world]
+    return [collate([mine[i] for i in b]) for b in length_batches(mine, run.micro * args.seq_len)]
+
+
+def translation_metrics(args, nats, correct, count):
+    """Loss and teacher-forced token accuracy (the next token given the true prefix: not a
+    translation; translate.py --eval gives sacreBLEU)."""
+    return {"loss": nats / count, "accuracy": correct / count}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", choices=("wmt14", "ding", "parallel"), required=True)

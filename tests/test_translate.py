@@ -69,7 +69,7 @@ def test_translate_file_and_eval_from_a_checkpoint(tmp_path, capsys):
     args = dict(dataset="parallel", data_dir=str(tmp_path), data_path=str(corpus), heldout=4,
                 seed=0)
     torch.save({"model_args": model.config_dict(), "model": model.state_dict(), "step": 7,
-                "tokenizer": tok.state(), "args": args}, out / "ckpt.pt")
+                "data": {"tokenizer": tok.state()}, "args": args}, out / "ckpt.pt")
     src = tmp_path / "in.txt"
     src.write_text("Hello there.\n\nZwei.\n", encoding="utf-8")
     translate.main([f"--out_dir={out}", f"--input={src}", "--beam_size=2"])
@@ -89,7 +89,7 @@ def test_missing_or_wrong_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         translate.load(str(tmp_path))
     torch.save({"model_args": {}, "model": {}}, tmp_path / "ckpt.pt")
-    with pytest.raises(ValueError, match="not a translation checkpoint"):
+    with pytest.raises(ValueError, match="not a checkpoint of a translation corpus"):
         translate.load(str(tmp_path))
 
 

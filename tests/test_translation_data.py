@@ -184,6 +184,18 @@ def test_parallel_stream_resumes_and_differs_per_rank():
     assert any(not torch.equal(other.batch(10)[0], f) for f in first)
 
 
+def test_tokenized_stream_refuses_another_tokenizer(tmp_path):
+    ex, _ = td.encode_pairs(PAIRS, td.TranslationByteTokenizer(), 64)
+    spm = td.build_tokenizer("sentencepiece", PAIRS, str(tmp_path), "toy", vocab_size=80)
+    a = td.TokenizedStream(td.TranslationByteTokenizer(), ex, 64)
+    a.batch(4)
+    state = a.state_dict()
+    assert state == {"n_batches": 1, "tokenizer": {"kind": "bytes"}}
+    td.TokenizedStream(td.TranslationByteTokenizer(), ex, 64).load_state_dict(state)
+    with pytest.raises(SystemExit, match="another tokenizer"):
+        td.TokenizedStream(spm, ex, 64).load_state_dict(state)
+
+
 def test_reverse_task_targets_and_heldout():
     task = td.ReverseTask(vocab_size=12, min_len=2, max_len=9, seed=0)
     src, tgt_in, targets = task.batch(64)
