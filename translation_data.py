@@ -4,7 +4,10 @@ synthetic transduction task.
 
     python translation_data.py --dataset=wmt14 --data_dir=data      # download + prepare (~1.5 GB)
     python translation_data.py --dataset=ding --data_dir=data       # 16K en-de sentence pairs
-    python translation_data.py --dataset=parallel --data_path=pairs.tsv --vocab_size=8000
+    python translation_data.py --dataset=parallel --data_path=pairs.tsv   # check a corpus
+    python train.py --dataset=parallel --data_path=pairs.tsv             # train on it (train.py
+                                                                         # uses the functions at
+                                                                         # the end of this file)
 
 WMT14 en-de as the paper and sacreBLEU use it, raw (untokenised) text from statmt.org: training =
 Europarl v7 + Common Crawl + News Commentary v9 (4.5M pairs), valid = newstest2013, test =
@@ -40,11 +43,9 @@ import tarfile
 import numpy as np
 import torch
 
-from data import (_VALID, ByteTokenizer, DownloadError, _generator, _Stream, _to, _verify,
-                  download)
+from data import (_VALID, IGNORE_INDEX, ByteTokenizer, DownloadError, _generator, _Stream, _to,
+                  _verify, download)
 from encdec import BOS, EOS, PAD
-
-IGNORE_INDEX = -100
 
 # ----------------------------------------------------------------------------- tokenizers
 
