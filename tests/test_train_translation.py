@@ -3,6 +3,7 @@ checkpoint that resumes exactly and that translate.py reads, and bad flags give 
 
     python -m pytest tests/test_train_translation.py -q        (about 20 s on two CPU cores)
 """
+import dataclasses
 import json
 
 import pytest
@@ -26,6 +27,14 @@ def corpus(tmp_path):
     path.write_text("".join(f"the {w} house {i}\tdas {w} Haus {i}\n" for i in range(12)
                             for w in ("red", "big", "old")), encoding="utf-8")
     return str(path)
+
+
+def test_translation_flags_are_the_config_fields():
+    args = train.parse_args(['--dataset=reverse'])
+    for f in dataclasses.fields(EncDecConfig):
+        assert hasattr(args, f.name) and f.metadata.get('help'), f.name
+    assert train.model_config(args) == EncDecConfig(**{f.name: getattr(args, f.name)
+                                                       for f in dataclasses.fields(EncDecConfig)})
 
 
 def test_reverse_defaults_and_config():
