@@ -28,7 +28,8 @@ positions decoded so far (a cache, one new position per step) and the cross-atte
 values of the sentence (computed once); a step costs O(t) attention instead of rerunning the
 decoder over the whole prefix, O(t^2). tests/test_encdec.py checks that the cached logits equal
 the full recomputation, that beam size 1 equals greedy, that extra source padding changes
-nothing and that the decoder is causal.
+nothing (full or local encoder attention; with LSH the number of buckets follows the padded
+length, so padding can move the chunk boundaries) and that the decoder is causal.
 
 Shape legend: B batch (sentences; B * k rows in beam search), S source length, T target length,
 C d_model, V vocab_size, nh heads, hs head size, k beam size.
