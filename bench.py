@@ -24,23 +24,8 @@ Sub-commands (each prints a table and writes <out>/<name>.json and <out>/<name>.
     python bench.py profile --lengths 16384 --n_hashes 4
     pip install -r requirements-bench.txt                # the peers; skipped when missing
 
-What each timed layer contains (input (B, T, C) -> output (B, T, C), all with the same shapes):
-    ours LSH / ours full   lsh_attention.LSHSelfAttention: qk and v projections, attention, output
-                           projection. 'full' is full_attention with shared QK (an explicit
-                           (B*nh, T, T) logits tensor, what the Reformer evaluates with).
-    SDPA                   q, k, v and output projections around F.scaled_dot_product_attention(
-                           is_causal=True) on (B, nh, T, hs) tensors: PyTorch's fused flash kernels.
-    reformer-pytorch       reformer_pytorch.LSHSelfAttention: toqk, tov, attention, to_out.
-    transformers           modeling_reformer.LSHSelfAttention (query_key and value projections,
-                           attention) followed by ReformerSelfOutput's dense output projection.
-Timing: one warm-up step (two under --compile: compilation is excluded), then the median of
---repeats steps, each y = layer(x); (y * g).sum().backward() with x requiring grad and a fixed
-random g. The layers compared at one length and n_hashes are timed round-robin (ours, peer 1,
-peer 2, ours, ...), so on a shared machine a busy moment slows them alike.
-Memory on CPU: every configuration runs in its own process (`python bench.py _mem_worker --json
-...`) and reports its peak RSS above the RSS after imports, model and input construction and a
-tiny warm-up step, with glibc's MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors leave the RSS;
-on CUDA the allocator's peak above what was allocated before the step.
+How each row is measured (what a timed layer contains, the round-robin timing, peak RSS in a
+fresh process per memory row): bench_results/README.md, section Method.
 """
 import argparse
 import datetime
@@ -57,6 +42,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+import plot
 from lsh_attention import LSHSelfAttention
 from model import ModelConfig, ReformerLM
 
@@ -80,9 +66,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PEERS = ("reformer-pytorch", "transformers")   # PyPI names; imported only when installed
 
 
-# -----------------------------------------------------------------------------------------------
-# The machine, timing, output
-# -----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------- the machine, timing, output
 
 def device_name(device):
     if device.startswith("cuda"):
@@ -170,6 +154,29 @@ def save(args, command, rows, extra=None):
     return path
 
 
+# The columns of the printed tables: row key -> (header, format).
+COLUMNS = dict(impl=("impl", "{}"), n_hashes=("n_hashes", "{}"), length=("length", "{}"),
+               batch=("batch", "{}"), n_layers=("layers", "{}"), reversible=("reversible", "{}"),
+               ff_chunks=("ff_chunks", "{}"), params_m=("params (M)", "{:.2f}"),
+               seconds=("s/step", "{:.3f}"), tokens_per_s=("tokens/s", "{:.0f}"),
+               peak_mb=("peak MB", "{:.0f}"), delta_mb=("peak MB above base", "{:.0f}"),
+               logits_mb=("logits MB", "{:.0f}"), gflop=("GFLOP", "{:.1f}"),
+               gflop_per_s=("GFLOP/s", "{:.1f}"), matmul_fraction=("of matmul", "{:.0%}"),
+               vs_ours=("x ours", "{:.2f}"), error=("error", "{}"))
+
+
+def report(args, name, title, rows, keys, extra=None, headers=None):
+    """Print the title and the table of `keys` (plus error), write <out>/<name>.json; its path."""
+    print(f"\n{title}")
+    headers = dict(COLUMNS, **(headers or {}))
+    print_table(rows, [(k, *headers[k]) for k in [*keys, "error"]])
+    return save(args, name, rows, extra)
+
+
+def progress(label, row, result):
+    print(f"  {label}: " + (row.get("error") or result), flush=True)
+
+
 def print_table(rows, columns):
     """rows: list of dicts; columns: list of (key, header, format)."""
     cells = [[h for _, h, _ in columns]]
@@ -183,25 +190,21 @@ def print_table(rows, columns):
             print("  ".join("-" * w for w in widths))
 
 
-def new_figure(ncols=1):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4), squeeze=False)
-    return plt, fig, axes[0]
+def ratio_to_ours(rows, value, keys, is_ours, out="vs_ours", include_ours=False):
+    """row[out] = row[value] / the value of our row with the same `keys` (> 1: ours is smaller,
+    i.e. faster or lighter); for the other rows only, unless include_ours."""
+    ours = {tuple(r[k] for k in keys): r[value] for r in rows if is_ours(r) and value in r}
+    for r in rows:
+        key = tuple(r[k] for k in keys)
+        if value in r and key in ours and (include_ours or not is_ours(r)):
+            r[out] = r[value] / max(ours[key], 1e-9)
 
 
-def save_figure(plt, fig, args, command):
-    fig.tight_layout()
-    path = os.path.join(args.out, f"{command}.png")
-    fig.savefig(path, dpi=80, bbox_inches="tight")   # "tight": keeps a legend placed outside
-    plt.close(fig)
-    return path
+def base_impl(row):
+    return row["impl"].split(" (")[0]   # 'ours (compiled)' -> 'ours'
 
 
-# -----------------------------------------------------------------------------------------------
-# The layers: ours and the peers, configured alike
-# -----------------------------------------------------------------------------------------------
+# ------------------------------------------------ the layers: ours and the peers, configured alike
 
 class _HFLayer(torch.nn.Module):
     """Hugging Face's LSHSelfAttention plus the output projection that ReformerSelfOutput adds,
@@ -308,9 +311,7 @@ def batch_for(T, args):
     return max(1, args.tokens // T)
 
 
-# -----------------------------------------------------------------------------------------------
-# speed: paper Figure 5, peers, FLOP/s
-# -----------------------------------------------------------------------------------------------
+# ------------------------------------------------------------ speed: paper Figure 5, peers, FLOP/s
 
 def speed_groups(args, peers):
     """(T, [(impl, n_hashes or None), ...]): the layers timed together, in order."""
@@ -384,8 +385,8 @@ def speed(args):
     for T, group in speed_groups(args, peers):
         for row in measure_group(group, T, args):
             rows.append(row)
-            print(f"  {row['impl']:>22} n_hashes={row['n_hashes'] or '-'} T={T}: "
-                  + (row.get("error") or f"{row['seconds']:.3f} s"), flush=True)
+            progress(f"{row['impl']:>22} n_hashes={row['n_hashes'] or '-'} T={T}", row,
+                     f"{row.get('seconds', 0):.3f} s")
     # The ceiling: the better of two measurements, before and after (the machine may be shared).
     after = matmul_rate(args.device, dtype)
     peak = max(before, after)
@@ -393,25 +394,17 @@ def speed(args):
     for row in rows:
         if "gflop_per_s" in row:
             row["matmul_fraction"] = row["gflop_per_s"] * 1e9 / peak
-    ours = {(r["n_hashes"], r["length"]): r["seconds"] for r in rows
-            if r["impl"].split(" (")[0] == "ours" and "seconds" in r}
-    for r in rows:   # peer time / our time at the same n_hashes and length: > 1 means we are faster
-        if r["impl"] in peers and "seconds" in r and (r["n_hashes"], r["length"]) in ours:
-            r["vs_ours"] = r["seconds"] / ours[(r["n_hashes"], r["length"])]
-    columns = [("impl", "impl", "{}"), ("n_hashes", "n_hashes", "{}"), ("length", "length", "{}"),
-               ("batch", "batch", "{}"), ("seconds", "s/step", "{:.3f}"),
-               ("tokens_per_s", "tokens/s", "{:.0f}"), ("gflop", "GFLOP", "{:.1f}"),
-               ("gflop_per_s", "GFLOP/s", "{:.1f}"), ("matmul_fraction", "of matmul", "{:.0%}"),
-               ("vs_ours", "x ours", "{:.2f}"), ("error", "error", "{}")]
-    if args.device.startswith("cuda"):
-        columns.insert(6, ("peak_mb", "peak MB", "{:.0f}"))
-    print(f"\nspeed: forward+backward of one layer, {args.tokens} tokens per step, median of "
-          f"{args.repeats}; 'x ours' = peer time / our time")
-    print_table(rows, columns)
-    summarize_speed(rows, peers)
+    # peer time / our time at the same n_hashes and length: > 1 means we are faster
+    ratio_to_ours(rows, "seconds", ("n_hashes", "length"), lambda r: base_impl(r) == "ours")
+    keys = ["impl", "n_hashes", "length", "batch", "seconds", "tokens_per_s",
+            *(["peak_mb"] if args.device.startswith("cuda") else []), "gflop", "gflop_per_s",
+            "matmul_fraction", "vs_ours"]
     name = "speed" + ("-compile" if args.compile else "") + ("-reuse" if args.reuse_memory else "")
-    path = save(args, name, rows, dict(matmul_gflop_per_s=[before / 1e9, after / 1e9]))
-    plot_speed(rows, args, name)
+    path = report(args, name, f"speed: forward+backward of one layer, {args.tokens} tokens per "
+                  f"step, median of {args.repeats}; 'x ours' = peer time / our time", rows, keys,
+                  dict(matmul_gflop_per_s=[before / 1e9, after / 1e9]))
+    summarize_speed(rows, peers)
+    plot.speed(rows, os.path.join(args.out, f"{name}.png"))
     print(f"wrote {path}")
     return rows
 
@@ -421,7 +414,7 @@ def summarize_speed(rows, peers):
     by = {}
     for r in rows:
         if "seconds" in r:
-            by.setdefault((r["impl"].split(" (")[0], r["n_hashes"]), {})[r["length"]] = r["seconds"]
+            by.setdefault((base_impl(r), r["n_hashes"]), {})[r["length"]] = r["seconds"]
     for (impl, h), series in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
         if impl == "ours" and len(series) > 1:
             lo, hi = min(series), max(series)
@@ -433,41 +426,9 @@ def summarize_speed(rows, peers):
             print(line)
 
 
-def plot_speed(rows, args, name):
-    plt, fig, (ax1, ax2) = new_figure(2)
-    colors = {1: "tab:blue", 2: "tab:orange", 4: "tab:green", 8: "tab:red"}
-    styles = {"ours": "-", "reformer-pytorch": "--", "transformers": ":"}
-    lines = {}
-    for r in rows:
-        if "seconds" in r:
-            lines.setdefault((r["impl"], r["n_hashes"]), []).append((r["length"], r["seconds"]))
-    for (impl, h), pts in lines.items():
-        xs, ys = zip(*sorted(pts))
-        base = impl.split(" (")[0]
-        if base in ("ours-full", "sdpa"):
-            label = {"ours-full": "ours full", "sdpa": "SDPA"}[base]
-            ax1.plot(xs, ys, "k-o" if base == "ours-full" else "k--s", label=label, ms=4)
-            ax2.plot(xs, ys, "k--s" if base == "sdpa" else "k-o", label=label, ms=4, alpha=0.4)
-            continue
-        kw = dict(color=colors.get(h), marker="o", ms=4)
-        if base == "ours":
-            ax1.plot(xs, ys, "-", label=f"LSH-{h}", **kw)
-        ax2.plot(xs, ys, styles.get(base, "-."), label=f"{base} LSH-{h}", **kw)
-    for ax, title in ((ax1, "ours (paper Figure 5)"), (ax2, "ours (solid) vs peers")):
-        ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens per step fixed)",
-               ylabel="seconds per forward+backward", title=title)
-        lengths = sorted({r["length"] for r in rows})
-        ax.set_xticks(lengths, [str(t) for t in lengths])
-    ax1.legend(fontsize=6, ncol=2)
-    ax2.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return save_figure(plt, fig, args, name)
+# ---------------------- memory: each configuration in its own process on CPU (peak RSS only grows)
 
-
-# -----------------------------------------------------------------------------------------------
-# Memory: every configuration in its own process on CPU (peak RSS is per process and only grows)
-# -----------------------------------------------------------------------------------------------
-
-def build_model(spec):
+def build_lm(spec):
     """Ours or reformer-pytorch's ReformerLM, from a spec dict; returns (model, forward->loss)."""
     T, L, h = spec["length"], spec["n_layers"], spec["n_hashes"]
     C, nh, m, d_ff, V = spec["d_model"], spec["n_heads"], spec["bucket_size"], spec["d_ff"], 256
@@ -493,15 +454,23 @@ def make_step(spec):
     T, B = spec["length"], spec["batch"]
     if spec["kind"] == "layer":
         return layer_step(build_layer(spec["impl"], spec["n_hashes"], T, args), B, T, args)
-    model, loss_fn = build_model(spec)
+    return lm_step(spec)[1]
+
+
+def lm_step(spec, adamw=False):
+    """(model, a closure for one training step: forward, backward, with adamw an AdamW step)."""
+    model, loss_fn = build_lm(spec)
     model.to(spec["device"]).train()
-    idx = torch.randint(0, 256, (B, T), device=spec["device"])
-    tgt = torch.randint(0, 256, (B, T), device=spec["device"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if adamw else None
+    idx, tgt = (torch.randint(0, 256, (spec["batch"], spec["length"]), device=spec["device"])
+                for _ in range(2))
 
     def step():
         loss_fn(idx, tgt).backward()
+        if opt:
+            opt.step()
         model.zero_grad(set_to_none=True)
-    return step
+    return model, step
 
 
 def peak_rss():
@@ -589,37 +558,15 @@ def memory_hashes(args):
                 row = dict(impl=impl, n_hashes=h, length=T, batch=B, logits_mb=logits_mb,
                            **measure_memory(spec))
                 rows.append(row)
-                print(f"  {impl:>16} n_hashes={h} T={T}: "
-                      + (row.get("error") or f"{row['delta_mb']:.0f} MB"), flush=True)
-    ours = {(r["n_hashes"], r["length"]): r["delta_mb"] for r in rows
-            if r["impl"] == "ours" and "delta_mb" in r}
-    for r in rows:
-        if r["impl"] != "ours" and "delta_mb" in r and (r["n_hashes"], r["length"]) in ours:
-            r["vs_ours"] = r["delta_mb"] / max(ours[(r["n_hashes"], r["length"])], 1e-9)
-    print(f"\nmemory-hashes: peak memory of one forward+backward of the layer, {args.tokens} "
-          f"tokens per step; 'logits' = b n_h l n_r c floats (c = 2 bucket_size), paper Table 3")
-    print_table(rows, [("impl", "impl", "{}"), ("n_hashes", "n_hashes", "{}"),
-                       ("length", "length", "{}"), ("batch", "batch", "{}"),
-                       ("delta_mb", "peak MB above base", "{:.0f}"),
-                       ("peak_mb", "peak MB total", "{:.0f}"),
-                       ("logits_mb", "logits MB", "{:.0f}"), ("vs_ours", "x ours", "{:.2f}"),
-                       ("error", "error", "{}")])
-    path = save(args, "memory-hashes", rows, dict(memory=memory_method(args)))
-    plt, fig, (ax,) = new_figure()
-    colors = {1: "tab:blue", 2: "tab:orange", 4: "tab:green", 8: "tab:red"}
-    styles = {"ours": "-", "reformer-pytorch": "--", "transformers": ":"}
-    for impl in ["ours", *peers]:
-        for h in args.n_hashes:
-            pts = sorted((r["length"], r["delta_mb"]) for r in rows
-                         if r["impl"] == impl and r["n_hashes"] == h and r.get("delta_mb", 0) > 0)
-            if pts:
-                ax.plot(*zip(*pts), styles[impl], color=colors.get(h), marker="o", ms=4,
-                        label=f"{impl} LSH-{h}")
-    ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens per step fixed)",
-           ylabel="peak MB above baseline", title="LSH layer memory (solid: ours)")
-    if ax.lines:   # a tiny run may measure nothing above the baseline
-        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    save_figure(plt, fig, args, "memory-hashes")
+                progress(f"{impl:>16} n_hashes={h} T={T}", row, f"{row.get('delta_mb', 0):.0f} MB")
+    ratio_to_ours(rows, "delta_mb", ("n_hashes", "length"), lambda r: r["impl"] == "ours")
+    title = (f"memory-hashes: peak memory of one forward+backward of the layer, {args.tokens} "
+             f"tokens per step; 'logits' = b n_h l n_r c floats (c = 2 bucket_size), paper Table 3")
+    path = report(args, "memory-hashes", title, rows, ["impl", "n_hashes", "length", "batch",
+                  "delta_mb", "peak_mb", "logits_mb", "vs_ours"], dict(memory=memory_method(args)),
+                  headers=dict(peak_mb=("peak MB total", "{:.0f}")))
+    plot.memory_hashes(rows, ["ours", *peers], args.n_hashes,
+                       os.path.join(args.out, "memory-hashes.png"))
     print(f"wrote {path}")
     return rows
 
@@ -644,47 +591,26 @@ def memory_depth(args):
                     row = dict(length=T, n_layers=L, reversible=reversible, ff_chunks=ff_chunks,
                                **measure_memory(spec))
                     rows.append(row)
-                    print(f"  T={T} layers={L} reversible={reversible} ff_chunks={ff_chunks}: "
-                          + (row.get("error") or f"{row['delta_mb']:.0f} MB"), flush=True)
-    first = {(r["length"], r["reversible"], r["ff_chunks"]): r["delta_mb"] for r in rows
-             if r["n_layers"] == min(args.layers) and "delta_mb" in r}
-    for r in rows:
-        key = (r["length"], r["reversible"], r["ff_chunks"])
-        if "delta_mb" in r and key in first:
-            r["vs_fewest_layers"] = r["delta_mb"] / max(first[key], 1e-9)
-    print(f"\nmemory-depth: peak memory of a training step of ReformerLM, batch 1, LSH-"
-          f"{args.n_hashes[0]}, d_model {args.d_model}, d_ff {args.d_ff}; "
-          f"'x {min(args.layers)} layers' = peak / peak of the {min(args.layers)}-layer model")
-    print_table(rows, [("length", "length", "{}"), ("n_layers", "layers", "{}"),
-                       ("reversible", "reversible", "{}"), ("ff_chunks", "ff_chunks", "{}"),
-                       ("delta_mb", "peak MB above base", "{:.0f}"),
-                       ("peak_mb", "peak MB total", "{:.0f}"),
-                       ("vs_fewest_layers", f"x {min(args.layers)} layers", "{:.2f}"),
-                       ("error", "error", "{}")])
-    path = save(args, "memory-depth", rows, dict(memory=memory_method(args), d_ff=args.d_ff,
-                                                 n_hashes=args.n_hashes[0]))
-    plt, fig, (ax,) = new_figure()
-    groups = [(rev, ch) for rev in (False, True) for ch in (1, 8)]
-    width = 0.8 / len(groups)
-    for i, (rev, ch) in enumerate(groups):
-        ys = [next((r.get("delta_mb", 0) for r in rows if r["n_layers"] == L and r["reversible"]
-                    == rev and r["ff_chunks"] == ch and r["length"] == args.lengths[-1]), 0)
-              for L in args.layers]
-        ax.bar([j + i * width for j in range(len(args.layers))], ys, width,
-               label=f"{'reversible' if rev else 'residual'}, ff_chunks={ch}")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(args.layers))],
-                  [str(L) for L in args.layers])
-    ax.set(xlabel="layers", ylabel="peak MB above baseline",
-           title=f"training-step memory at length {args.lengths[-1]}")
-    ax.legend(fontsize=7)
-    save_figure(plt, fig, args, "memory-depth")
+                    progress(f"T={T} layers={L} reversible={reversible} ff_chunks={ff_chunks}",
+                             row, f"{row.get('delta_mb', 0):.0f} MB")
+    ratio_to_ours(rows, "delta_mb", ("length", "reversible", "ff_chunks"),
+                  lambda r: r["n_layers"] == min(args.layers), "vs_fewest_layers", True)
+    fewest = min(args.layers)
+    title = (f"memory-depth: peak memory of a training step of ReformerLM, batch 1, LSH-"
+             f"{args.n_hashes[0]}, d_model {args.d_model}, d_ff {args.d_ff}; 'x {fewest} layers' "
+             f"= peak / peak of the {fewest}-layer model")
+    path = report(args, "memory-depth", title, rows, ["length", "n_layers", "reversible",
+                  "ff_chunks", "delta_mb", "peak_mb", "vs_fewest_layers"],
+                  dict(memory=memory_method(args), d_ff=args.d_ff, n_hashes=args.n_hashes[0]),
+                  headers=dict(peak_mb=("peak MB total", "{:.0f}"),
+                               vs_fewest_layers=(f"x {fewest} layers", "{:.2f}")))
+    plot.memory_depth(rows, args.layers, args.lengths[-1],
+                      os.path.join(args.out, "memory-depth.png"))
     print(f"wrote {path}")
     return rows
 
 
-# -----------------------------------------------------------------------------------------------
-# throughput: whole-model training steps, ours against reformer-pytorch
-# -----------------------------------------------------------------------------------------------
+# --------------------------- throughput: whole-model training steps, ours against reformer-pytorch
 
 def throughput(args):
     peers = peers_to_run(args)
@@ -697,31 +623,17 @@ def throughput(args):
                 spec = base_spec(args, kind="model", impl=impl, n_hashes=args.n_hashes[0],
                                  length=T, batch=B, n_layers=L, reversible=True, ff_chunks=1)
                 rows.append(measure_throughput(spec, args))
-                r = rows[-1]
-                print(f"  {impl} T={T} layers={L}: "
-                      + (r.get("error") or f"{r['tokens_per_s']:.0f} tokens/s"), flush=True)
-    ours = {(r["length"], r["n_layers"]): r["tokens_per_s"] for r in rows
-            if r["impl"] == "ours" and "tokens_per_s" in r}
-    for r in rows:
-        if "tokens_per_s" in r and (r["length"], r["n_layers"]) in ours:
-            r["vs_ours"] = r["tokens_per_s"] / ours[(r["length"], r["n_layers"])]
-    print(f"\nthroughput: training steps (forward, backward, AdamW) of a ReformerLM, reversible, "
-          f"LSH-{args.n_hashes[0]}, d_model {args.d_model}, d_ff {args.d_ff}, median of "
-          f"{args.repeats}")
-    print_table(rows, [("impl", "impl", "{}"), ("length", "length", "{}"),
-                       ("batch", "batch", "{}"), ("n_layers", "layers", "{}"),
-                       ("params_m", "params (M)", "{:.2f}"), ("seconds", "s/step", "{:.3f}"),
-                       ("tokens_per_s", "tokens/s", "{:.0f}"), ("vs_ours", "x ours", "{:.2f}"),
-                       ("error", "error", "{}")])
-    path = save(args, "throughput", rows, dict(d_ff=args.d_ff, n_hashes=args.n_hashes[0]))
-    plt, fig, (ax,) = new_figure()
-    ok = [r for r in rows if "tokens_per_s" in r]
-    ax.bar(range(len(ok)), [r["tokens_per_s"] for r in ok],
-           color=["tab:green" if r["impl"] == "ours" else "tab:gray" for r in ok])
-    ax.set_xticks(range(len(ok)), [f"{r['impl']}\nT={r['length']} L={r['n_layers']}" for r in ok],
-                  fontsize=7)
-    ax.set(ylabel="training tokens/s", title="whole-model training throughput")
-    save_figure(plt, fig, args, "throughput")
+                progress(f"{impl} T={T} layers={L}", rows[-1],
+                         f"{rows[-1].get('tokens_per_s', 0):.0f} tokens/s")
+    ratio_to_ours(rows, "tokens_per_s", ("length", "n_layers"), lambda r: r["impl"] == "ours",
+                  include_ours=True)
+    title = (f"throughput: training steps (forward, backward, AdamW) of a ReformerLM, reversible, "
+             f"LSH-{args.n_hashes[0]}, d_model {args.d_model}, d_ff {args.d_ff}, median of "
+             f"{args.repeats}")
+    path = report(args, "throughput", title, rows, ["impl", "length", "batch", "n_layers",
+                  "params_m", "seconds", "tokens_per_s", "vs_ours"],
+                  dict(d_ff=args.d_ff, n_hashes=args.n_hashes[0]))
+    plot.throughput(rows, os.path.join(args.out, "throughput.png"))
     print(f"wrote {path}")
     return rows
 
@@ -731,17 +643,8 @@ def measure_throughput(spec, args):
                n_layers=spec["n_layers"])
     torch.manual_seed(0)
     try:
-        model, loss_fn = build_model(spec)
-        model.to(args.device).train()
+        model, step = lm_step(spec, adamw=True)
         row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        idx = torch.randint(0, 256, (spec["batch"], spec["length"]), device=args.device)
-        tgt = torch.randint(0, 256, (spec["batch"], spec["length"]), device=args.device)
-
-        def step():
-            loss_fn(idx, tgt).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
         row["seconds"], row["all_seconds"] = median_time(step, args.repeats, args.warmup,
                                                          args.device)
     except Exception as e:
@@ -751,9 +654,7 @@ def measure_throughput(spec, args):
     return row
 
 
-# -----------------------------------------------------------------------------------------------
-# profile: where one step of our LSH layer spends its time
-# -----------------------------------------------------------------------------------------------
+# ---------------------------------------- profile: where one step of our LSH layer spends its time
 
 def profile(args):
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -784,9 +685,7 @@ def profile(args):
     return rows
 
 
-# -----------------------------------------------------------------------------------------------
-# Command line
-# -----------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------ command line
 
 COMMANDS = {"speed": speed, "memory-depth": memory_depth, "memory-hashes": memory_hashes,
             "throughput": throughput, "profile": profile}
@@ -796,19 +695,20 @@ def ints(s):
     return [int(v) for v in s.split(",") if v.strip()]
 
 
-def get_parser():
-    sizes = "\n".join(f"  {name:<14} " + ", ".join(f"{k} {','.join(map(str, v))}"
+def sizes_text(table):
+    """'  speed          lengths 1024,2048, n_hashes 1,2' etc., one line per sub-command."""
+    return "\n".join(f"  {name:<14} " + ", ".join(f"{k} {','.join(map(str, v))}"
                                                    for k, v in d.items())
-                      for name, d in DEFAULTS.items())
-    all_sizes = "\n".join(f"  {name:<14} " + ", ".join(f"{k} {','.join(map(str, v))}"
-                                                       for k, v in d.items())
-                          for name, d in ALL_CPU.items())
+                     for name, d in table.items())
+
+
+def get_parser():
     parser = argparse.ArgumentParser(
         description="Reformer benchmarks: speed (paper Figure 5), memory, throughput, against "
                     "reformer-pytorch and transformers when installed.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"default sizes:\n{sizes}\n  (on CUDA speed adds length 32768)\n"
-               f"`all` (the default) on a CPU overrides them with:\n{all_sizes}")
+        epilog=f"default sizes:\n{sizes_text(DEFAULTS)}\n  (on CUDA speed adds length 32768)\n"
+               f"`all` (the default) on a CPU overrides them with:\n{sizes_text(ALL_CPU)}")
     common = argparse.ArgumentParser(add_help=False)
     # --- what is measured
     common.add_argument("--lengths", type=ints, default=None,

@@ -18,7 +18,7 @@ Shape legend: B batch, T time, C d_model, V vocab_size.
     logits, loss = model(idx, targets)            # idx, targets: (B, T) int64
 """
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -33,24 +33,51 @@ POS_EMBS = ("axial", "absolute", "sinusoidal")
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 128       # 128 for the duplication task, 258 for bytes (2 reserved ids)
-    max_seq_len: int = 1024     # longest sequence the positional embedding covers
-    n_layers: int = 1
-    d_model: int = 256
-    n_heads: int = 4
-    d_ff: int = 256
-    dropout: float = 0.0
-    attn: str = "lsh"           # 'full' | 'lsh' | 'local' in every layer ...
-    attn_pattern: str = ""      # ... unless a pattern is given, e.g. 'local,local,lsh,local', cycled
-    shared_qk: bool = True      # one projection for queries and keys (required by LSH)
-    n_hashes: int = 4           # LSH rounds
-    bucket_size: int = 64       # LSH chunk length (and local attention window)
-    dedup: bool = False         # count a key seen in several LSH rounds once
-    reversible: bool = True     # reversible residual layers (memory independent of depth)
-    ff_chunks: int = 1          # chunk the feed-forward and the output layer along T
-    pos_emb: str = "axial"      # 'axial' | 'absolute' | 'sinusoidal'
-    axial_shape: str = ""       # e.g. '32,32' for max_seq_len 1024; '' derives it
-    tie_weights: bool = True    # output layer shares the token embedding matrix
+    """One field per ablation of the paper; train.py makes each one a flag of the same name, with
+    the help text below. The defaults are the paper's Table 2 model."""
+    vocab_size: int = field(default=128, metadata={"help": (
+        "vocabulary: symbols 0..V-1 of the duplication task (Table 2: 128; train.py's default "
+        "run: 16), 258 for bytes (enwik8, text; 2 reserved ids)")})
+    max_seq_len: int = field(default=1024, metadata={"help": (
+        "longest sequence the position embedding covers; train.py: None = --seq_len")})
+    n_layers: int = field(default=1, metadata={"help": (
+        "layers (Table 2: 1; enwik8 ablations, Figures 3-5: 3; Section 5: 12)")})
+    d_model: int = field(default=256, metadata={"help": (
+        "model width (Table 2: 256; enwik8 ablations: 1024)")})
+    n_heads: int = field(default=4, metadata={"help": "attention heads (Table 2: 4; enwik8: 8)"})
+    d_ff: int = field(default=256, metadata={"help": (
+        "feed-forward width (Table 2: 256; enwik8: 4096)")})
+    dropout: float = field(default=0.0, metadata={"help": (
+        "dropout; the reversible backward replays its masks exactly (enwik8: 0.1-0.2)")})
+    attn: str = field(default="lsh", metadata={"help": (
+        "attention in every layer: lsh (Section 2), full (the baseline of Table 2, Figure 5) "
+        "or local")})
+    attn_pattern: str = field(default="", metadata={"help": (
+        "per-layer attention cycled over the layers, e.g. local,local,lsh,local (the authors' "
+        "enwik8 model); '' = attn everywhere")})
+    shared_qk: bool = field(default=True, metadata={"help": (
+        "shared queries and keys (Section 2, Figure 3 left; required by LSH); False: full/local "
+        "only")})
+    n_hashes: int = field(default=4, metadata={"help": (
+        "LSH hash rounds (Section 2, multi-round LSH; Table 2, Figure 4)")})
+    bucket_size: int = field(default=64, metadata={"help": (
+        "LSH/local chunk length m: a query sees 2m keys per round (Section 2; 64)")})
+    dedup: bool = field(default=False, metadata={"help": (
+        "count a key that several hash rounds find only once (Section 2, multi-round LSH)")})
+    reversible: bool = field(default=True, metadata={"help": (
+        "reversible residual layers (Section 3, Figure 3 right; memory independent of depth); "
+        "False: ordinary ones")})
+    ff_chunks: int = field(default=1, metadata={"help": (
+        "feed-forward layer and output loss in chunks along T (Section 3; Table 3)")})
+    pos_emb: str = field(default="axial", metadata={"help": (
+        "position embedding: axial (the authors', Section 5), absolute or sinusoidal")})
+    axial_shape: str = field(default="", metadata={"help": (
+        "axial position factors, e.g. 32,32 for max_seq_len 1024; '' derives them")})
+    tie_weights: bool = field(default=True, metadata={"help": (
+        "share the input embedding matrix with the output layer")})
+    impl: str = field(default="fast", metadata={"help": (
+        "which implementation of LSH attention: 'fast' (Part 2 of lsh_attention.py) or "
+        "'reference' (the readable Part 1), equal to 1e-10")})
 
     def layer_attn(self):
         """The attention kind of every layer: attn_pattern cycled over n_layers, or attn."""

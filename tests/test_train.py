@@ -19,6 +19,7 @@ import sys
 import pytest
 import torch
 
+import flags
 import train
 from model import ModelConfig, ReformerLM
 
@@ -51,10 +52,10 @@ def test_model_flags_are_the_config_fields():
     args = train.parse_args([])
     for f in dataclasses.fields(ModelConfig):
         assert hasattr(args, f.name)
-        assert train.MODEL_HELP.get(f.name), f"--{f.name} needs a help= naming what it ablates"
-    assert all(a.help for a in train.build_parser()._actions), 'every flag needs a help='
+        assert f.metadata.get('help'), f"--{f.name} needs a help= naming what it ablates"
+    assert all(a.help for a in flags.build_parser()._actions), 'every flag needs a help='
     assert train.model_config(args).attn == 'lsh'   # the default run is an LSH Reformer
-    assert args.max_seq_len == args.seq_len and args.vocab_size == train.DEFAULT_MODEL['vocab_size']
+    assert args.max_seq_len == args.seq_len and args.vocab_size == flags.DEFAULT_MODEL['vocab_size']
 
 
 @pytest.mark.parametrize('flag, value', [('--reversible', True), ('--reversible=True', True),
@@ -252,3 +253,18 @@ def test_torchrun_two_ranks_end_identical(tmp_path):
     assert digest.group(0) in resumed   # the same weights, bit for bit
     train_losses = lambda d: [r['loss'] for r in read_log(d / 'log.jsonl') if r['kind'] == 'train']
     assert train_losses(tmp_path / 'whole') == train_losses(tmp_path / 'split')
+
+
+def test_offline_enwik8_is_a_message_not_a_traceback(tmp_path):
+    """No network: the download fails (a proxy that refuses connections), train.py prints what to
+    do by hand and exits non-zero, without a traceback. time.sleep is stubbed: no retry waits."""
+    code = ("import sys, time; time.sleep = lambda s: None; sys.argv[0] = 'train.py'; "
+            "import train; train.main(sys.argv[1:])")
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ('no_proxy', 'http_proxy')}
+    proxy = 'http://127.0.0.1:9'   # the discard port: nothing listens, the connection is refused
+    env.update(http_proxy=proxy, HTTP_PROXY=proxy, OMP_NUM_THREADS='1')
+    p = subprocess.run([sys.executable, '-c', code, '--dataset=enwik8', f'--data_dir={tmp_path}',
+                        '--device=cpu', f'--out_dir={tmp_path / "out"}'], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and 'Traceback' not in p.stderr, p.stderr
+    assert 'could not download' in p.stderr and 'place it by hand' in p.stderr, p.stderr

@@ -1,0 +1,111 @@
+"""
+Checkpoints that survive preemption, for train.py: written atomically, read with a clear error,
+with every RNG state that decides the next step, and a stop on SIGTERM / Ctrl-C that lets the
+current optimizer step finish first. What train.py puts in a checkpoint, and how it resumes, is
+in train.py (save_training_state, resume_from, restore); tests/test_fault.py kills it to prove it.
+
+    save_checkpoint('out/ckpt.pt', {'model': model.state_dict(), 'rng': rng_state('cpu'), ...})
+    ckpt = load_checkpoint('out/ckpt.pt', '--resume')    # SystemExit naming the file if unreadable
+    with StopSignal() as stop:
+        while training:
+            ...one optimizer step...
+            if stop.requested: save, then exit
+
+Why each piece:
+  - atomic write: torch.save goes to ckpt.pt.tmp, fsync'ed, then os.replace renames it over
+    ckpt.pt. A rename is atomic on POSIX, so a kill at any moment leaves either the old or the new
+    checkpoint whole, never half of one; a stale .tmp is simply overwritten by the next save.
+  - RNG states: dropout and the LSH rotations draw from torch's RNG, so without its state a resumed
+    run would draw other masks and rotations than an uninterrupted one.
+  - the signal handler only sets a flag: the step in flight finishes (a half-done optimizer step
+    cannot be saved), and under torchrun train.py all-reduces the flag so all ranks stop together.
+"""
+import hashlib
+import os
+import random
+import signal
+import threading
+import time
+
+import numpy as np
+import torch
+
+TEST_SLOW_SAVE = 'REFORMER_TEST_SLOW_SAVE'   # tests only: seconds to sleep inside save_checkpoint
+
+
+def rng_state(device):
+    cuda = torch.cuda.get_rng_state(device) if device.startswith('cuda') else None
+    return {'torch': torch.get_rng_state(), 'cuda': cuda, 'numpy': np.random.get_state(),
+            'python': random.getstate()}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] is not None and device.startswith('cuda'):
+        torch.cuda.set_rng_state(state['cuda'], device)
+    np.random.set_state(state['numpy'])
+    random.setstate(state['python'])
+
+
+def save_checkpoint(path, ckpt):
+    """Write path.tmp, then rename it: a crash mid-write leaves the previous checkpoint whole."""
+    torch.save(ckpt, path + '.tmp')
+    with open(path + '.tmp', 'rb') as f:
+        os.fsync(f.fileno())   # on disk before the rename, so a power cut cannot leave a hole
+    if os.environ.get(TEST_SLOW_SAVE):   # tests/test_fault.py kills the process in this window
+        print(f"{TEST_SLOW_SAVE}: in save_checkpoint", flush=True)
+        time.sleep(float(os.environ[TEST_SLOW_SAVE]))
+    os.replace(path + '.tmp', path)   # atomic
+
+
+def load_checkpoint(path, flag):
+    """The checkpoint at path, or SystemExit naming the file and the flag that wanted it."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {flag}: no checkpoint at {path}; train first, or point "
+                         f"--out_dir at one")
+    try:   # weights_only=False: our own file, with NumPy and Python RNG states beside the tensors
+        return torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:   # truncated or overwritten: zip, pickle or EOF errors, whichever
+        why = (str(e).strip().splitlines() or ['-'])[0][:100]
+        raise SystemExit(f"error: {flag}: {path} is not a readable checkpoint (truncated or "
+                         f"corrupted: {type(e).__name__}: {why}). It is left as it is; move it "
+                         f"away to start afresh.")
+
+
+def params_fingerprint(model):
+    """SHA-256 of every parameter and buffer, bit for bit: equal on all ranks iff in sync."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class StopSignal:
+    """SIGTERM (a cluster preempting the job) or SIGINT (Ctrl-C) sets `requested`; the training
+    loop then finishes its step, saves and exits. A second signal exits at once, unless it comes
+    within a second of the first: torchrun passes a terminal's Ctrl-C on to its workers, which
+    then see it twice. Outside the `with` block the previous handlers are back."""
+
+    def __enter__(self):
+        self.signum, self.first, self.old = None, 0.0, {}
+        if threading.current_thread() is threading.main_thread():   # Python's rule for handlers
+            self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    @property
+    def requested(self):
+        return self.signum is not None
+
+    def handle(self, signum, frame):
+        name = signal.Signals(signum).name   # os.write: print is not safe inside a signal handler
+        if self.signum is None:
+            self.signum, self.first = signum, time.monotonic()
+            os.write(2, f"\n{name}: stopping after this step (again to stop at once)\n".encode())
+        elif time.monotonic() - self.first > 1.0:
+            os.write(2, f"\n{name} again: exiting now, without saving this step\n".encode())
+            os._exit(128 + signum)
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
