@@ -118,7 +118,7 @@ def lsh_attention(qk, v, bucket_size, n_hashes, causal=False, padding_mask=None,
     so it trains; lsh_attention_fast (Part 2) computes the same function about 2x faster.
     """
     _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask, rotations)
-    if qk.dim() == 4:   # heads side by side: move them into the batch, (B, T, nh, hs) -> (B nh, T, hs)
+    if qk.dim() == 4:   # heads side by side: move them into the batch, (B nh, T, hs)
         B, T, nh = qk.shape[:3]
         heads_in_batch = lambda x: x.transpose(1, 2).reshape(B * nh, T, -1)
         mask = None if padding_mask is None else padding_mask.repeat_interleave(nh, dim=0)
@@ -136,63 +136,65 @@ def lsh_attention(qk, v, bucket_size, n_hashes, causal=False, padding_mask=None,
 def _lsh_steps(qk, v, m, n_hashes, causal, padding_mask, rotations, dedup, p_drop):
     """The nine steps of LSH attention, in the paper's order. qk: (B, T, hs), v: (B, T, hs_v)."""
     B, T, hs = qk.shape
-    n_chunks = T // m                       # and n_buckets = n_chunks: a chunk per bucket, on average
+    n_chunks = T // m                    # and n_buckets = n_chunks: a chunk per bucket on average
     pos = torch.arange(T, device=qk.device)
 
     # 1. Hash every position, n_hashes independent rounds:  h(x) = argmax([xR ; -xR])
-    buckets = hash_vectors(qk, n_chunks, n_hashes, rotations)           # (B, n_hashes, T)
+    buckets = hash_vectors(qk, n_chunks, n_hashes, rotations)      # (B, n_hashes, T)
 
     # 2. Sort each round by bucket, and by position inside a bucket (earlier first, which keeps
     #    causal masking meaningful). s_i, the slot of position i, is its rank in that order.
-    sorted_pos = (buckets * T + pos).argsort(dim=-1)                    # (B, n_hashes, T): slot -> i
-    undo_sort = sorted_pos.argsort(dim=-1)                              # (B, n_hashes, T): i -> s_i
+    sorted_pos = (buckets * T + pos).argsort(dim=-1)               # (B, n_hashes, T): slot -> i
+    undo_sort = sorted_pos.argsort(dim=-1)                         # (B, n_hashes, T): i -> s_i
 
     # 3. Shared QK: a position's key is its query, normalised:  k_j = q_j / |q_j|
     #    (and no 1 / sqrt(hs) on the logits: |k_j| = 1 already sets their scale)
-    k = F.normalize(qk, dim=-1)                                         # (B, T, hs)
+    k = F.normalize(qk, dim=-1)                                    # (B, T, hs)
 
-    # 4. Cut each round's sorted order into chunks of m; each chunk attends to itself and the one
-    #    before:  P_i = {j : floor(s_i / m) - 1 <= floor(s_j / m) <= floor(s_i / m)}  (mod n_chunks)
+    # 4. Cut each round's sorted order into chunks of m; a chunk attends to itself and the one
+    #    before:  P_i = {j : floor(s_i / m) - 1 <= floor(s_j / m) <= floor(s_i / m)} mod n_chunks
     rows = torch.arange(B, device=qk.device).view(B, 1, 1)
-    chunks = lambda x: x[rows, sorted_pos].view(B, n_hashes, n_chunks, m, -1)  # sorted, chunked
-    q_c = chunks(qk)                                                    # (B, n_hashes, n_chunks, m, hs)
-    k_w, v_w = look_one_back(chunks(k)), look_one_back(chunks(v))       # (..., n_chunks, 2m, hs)
-    pos_q = sorted_pos.view(B, n_hashes, n_chunks, m, 1)                # position of each query,
-    pos_k = look_one_back(pos_q).transpose(-1, -2)                      # of each key: (..., 1, 2m)
+    chunks = lambda x: x[rows, sorted_pos].view(B, n_hashes, n_chunks, m, -1)  # sort, cut
+    q_c = chunks(qk)                                               # (B, n_hashes, n_chunks, m, hs)
+    k_w, v_w = look_one_back(chunks(k)), look_one_back(chunks(v))  # (.., n_chunks, 2m, hs)
+    pos_q = sorted_pos.view(B, n_hashes, n_chunks, m, 1)           # the position of each query
+    pos_k = look_one_back(pos_q).transpose(-1, -2)                 # and of each key: (.., 1, 2m)
 
     # 5. Logits q_i . k_j, and the authors' masks, which replace the logit: a query's own key
     #    -1e5 (used only when nothing else is there), future (causal) and padding keys -1e9
-    logits = q_c @ k_w.transpose(-1, -2)                                # (B, n_hashes, n_chunks, m, 2m)
+    logits = q_c @ k_w.transpose(-1, -2)                           # (.., n_chunks, m, 2m)
     logits = logits.masked_fill(pos_q == pos_k, SELF_LOGIT)
     if causal:
         logits = logits.masked_fill(pos_k > pos_q, MASKED_LOGIT)
     if padding_mask is not None:
         real_k = look_one_back(chunks(padding_mask.bool().unsqueeze(-1))).transpose(-1, -2)
-        logits = logits.masked_fill(~real_k, MASKED_LOGIT)              # real_k: (..., 1, 2m)
+        logits = logits.masked_fill(~real_k, MASKED_LOGIT)         # real_k: (.., 1, 2m)
 
     # 6. Dedup (optional): a key that query i finds in N_ij of the rounds loses log N_ij in each,
     #    so that over all rounds it counts once, as in full attention
     if dedup and n_hashes > 1:
-        chunk_of = (undo_sort // m).transpose(1, 2)                     # (B, T, n_hashes): chunk of i
+        chunk_of = (undo_sort // m).transpose(1, 2)                # (B, T, n_hashes): i's chunks
         b = rows.view(B, 1, 1, 1, 1)
-        c_q, c_k = chunk_of[b, pos_q], chunk_of[b, pos_k]               # (.., m, 1, n_hashes), (.., 1, 2m, n_hashes)
-        in_window = (c_q - c_k) % n_chunks <= 1                         # own chunk or the one before
-        logits = logits - in_window.sum(-1).to(logits.dtype).log()      # N_ij >= 1: round r counts
+        c_q = chunk_of[b, pos_q]                                   # (.., m, 1, n_hashes)
+        c_k = chunk_of[b, pos_k]                                   # (.., 1, 2m, n_hashes)
+        in_window = (c_q - c_k) % n_chunks <= 1                    # own chunk or the one before
+        logits = logits - in_window.sum(-1).to(logits.dtype).log() # N_ij >= 1 (this round)
 
     # 7. Softmax in each round r:  o_i^(r) = sum_j exp(logit_ij - lse_i^(r)) v_j,
     #    lse_i^(r) = log sum_j exp(logit_ij), the round's log normaliser (kept for step 9)
-    lse = logits.logsumexp(dim=-1, keepdim=True)                        # (B, n_hashes, n_chunks, m, 1)
+    lse = logits.logsumexp(dim=-1, keepdim=True)                   # (.., n_chunks, m, 1)
     p = F.dropout(torch.exp(logits - lse), p_drop, training=p_drop > 0)
-    o = p @ v_w                                                         # (B, n_hashes, n_chunks, m, hs_v)
+    o = p @ v_w                                                    # (.., n_chunks, m, hs_v)
 
     # 8. Undo the sort: from slot s_i back to position i, in every round
     unsort = lambda x: x.view(B, n_hashes, T, -1).gather(
         2, undo_sort.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
-    o, lse = unsort(o), unsort(lse)                                     # (B, n_hashes, T, hs_v), (.., 1)
+    o, lse = unsort(o), unsort(lse)                                # (B, n_hashes, T, hs_v or 1)
 
-    # 9. Combine the rounds by their normalisers (not an average): softmax over the union of the
-    #    windows is  o_i = sum_r exp(lse_i^(r) - logsumexp_r lse_i^(r)) o_i^(r)
-    return (torch.softmax(lse, dim=1) * o).sum(dim=1)                   # (B, T, hs_v)
+    # 9. Combine the rounds by their normalisers (not an average), which makes it softmax
+    #    attention over the union of the windows:  o_i = sum_r exp(lse_i^(r) - lse_i) o_i^(r),
+    #    lse_i = logsumexp_r lse_i^(r)
+    return (torch.softmax(lse, dim=1) * o).sum(dim=1)              # (B, T, hs_v)
 
 
 def local_attention(q, k, v, bucket_size, causal=False, padding_mask=None, shared_qk=False,
@@ -455,14 +457,14 @@ def _windows_grad(a, b, m):
 
 
 class _ChunkAttention(torch.autograd.Function):
-    """Softmax attention of every chunk to its window [chunk before; chunk], with the authors' masks:
-    Part 1's steps 5 (logits, masks) and 7 (softmax, o = p v, lse), forward and backward.
+    """Softmax attention of every chunk to its window [chunk before; chunk], with the authors'
+    masks: Part 1's steps 5 (logits, masks) and 7 (softmax, o = p v, lse), forward and backward.
 
     Written as one autograd Function (forward and backward by hand, FlashAttention-style
     bookkeeping) because autograd through the plain expression keeps several (n, m, 2m) tensors
-    alive and runs a dozen element-wise passes over them. Those passes, not the matmuls, decide the
-    speed on a CPU (each pass over the logits is memory-bound), so the forward keeps only the softmax
-    weights P, computes softmax in place, and the backward is four matmuls plus two passes:
+    alive and runs a dozen element-wise passes over them. Those passes, not the matmuls, decide
+    the speed on a CPU (each pass over the logits is memory-bound), so the forward keeps only the
+    softmax weights P, computes softmax in place, and the backward is four matmuls plus two passes:
         S = q k^T * scale, masked;  P = softmax(S);  o = P v;  lse = logsumexp(S)
         dP = do v^T;  dS = P * (dP - rowsum(do * o) + dlse);  dq = dS k;  dk = dS^T q;  dv = P^T do
     The dlse term is there because the round combination (step 9) depends on lse.
@@ -594,12 +596,12 @@ def _dedup_log_counts(undo_sort, ext, m, dtype):
     """
     B, n_hashes, T = undo_sort.shape
     n_chunks = T // m
-    chunk_of = (undo_sort // m).transpose(1, 2)                # (B, T, n_hashes): chunk of a position
-    q_pos, k_pos = ext[..., m:], ext.unfold(-1, 2 * m, m)      # (B, n_hashes, T), (.., n_chunks, 2m)
+    chunk_of = (undo_sort // m).transpose(1, 2)                # (B, T, n_hashes): i's chunks
+    q_pos, k_pos = ext[..., m:], ext.unfold(-1, 2 * m, m)      # (.., T), (.., n_chunks, 2m)
     flat = lambda p: p.reshape(B, -1, 1).expand(-1, -1, n_hashes)
     cq = torch.gather(chunk_of, 1, flat(q_pos)).view(B, n_hashes, n_chunks, m, 1, n_hashes)
     ck = torch.gather(chunk_of, 1, flat(k_pos)).view(B, n_hashes, n_chunks, 1, 2 * m, n_hashes)
-    in_window = ((cq - ck) % n_chunks) <= 1                    # (B, n_hashes, n_chunks, m, 2m, n_hashes)
+    in_window = ((cq - ck) % n_chunks) <= 1                    # (.., n_chunks, m, 2m, n_hashes)
     counts = in_window.sum(-1).clamp_(min=1)                   # >= 1: the current round counts
     out = torch.zeros(B * n_hashes, n_chunks + 1, m, 2 * m, dtype=dtype, device=undo_sort.device)
     out[:, 1:] = counts.view(B * n_hashes, n_chunks, m, 2 * m).to(dtype).log()
@@ -644,12 +646,13 @@ def _normalize(x):
 
 class _SortRows(torch.autograd.Function):
     """The rows of x: (B T nh, d) in the chunk layout (the gathers of Part 1's step 4):
-    y = x[rows], rows: (rounds, L), the row of x behind each layout row (a round sorted, with its last chunk repeated in front).
+    y = x[rows], rows: (rounds, L), the row of x behind each layout row (a round sorted, with
+    its last chunk repeated in front).
 
     The backward knows that a round is a permutation plus m repeated rows: the gradient of row i
     of x is a *gather* of its main copy in each round (grad_rows: (rows of x, n_hashes) layout
-    rows), summed over rounds, plus the m repeated rows of each round added back. index_select's own backward
-    scatter-adds every row, which costs more than the gather."""
+    rows), summed over rounds, plus the m repeated rows of each round added back.
+    index_select's own backward scatter-adds every row, which costs more than the gather."""
 
     @staticmethod
     def forward(ctx, x, rows, grad_rows, m):

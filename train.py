@@ -72,6 +72,7 @@ MODEL_HELP = {
     'n_hashes': 'LSH hash rounds (Section 2, multi-round LSH; Table 2, Figure 4)',
     'bucket_size': 'LSH/local chunk length m: a query sees 2m keys per round (Section 2; 64)',
     'dedup': 'count a key that several hash rounds find only once (Section 2, multi-round LSH)',
+    'impl': 'attention code: fast (lsh_attention.py Part 2) or reference (Part 1, plain PyTorch)',
     'reversible': 'reversible residual layers (Section 3, Figure 3 right); False: ordinary ones',
     'ff_chunks': 'feed-forward layer and output loss in chunks along T (Section 3; Table 3)',
     'pos_emb': "position embedding: axial (the authors', Section 5), absolute or sinusoidal",

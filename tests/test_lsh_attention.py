@@ -308,8 +308,8 @@ def test_lsh_reference_fixed_example_with_several_windows():
 @settings(max_examples=20)
 @given(B=st.integers(1, 3), m=st.integers(1, 8), hs=st.integers(1, 8), n_hashes=st.integers(1, 8),
        causal=st.booleans(), pad=st.booleans(), dedup=st.booleans(), seed=st.integers(0, 2**16))
-def test_lsh_equals_full_attention_when_T_is_two_buckets(impl, B, m, hs, n_hashes, causal, pad, dedup,
-                                                          seed):
+def test_lsh_equals_full_attention_when_T_is_two_buckets(impl, B, m, hs, n_hashes, causal, pad,
+                                                          dedup, seed):
     """T == 2 * bucket_size: two chunks, each sees itself and the other, so every query sees every
     key exactly once per round and all rounds are equal: LSH == full shared-QK attention, with
     fresh random rotations, to float32 precision."""
@@ -768,9 +768,9 @@ def test_shared_qk_logits_use_unit_keys(impl):
                                   "full"])
 def test_half_precision_keeps_dtype_and_equals_float32_rounded(impl, dtype, kind):
     """Half inputs (with masks): the output keeps the dtype and, since logits and softmax run in
-    float32 (steps 5 and 7), it is the float32 computation on the same half-rounded inputs, rounded to
-    half: equal to within one unit in the last place of the half type (the float32 results may
-    differ by reordering, which can move a value across a rounding boundary). Unit keys computed
+    float32 (steps 5 and 7), it is the float32 computation on the same half-rounded inputs,
+    rounded to half: equal to within one unit in the last place of the half type (the float32
+    results may differ by reordering, which can move a value across a rounding boundary). Unit keys computed
     in half and then cast would be off by several units."""
     B, m, n_buckets, hs, R = 2, 4, 4, 8, 3
     T = m * n_buckets
@@ -993,6 +993,8 @@ def test_bad_input_layer():
     with pytest.raises(ValueError, match=r"attn='flash', expected one of \('lsh', 'full', "
                                          r"'local'\)"):
         LSHSelfAttention(16, 2, attn="flash")
+    with pytest.raises(ValueError, match=r"impl='slow', expected one of \('fast', 'reference'\)"):
+        LSHSelfAttention(16, 2, impl="slow")
     layer = LSHSelfAttention(16, 2, bucket_size=4)
     with pytest.raises(ValueError, match=r"padding_mask must be \(B, T\) = \(2, 5\), "
                                          r"got \(2, 4\)"):
