@@ -28,6 +28,8 @@ What each timed layer contains (input (B, T, C) -> output (B, T, C), all with th
     ours LSH / ours full   lsh_attention.LSHSelfAttention: qk and v projections, attention, output
                            projection. 'full' is full_attention with shared QK (an explicit
                            (B*nh, T, T) logits tensor, what the Reformer evaluates with).
+    ours-reference         the same LSH layer with impl='reference': lsh_attention.py's Part 1,
+                           plain PyTorch autograd ('x ours' = its time / the fast path's).
     SDPA                   q, k, v and output projections around F.scaled_dot_product_attention(
                            is_causal=True) on (B, nh, T, hs) tensors: PyTorch's fused flash kernels.
     reformer-pytorch       reformer_pytorch.LSHSelfAttention: toqk, tov, attention, to_out.
@@ -246,10 +248,12 @@ class _SDPALayer(torch.nn.Module):
 
 
 def build_layer(impl, n_hashes, T, args):
-    """One attention layer (B, T, C) -> (B, T, C): 'ours' (LSH), 'ours-full', 'sdpa' or a peer."""
+    """One attention layer (B, T, C) -> (B, T, C): 'ours' (LSH), 'ours-reference' (the same LSH
+    layer running lsh_attention.py's Part 1), 'ours-full', 'sdpa' or a peer."""
     C, nh, m = args.d_model, args.n_heads, args.bucket_size
-    if impl == "ours":
-        return LSHSelfAttention(C, nh, bucket_size=m, n_hashes=n_hashes, causal=True, attn="lsh")
+    if impl in ("ours", "ours-reference"):
+        return LSHSelfAttention(C, nh, bucket_size=m, n_hashes=n_hashes, causal=True, attn="lsh",
+                                impl="reference" if impl == "ours-reference" else "fast")
     if impl == "ours-full":
         return LSHSelfAttention(C, nh, bucket_size=m, causal=True, attn="full", shared_qk=True)
     if impl == "sdpa":
@@ -292,7 +296,7 @@ def lsh_flops(B, T, C, nh, m, n_hashes):
         hashing       x @ R: 2 B nh T hs (R n_buckets / 2), forward only (no gradient)
         chunks        S = q k^T and o = P v over (m, 2m) windows: 2 x 2 (n m) 2m hs forward, with
                       n = B nh R (nc + 1) - 1 query chunks (the 1 / nc extra ones are computed and
-                      thrown away, lsh_attention.py section 2); backward does dV, dP, dQ, dK:
+                      thrown away, lsh_attention.py's chunk layout); backward does dV, dP, dQ, dK:
                       twice the forward, so x3 in all
     Element-wise passes (masks, softmax, sort, gathers, round combination) are not counted.
     """
@@ -316,7 +320,7 @@ def speed_groups(args, peers):
     """(T, [(impl, n_hashes or None), ...]): the layers timed together, in order."""
     for T in args.lengths:
         for h in args.n_hashes:
-            yield T, [(impl, h) for impl in ("ours", *peers)]
+            yield T, [(impl, h) for impl in ("ours", "ours-reference", *peers)]
         full = [("ours-full", None)] if T <= args.max_full_len else []
         yield T, full + [("sdpa", None)]
 
@@ -396,7 +400,8 @@ def speed(args):
     ours = {(r["n_hashes"], r["length"]): r["seconds"] for r in rows
             if r["impl"].split(" (")[0] == "ours" and "seconds" in r}
     for r in rows:   # peer time / our time at the same n_hashes and length: > 1 means we are faster
-        if r["impl"] in peers and "seconds" in r and (r["n_hashes"], r["length"]) in ours:
+        if r["impl"] in (*peers, "ours-reference") and "seconds" in r \
+                and (r["n_hashes"], r["length"]) in ours:
             r["vs_ours"] = r["seconds"] / ours[(r["n_hashes"], r["length"])]
     columns = [("impl", "impl", "{}"), ("n_hashes", "n_hashes", "{}"), ("length", "length", "{}"),
                ("batch", "batch", "{}"), ("seconds", "s/step", "{:.3f}"),
