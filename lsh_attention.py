@@ -561,7 +561,8 @@ class _ChunkAttention(torch.autograd.Function):
 
 def _attend_in_chunks(q, k, v, pos, m, k_valid, causal, shared_qk, scale, log_counts=None,
                       dropout=0.0, training=False):
-    """Attention of every chunk to itself and the chunk before it, all chunks and rounds at once.
+    """Attention of every chunk to itself and the chunk before it, all chunks and rounds at once
+    (steps 5 and 7; Part 1's position comparisons pos_q == pos_k, pos_k > pos_q become the masks).
 
     q, k: (G * m, hs), v: (G * m, hs_v) in the layout above, pos: (G * m,) original positions,
     k_valid: (G * m,) bool or None. Returns the output (n, m, hs_v) and the log-sum-exp of each
@@ -621,8 +622,8 @@ def _gather_rows(x, idx):
 
 
 class _Normalize(torch.autograd.Function):
-    """Shared-QK keys k_hat = x / |x| (|x| clamped at 1e-12, as F.normalize): the same values as
-    F.normalize, with a backward of three passes instead of autograd's eight:
+    """Shared-QK keys k_hat = x / |x| (|x| clamped at 1e-12), replacing Part 1's F.normalize
+    (step 3): the same values, with a backward of three passes instead of autograd's eight:
         dx = (dy - k_hat (k_hat . dy)) / |x|     (dx = dy / 1e-12 where |x| was clamped)."""
 
     @staticmethod

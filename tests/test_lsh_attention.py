@@ -21,6 +21,9 @@ positions are compared, and finiteness is asserted everywhere separately.
 """
 import math
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,8 +32,9 @@ from hypothesis import given, settings, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from lsh_attention import (LSHSelfAttention, full_attention, hash_vectors, local_attention,
-                           local_attention_fast, lsh_attention, lsh_attention_fast)
+from lsh_attention import (LSHSelfAttention, draw_lsh_attention, full_attention, hash_vectors,
+                           local_attention, local_attention_fast, lsh_attention,
+                           lsh_attention_fast)
 
 SELF_LOGIT, MASKED_LOGIT = -1e5, -1e9   # the authors' values (trax)
 
@@ -1058,3 +1062,16 @@ def test_layer_under_autocast(attn, shared_qk, dtype):
     got.float().sum().backward()
     assert torch.isfinite(x.grad).all()
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
+
+
+# -----------------------------------------------------------------------------------------------
+# 10. The picture (python lsh_attention.py), and the module importing only torch
+# -----------------------------------------------------------------------------------------------
+
+def test_figure_is_drawn_and_matplotlib_only_imported_for_it(tmp_path):
+    code = "import sys, lsh_attention; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False"
+    path = draw_lsh_attention(str(tmp_path / "lsh.png"), T=16, m=2, n_hashes=2)
+    assert Path(path).stat().st_size > 10_000
