@@ -908,7 +908,7 @@ class LSHSelfAttention(nn.Module):
         if padding_mask is not None and tuple(padding_mask.shape) != (B, T):
             raise ValueError(f"LSHSelfAttention: padding_mask must be (B, T) = {(B, T)}, got "
                              f"{tuple(padding_mask.shape)}")
-        # 1) pad T up to a multiple of 2 * bucket_size (LSH needs an even number of buckets)
+        # Pad T up to a multiple of 2 * bucket_size (LSH needs an even number of buckets)
         multiple = 2 * self.bucket_size if self.attn == "lsh" else self.bucket_size
         pad = (-T) % multiple if self.attn != "full" else 0
         if pad:
@@ -920,13 +920,13 @@ class LSHSelfAttention(nn.Module):
         nh, hs = self.n_heads, self.hs
         fast = self.impl == "fast"
         if self.attn == "lsh":
-            # 2-3) project, and attend with heads side by side: (B, T', nh, hs), no transposes
+            # Project, and attend with heads side by side: (B, T', nh, hs), no transposes
             qk, v = self.qk(x).view(B, -1, nh, hs), self.v(x).view(B, -1, nh, hs)
             fn = lsh_attention_fast if fast else lsh_attention
             y = fn(qk, v, self.bucket_size, self.n_hashes, causal=self.causal,
                    padding_mask=padding_mask, dedup=self.dedup, **drop)
         else:
-            # 2-3) project, split heads into the batch: (B * nh, T', hs), and attend
+            # Project, split heads into the batch: (B * nh, T', hs), and attend
             qk, v = self._heads(self.qk(x)), self._heads(self.v(x))
             k = None if self.shared_qk else self._heads(self.k(x))
             mask = None
@@ -938,7 +938,7 @@ class LSHSelfAttention(nn.Module):
             y = fn(qk, k, v, causal=self.causal, padding_mask=mask, shared_qk=self.shared_qk,
                    **size, **drop)
             y = y.view(B, nh, -1, hs).transpose(1, 2)          # (B, T', nh, hs)
-        # 4) merge heads, drop the padding, project out: (B, T, C)
+        # Merge heads, drop the padding, project out: (B, T, C)
         return self.out(y.reshape(B, -1, C)[:, :T])
 
     def extra_repr(self):
