@@ -71,7 +71,8 @@ class ModelConfig:
     ff_chunks: int = field(default=1, metadata={"help": (
         "feed-forward layer and output loss in chunks along T (Section 3; Table 3)")})
     pos_emb: str = field(default="axial", metadata={"help": (
-        "position embedding: axial (the authors', Section 5), absolute or sinusoidal")})
+        "position embedding: axial (the authors' trax code; not in the paper), absolute or "
+        "sinusoidal")})
     axial_shape: str = field(default="", metadata={"help": (
         "axial position factors, e.g. 32,32 for max_seq_len 1024; '' derives them")})
     tie_weights: bool = field(default=True, metadata={"help": (
@@ -130,7 +131,7 @@ class ModelConfig:
 # -----------------------------------------------------------------------------------------------
 
 class AxialPositionalEmbedding(nn.Module):
-    """The paper's factorised position embedding (Section 5, "axial positional embeddings").
+    """The factorised ("axial") position embedding of the authors' trax code (not in the paper).
 
     A learned table of max_seq_len x d_model would be 64K x 1024 = 67M parameters for enwik8.
     Instead position p = i * cols + j gets [E1_i ; E2_j]: rows x d1 plus cols x d2 parameters,
