@@ -249,10 +249,12 @@ class _SDPALayer(torch.nn.Module):
 
 
 def build_layer(impl, n_hashes, T, args):
-    """One attention layer (B, T, C) -> (B, T, C): 'ours' (LSH), 'ours-full', 'sdpa' or a peer."""
+    """One attention layer (B, T, C) -> (B, T, C): 'ours' (LSH), 'ours-reference' (the same LSH
+    layer running lsh_attention.py's Part 1), 'ours-full', 'sdpa' or a peer."""
     C, nh, m = args.d_model, args.n_heads, args.bucket_size
-    if impl == "ours":
-        return LSHSelfAttention(C, nh, bucket_size=m, n_hashes=n_hashes, causal=True, attn="lsh")
+    if impl in ("ours", "ours-reference"):
+        return LSHSelfAttention(C, nh, bucket_size=m, n_hashes=n_hashes, causal=True, attn="lsh",
+                                impl="reference" if impl == "ours-reference" else "fast")
     if impl == "ours-full":
         return LSHSelfAttention(C, nh, bucket_size=m, causal=True, attn="full", shared_qk=True)
     if impl == "sdpa":
@@ -295,7 +297,7 @@ def lsh_flops(B, T, C, nh, m, n_hashes):
         hashing       x @ R: 2 B nh T hs (R n_buckets / 2), forward only (no gradient)
         chunks        S = q k^T and o = P v over (m, 2m) windows: 2 x 2 (n m) 2m hs forward, with
                       n = B nh R (nc + 1) - 1 query chunks (the 1 / nc extra ones are computed and
-                      thrown away, lsh_attention.py section 2); backward does dV, dP, dQ, dK:
+                      thrown away, lsh_attention.py's chunk layout); backward does dV, dP, dQ, dK:
                       twice the forward, so x3 in all
     Element-wise passes (masks, softmax, sort, gathers, round combination) are not counted.
     """
@@ -317,7 +319,7 @@ def speed_groups(args, peers):
     """(T, [(impl, n_hashes or None), ...]): the layers timed together, in order."""
     for T in args.lengths:
         for h in args.n_hashes:
-            yield T, [(impl, h) for impl in ("ours", *peers)]
+            yield T, [(impl, h) for impl in ("ours", "ours-reference", *peers)]
         full = [("ours-full", None)] if T <= args.max_full_len else []
         yield T, full + [("sdpa", None)]
 
@@ -338,12 +340,8 @@ def measure_group(group, T, args):
             for _ in range(args.warmup + compile):   # compilation happens here, untimed
                 step()
             if cuda:   # one step alone, for the allocator's peak above what is already there
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                step()
-                torch.cuda.synchronize()
-                row["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+                base, peak = cuda_peak(step)
+                row["peak_mb"] = (peak - base) / 2 ** 20
             steps.append((row, step))
         except Exception as e:   # an OOM or a compile failure is a result, not a crash
             row["error"] = error_text(e)
@@ -473,6 +471,16 @@ def lm_step(spec, adamw=False):
     return model, step
 
 
+def cuda_peak(step):
+    """(bytes allocated before, peak bytes allocated during) one call of step() on CUDA."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return base, torch.cuda.max_memory_allocated()
+
+
 def peak_rss():
     """Peak resident memory of this process in bytes. Linux: VmHWM, because ru_maxrss of a child
     process starts at its parent's peak (exec records the old address space's peak)."""
@@ -503,17 +511,11 @@ def mem_worker(spec):
     make_step(tiny)()   # lazy initialisation (thread pools, kernels) belongs to the baseline
     step = make_step(spec)
     if cuda:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        base, peak = cuda_peak(step)
     else:
         reset_peak_rss()
         base = peak_rss()
-    step()
-    if cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
+        step()
         peak = peak_rss()
     mb = 2 ** 20
     return dict(baseline_mb=base / mb, peak_mb=peak / mb, delta_mb=(peak - base) / mb)
