@@ -18,7 +18,8 @@ import math
 import pytest
 import torch
 
-from lsh_attention import full_attention, local_attention, lsh_attention
+from lsh_attention import (full_attention, local_attention, local_attention_fast, lsh_attention,
+                           lsh_attention_fast)
 from model import ModelConfig, ReformerLM
 from test_lsh_attention import (allowed_mask, assert_close_real, dense_reference, make_inputs,
                                 make_rotations, ref_lsh_attention)
@@ -36,17 +37,21 @@ def to(device, *xs):
 # -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["fast", "reference"])
 @pytest.mark.parametrize("causal,pad,dedup,R", [(False, False, False, 1), (True, True, False, 3),
                                                 (False, True, True, 3), (True, False, True, 2)])
-def test_lsh_attention_on_device(device, causal, pad, dedup, R):
+def test_lsh_attention_on_device(device, impl, causal, pad, dedup, R):
+    """Part 2 (fast) and Part 1 (reference) of lsh_attention.py on the device, against the
+    loop-by-loop oracle computed on the CPU."""
     B, m, n_buckets, hs = 2, 3, 4, 4
     T = m * n_buckets
     qk, v, mask = make_inputs(B, T, hs, seed=11, pad=pad, hs_v=3)
     rot = make_rotations(B, hs, R, n_buckets, seed=11)
     want = ref_lsh_attention(qk, v, m, rot, causal=causal, padding_mask=mask, dedup=dedup)
     q_d, v_d, mask_d, rot_d = to(device, qk, v, mask, rot)
-    f = lambda q_, v_: lsh_attention(q_, v_, m, R, causal=causal, padding_mask=mask_d,
-                                     rotations=rot_d, dedup=dedup)
+    fn = lsh_attention_fast if impl == "fast" else lsh_attention
+    f = lambda q_, v_: fn(q_, v_, m, R, causal=causal, padding_mask=mask_d, rotations=rot_d,
+                          dedup=dedup)
     got = f(q_d, v_d)
     assert got.device.type == device
     assert_close_real(got.cpu(), want, mask, atol=1e-10)
@@ -54,11 +59,12 @@ def test_lsh_attention_on_device(device, causal, pad, dedup, R):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", ["local", "local_shared", "full", "full_shared"])
+@pytest.mark.parametrize("kind", ["local", "local_shared", "local_fast", "local_shared_fast",
+                                  "full", "full_shared"])
 @pytest.mark.parametrize("causal,pad", [(False, False), (True, True)])
 def test_local_and_full_attention_on_device(device, kind, causal, pad):
     B, m, T, hs = 2, 3, 9, 4
-    shared = kind.endswith("shared")
+    shared = "shared" in kind
     q, v, mask = make_inputs(B, T, hs, seed=12, pad=pad)
     k = None if shared else torch.randn_like(q)
     local = kind.startswith("local")
@@ -67,7 +73,8 @@ def test_local_and_full_attention_on_device(device, kind, causal, pad):
 
     def f(q_, k_, v_):
         if local:
-            return local_attention(q_, k_, v_, m, causal=causal, padding_mask=mask_d,
+            fn = local_attention_fast if kind.endswith("fast") else local_attention
+            return fn(q_, k_, v_, m, causal=causal, padding_mask=mask_d,
                                    shared_qk=shared)
         return full_attention(q_, k_, v_, causal=causal, padding_mask=mask_d, shared_qk=shared)
 
