@@ -100,7 +100,7 @@ def corpus_info(path):
 DUP_BASE = ['--dataset=duplication', '--vocab_size=16', '--seq_len=128', '--bucket_size=16',
             '--n_layers=2', '--d_model=64', '--d_ff=128', '--n_heads=4', '--pos_emb=absolute',
             '--shared_qk=True', '--reversible=True', '--batch_size=32', '--lr=6e-3',
-            '--warmup=20', '--max_steps=1200', '--eval_interval=100', '--valid_size=256']
+            '--warmup=20', '--max_steps=1000', '--eval_interval=100', '--valid_size=256']
 
 # Language modelling at CPU scale, on the corpus above, bits per byte on the whole valid split.
 # The Transformer baseline: full attention, separate QK, ordinary residual layers; each
@@ -294,6 +294,28 @@ def eval_run(argv, out_dir, device, eval_flags):
     return cache[key]
 
 
+def save_run(path, header, run):
+    """Add (or replace) one run in results/NAME.json under a lock, keeping the runs other
+    processes wrote (seeds may run in parallel: `--seeds 0` and `--seeds 1`); returns the file's
+    new contents. Runs are kept in (seed, variant) order."""
+    import fcntl
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path + '.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        runs = []
+        if os.path.exists(path):
+            with open(path) as f:
+                old = json.load(f)
+            if old.get('scale') == header['scale']:
+                runs = [r for r in old['runs'] if (r['label'], r['seed']) !=
+                        (run['label'], run['seed'])]
+        order = [label for label, _ in EXPERIMENTS[header['experiment']]['variants']]
+        rank = lambda r: (r['seed'], order.index(r['label']) if r['label'] in order else 99)
+        out = dict(header, runs=sorted(runs + [run], key=rank))
+        write_json(path, out)
+    return out
+
+
 def final_metric(task):
     return 'accuracy' if task == 'duplication' else 'bpc'
 
@@ -318,8 +340,7 @@ def run_experiment(name, seeds=None, paper=False, steps=None, device=None, root=
         if record['status'] == 'ok':
             for eval_label, flags in exp['evals'](label):
                 run['evals'][eval_label] = eval_run(argv, out_dir, device, flags)
-        out['runs'].append(run)
-        write_json(path, out)
+        out = save_run(path, out, run)
         print(f"[{name}] {label}, seed {seed}: {record['status']}, {record['wall_s']} s, "
               + ', '.join(f"{k} {v.get(final_metric(exp['task']), v.get('status'))}"
                           for k, v in run['evals'].items()), flush=True)

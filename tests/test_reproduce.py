@@ -98,6 +98,12 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resumed(tiny):
     again = json.load(open('results/tiny.json'))['runs'][1]
     assert again['resumed'] and again['status'] == 'ok'
     assert again['evals'] == lsh['evals']   # the cached evals of the same checkpoint
+    # another seed in another call (or process) adds to the file, in (seed, variant) order
+    reproduce.run_experiment('tiny', seeds=[1])
+    runs = json.load(open('results/tiny.json'))['runs']
+    assert [(r['label'], r['seed']) for r in runs] == [
+        ('full', 0), ('LSH-2', 0), ('broken', 0), ('full', 1), ('LSH-2', 1), ('broken', 1)]
+    assert runs[1] == again
 
 
 def test_real_subprocess_run(tmp_path, monkeypatch):
