@@ -104,12 +104,14 @@ DUP_BASE = ['--dataset=duplication', '--vocab_size=16', '--seq_len=128', '--buck
 
 # Language modelling at CPU scale, on the corpus above, bits per byte on the whole valid split.
 # The Transformer baseline: full attention, separate QK, ordinary residual layers; each
-# experiment changes one thing. T = 512 and bucket 16: LSH queries see 32 of 512 keys per round.
-LM_BASE = ['--dataset=text', f'--data_path={CORPUS}', '--data_dir=data', '--seq_len=512',
+# experiment changes one thing. T = 256 and bucket 16: an LSH query sees 32 of 256 keys per round
+# (1/8). T = 512 (1/16) would double the cost of every run; lr 3e-3 with 50 warmup steps
+# (not 1e-3) because at 1e-3 even full attention sat on the bigram plateau for ~600 steps.
+LM_BASE = ['--dataset=text', f'--data_path={CORPUS}', '--data_dir=data', '--seq_len=256',
            '--n_layers=2', '--d_model=128', '--d_ff=256', '--n_heads=4', '--bucket_size=16',
            '--pos_emb=axial', '--attn=full', '--shared_qk=False', '--reversible=False',
-           '--batch_size=16', '--lr=1e-3', '--warmup=20', '--max_steps=1000',
-           '--eval_interval=50', '--eval_iters=8']
+           '--batch_size=16', '--lr=3e-3', '--warmup=50', '--max_steps=600',
+           '--eval_interval=50', '--eval_iters=4']
 LM_PAPER = ['@configs/enwik8_ablation.args', '--attn=full', '--shared_qk=False',
             '--reversible=False']
 
@@ -156,8 +158,15 @@ EXPERIMENTS = {
                   ('all LSH', ['--n_layers=4', '--shared_qk=True', '--attn=lsh']),
                   ('all local', ['--n_layers=4', '--shared_qk=True', '--attn=local'])],
         evals=lambda label: [('own', [])]),
+    'plateau': dict(
+        title='Diagnostic: why LSH leaves the bigram plateau later than full attention',
+        task='text', base=LM_BASE, paper_base=lambda label: LM_PAPER, seeds=[0],
+        variants=[FULL_SHARED, LSH(4),
+                  ('LSH-4, bucket 64', LSH(4)[1] + ['--bucket_size=64']),
+                  ('local, bucket 16', ['--attn=local', '--shared_qk=True'])],
+        evals=lambda label: [('own', [])], analyse=True),
 }
-ORDER = ['table2', 'hashes', 'qk', 'reversible', 'depth', 'pattern']
+ORDER = ['table2', 'hashes', 'qk', 'reversible', 'depth', 'pattern', 'plateau']
 
 
 def flag_dict(argv):
@@ -340,11 +349,87 @@ def run_experiment(name, seeds=None, paper=False, steps=None, device=None, root=
         if record['status'] == 'ok':
             for eval_label, flags in exp['evals'](label):
                 run['evals'][eval_label] = eval_run(argv, out_dir, device, flags)
+            if exp.get('analyse'):
+                run['windows'] = analyse_windows(out_dir)
         out = save_run(path, out, run)
         print(f"[{name}] {label}, seed {seed}: {record['status']}, {record['wall_s']} s, "
               + ', '.join(f"{k} {v.get(final_metric(exp['task']), v.get('status'))}"
                           for k, v in run['evals'].items()), flush=True)
     plot(out, os.path.join(results, f'{name}.png'))
+    return out
+
+
+# ----------------------------------------------------------------------------- the plateau
+# Why do LSH models leave the bigram plateau late? A diagnostic on a trained (or untrained)
+# checkpoint: for each layer, how much of the attention that *full* attention with the same shared
+# query/key vectors would pay falls inside the keys that LSH-R lets a query see, and how often the
+# previous token is among them (a bigram model becomes a trigram model through that key).
+
+def window_stats(model, x, n_hashes, bucket_size, seed=0):
+    """Per layer of a non-reversible shared-QK model on tokens x (B, T): the mean over queries of
+    {'mass_in_window': sum of full attention's weights on keys in the query's LSH windows,
+     'prev_in_window': 1 if key i-1 is in them, 'prev_mass': full attention's weight on i-1}."""
+    import torch
+    from lsh_attention import hash_vectors
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return _window_stats(model, x, n_hashes, bucket_size, hash_vectors)
+
+
+def _window_stats(model, x, n_hashes, bucket_size, hash_vectors):
+    import torch
+    B, T = x.shape
+    m, nb = bucket_size, T // bucket_size
+    h = model.tok_emb(x) + model.pos_emb(T)                                   # (B, T, C)
+    pos = torch.arange(T)
+    earlier = pos[None, :] < pos[:, None]                                     # (T, T) j < i
+    out = []
+    for layer in model.layers:
+        att = layer.f.attn
+        nh, hs = att.n_heads, att.hs
+        qk = att.qk(layer.f.ln(h)).view(B, T, nh, hs).transpose(1, 2).reshape(B * nh, T, hs)
+        k_hat = torch.nn.functional.normalize(qk, dim=-1)
+        logits = (qk @ k_hat.transpose(1, 2)).masked_fill(~earlier, float('-inf'))
+        p = torch.softmax(logits[:, 1:], dim=-1)                              # (B nh, T-1, T)
+        buckets = hash_vectors(qk, nb, n_hashes)                              # (B nh, R, T)
+        slot = (buckets * T + pos).argsort(-1).argsort(-1)                    # position -> slot
+        chunk = slot // m                                                     # (B nh, R, T)
+        d = (chunk[..., :, None] - chunk[..., None, :]) % nb                  # query - key chunk
+        seen = ((d == 0) | (d == 1)).any(dim=1)[:, 1:]                        # (B nh, T-1, T)
+        prev = seen.gather(-1, pos[:-1].expand(B * nh, -1)[..., None])[..., 0]
+        out.append({'mass_in_window': float((p * seen).sum(-1).mean()),
+                    'prev_in_window': float(prev.float().mean()),
+                    'prev_mass': float(p.gather(-1, pos[:-1].expand(B * nh, -1)[..., None])
+                                       .mean())})
+        h = layer(h)
+    return out
+
+
+def analyse_windows(out_dir, hashes=(1, 4, 8), n_seqs=8):
+    """window_stats of a run's final checkpoint and of the same model untrained, on n_seqs
+    valid windows; cached in out_dir/windows.json. None for models without shared QK or with
+    reversible layers (the analysis follows the ordinary residual stream)."""
+    path = os.path.join(out_dir, 'windows.json')
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    import torch
+    from data import ByteStream, prepare_dataset
+    from model import ModelConfig, ReformerLM
+    ckpt = torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=False)
+    config = ModelConfig(**ckpt['model_args'])
+    if not config.shared_qk or config.reversible:
+        return None
+    a = ckpt['args']
+    paths = prepare_dataset(a['dataset'], a['data_dir'], a['data_path'], a['enwik8_split'],
+                            a['seq_len'])
+    x, _ = ByteStream(paths['valid'], a['seq_len'], seed=1234).batch(n_seqs)
+    torch.manual_seed(a['seed'])
+    models = {'untrained': ReformerLM(config), 'trained': ReformerLM(config)}
+    models['trained'].load_state_dict(ckpt['model'])
+    out = {name: {f'LSH-{r}': window_stats(mdl.eval(), x, r, config.bucket_size)
+                  for r in hashes} for name, mdl in models.items()}
+    write_json(path, out)
     return out
 
 
@@ -487,6 +572,24 @@ def lm_section(result, lsh8=False):
     return lines
 
 
+def windows_section(result):
+    """The window analysis of each analysed run: per layer, the share of full attention's
+    weight that LSH-R's windows hold, how often they hold the previous token, and the weight
+    full attention gives the previous token."""
+    lines = ['Full attention with the model\'s own shared QK vectors, against the keys LSH-R '
+             'lets each query see (8 valid sequences; per layer: weight in the windows / previous '
+             'token in the windows / weight on the previous token):', '',
+             '| model | weights | windows of | layer 1 | layer 2 |', '|---|---|---|---|---|']
+    for r in result['runs']:
+        for state, per_r in (r.get('windows') or {}).items():
+            for rounds, layers in per_r.items():
+                cells = [f"{l['mass_in_window']:.2f} / {l['prev_in_window']:.2f} / "
+                         f"{l['prev_mass']:.2f}" for l in layers[:2]]
+                lines.append(f"| {r['label']} (seed {r['seed']}) | {state} | {rounds} | "
+                             + ' | '.join(cells) + ' |')
+    return lines
+
+
 def mean_of(result, label, eval_label='own', metric='bpc'):
     runs = by_label(result).get(label, [])
     return mean_spread(eval_values(runs, eval_label, metric))
@@ -620,6 +723,8 @@ def readme_section(results):
         lines += [f"### {r['title']}", '', f"`{command(name)}` ([results/{name}.json]"
                   f"(results/{name}.json)). {SECTIONS.get(name, '')}", '']
         lines += table2_section(r) if name == 'table2' else lm_section(r, lsh8=name == 'hashes')
+        if name == 'plateau':
+            lines += [''] + windows_section(r)
         lines += ['', runs_line(r), '', f"![{name}](results/{name}.png)", '']
         lines += NOTES.get(name, [])
     return '\n'.join(lines).rstrip() + '\n'

@@ -181,3 +181,26 @@ def test_corpus_is_deterministic_and_says_how_to_install(tmp_path):
     assert 'not a source' not in text
     with pytest.raises(SystemExit, match='apt-get install python3.11-doc'):
         reproduce.prepare_corpus(str(tmp_path / '3.txt'), str(tmp_path / 'nowhere'))
+
+
+def test_window_analysis_on_a_tiny_language_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    corpus = os.path.abspath(reproduce.__file__)   # human-written text: this file's source
+    for bucket in (4, 16):
+        train.main(['--dataset=text', f'--data_path={corpus}', '--data_dir=d', '--seq_len=32',
+                    '--n_layers=2', '--d_model=16', '--n_heads=2', '--d_ff=16',
+                    f'--bucket_size={bucket}', '--attn=full', '--shared_qk=True',
+                    '--reversible=False', '--batch_size=4', '--max_steps=2', '--eval_interval=2',
+                    '--eval_iters=1', f'--out_dir=o{bucket}', '--device=cpu'])
+        w = reproduce.analyse_windows(f'o{bucket}', hashes=(1, 4))
+        assert set(w) == {'untrained', 'trained'} and set(w['trained']) == {'LSH-1', 'LSH-4'}
+        stats = [layer for state in w.values() for per_r in state.values() for layer in per_r]
+        assert len(stats) == 2 * 2 * 2
+        if bucket == 16:   # T = 2 x bucket: one window holds every key, as in full attention
+            assert all(s['mass_in_window'] == pytest.approx(1) and s['prev_in_window'] == 1
+                       for s in stats)
+        else:              # 8 buckets: LSH-1 sees part of it, 4 rounds see more
+            for state in w.values():
+                for one, four in zip(state['LSH-1'], state['LSH-4']):
+                    assert 0 < one['mass_in_window'] < four['mass_in_window'] < 1
+        assert os.path.exists(f'o{bucket}/windows.json')
