@@ -163,7 +163,9 @@ EXPERIMENTS = {
         task='text', base=LM_BASE, paper_base=lambda label: LM_PAPER, seeds=[0],
         variants=[FULL_SHARED, LSH(4),
                   ('LSH-4, bucket 64', LSH(4)[1] + ['--bucket_size=64']),
-                  ('local, bucket 16', ['--attn=local', '--shared_qk=True'])],
+                  ('local, bucket 16', ['--attn=local', '--shared_qk=True']),
+                  ('full, shared QK, sinusoidal', FULL_SHARED[1] + ['--pos_emb=sinusoidal']),
+                  ('LSH-4, sinusoidal', LSH(4)[1] + ['--pos_emb=sinusoidal'])],
         evals=lambda label: [('own', [])], analyse=True),
 }
 ORDER = ['table2', 'hashes', 'qk', 'reversible', 'depth', 'pattern', 'plateau']

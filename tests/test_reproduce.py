@@ -204,3 +204,19 @@ def test_window_analysis_on_a_tiny_language_model(tmp_path, monkeypatch):
                 for one, four in zip(state['LSH-1'], state['LSH-4']):
                     assert 0 < one['mass_in_window'] < four['mass_in_window'] < 1
         assert os.path.exists(f'o{bucket}/windows.json')
+
+
+def test_paper_scale_plans_use_the_config_files_and_parse():
+    for name in reproduce.ORDER:
+        for label, seed, argv in reproduce.plan(name, paper=True):
+            files = [a[1:] for a in argv if a.startswith('@')]
+            assert files and all(os.path.exists(os.path.join(reproduce.ROOT, f)) for f in files)
+            args = train.parse_args([f'@{os.path.join(reproduce.ROOT, f)}' for f in files]
+                                    + [a for a in argv if not a.startswith('@')])
+            assert args.seed == seed
+            assert (args.dataset == 'duplication') == (name == 'table2')
+    # CPU scale: the sizes stated in the README (sparse LSH: 2 x bucket / T <= 1/4)
+    for name in reproduce.ORDER:
+        for label, seed, argv in reproduce.plan(name):
+            args = train.parse_args(argv)
+            assert 2 * args.bucket_size / args.seq_len <= 1 / 4 or 'bucket 64' in label
