@@ -31,6 +31,7 @@ from the end are a mix of the whole documentation, not the last directories) int
 data/python_docs.txt. Licence: the PSF licence (/usr/share/doc/python3.11-doc/copyright).
 """
 import argparse
+import contextlib
 import glob
 import hashlib
 import json
@@ -264,6 +265,17 @@ def tail(path, n=600):
     return text[-n:]
 
 
+@contextlib.contextmanager
+def locked(path):
+    """An exclusive lock on path + '.lock': a second process that wants the same run (or the
+    same results file) waits, then finds the first one's work done."""
+    import fcntl
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    with open(path + '.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def train_run(argv, out_dir, device):
     """Train (or resume, or reuse) one run; returns out_dir/run.json's record."""
     done = os.path.join(out_dir, 'run.json')
@@ -309,10 +321,7 @@ def save_run(path, header, run):
     """Add (or replace) one run in results/NAME.json under a lock, keeping the runs other
     processes wrote (seeds may run in parallel: `--seeds 0` and `--seeds 1`); returns the file's
     new contents. Runs are kept in (seed, variant) order."""
-    import fcntl
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    with open(path + '.lock', 'w') as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(path):
         runs = []
         if os.path.exists(path):
             with open(path) as f:
@@ -345,14 +354,15 @@ def run_experiment(name, seeds=None, paper=False, steps=None, device=None, root=
     for label, seed, argv in plan(name, seeds, paper, steps, extra):
         out_dir = os.path.join(root, run_key(argv))
         print(f"[{name}] {label}, seed {seed}: {out_dir}", flush=True)
-        record = train_run(argv, out_dir, device)
-        run = {'label': label, 'seed': seed, 'config': flag_dict(argv), 'out_dir': out_dir,
-               'device': device or 'auto', **record, 'curve': curve(out_dir), 'evals': {}}
-        if record['status'] == 'ok':
-            for eval_label, flags in exp['evals'](label):
-                run['evals'][eval_label] = eval_run(argv, out_dir, device, flags)
-            if exp.get('analyse'):
-                run['windows'] = analyse_windows(out_dir)
+        with locked(os.path.join(out_dir, 'run')):   # the run, its evals and analysis
+            record = train_run(argv, out_dir, device)
+            run = {'label': label, 'seed': seed, 'config': flag_dict(argv), 'out_dir': out_dir,
+                   'device': device or 'auto', **record, 'curve': curve(out_dir), 'evals': {}}
+            if record['status'] == 'ok':
+                for eval_label, flags in exp['evals'](label):
+                    run['evals'][eval_label] = eval_run(argv, out_dir, device, flags)
+                if exp.get('analyse'):
+                    run['windows'] = analyse_windows(out_dir)
         out = save_run(path, out, run)
         print(f"[{name}] {label}, seed {seed}: {record['status']}, {record['wall_s']} s, "
               + ', '.join(f"{k} {v.get(final_metric(exp['task']), v.get('status'))}"
