@@ -124,6 +124,7 @@ def lm_result(name, values, task='text'):
             ev = [{'step': 50, 'bpc': 3.4, 'time_s': 10.0}, {'step': 100, 'bpc': bpc,
                                                             'time_s': 20.0}]
             runs.append({'label': label, 'seed': seed, 'status': 'ok', 'wall_s': 21.0,
+                         'config': {'max_steps': '100', 'batch_size': '4', 'seq_len': '8'},
                          'load_before': [1.0, 1, 1], 'load_after': [2.0, 2, 2],
                          'curve': {'train': [], 'eval': ev},
                          'evals': {'own': {'bpc': bpc}, 'LSH-8': {'bpc': bpc - 0.01}}})
