@@ -292,6 +292,10 @@ def train_run(argv, out_dir, device):
               'status': 'ok' if rc == 0 else 'failed', 'wall_s': round(wall, 1),
               'resumed': resume, 'load_before': [round(x, 2) for x in load_before],
               'load_after': [round(x, 2) for x in os.getloadavg()]}
+    with open(os.path.join(out_dir, 'train.log'), errors='replace') as f:
+        found = re.findall(r'^device: ([^,\s]+)', f.read(), re.M)   # train.py's start-up line
+    if found:
+        record['device'] = found[-1]
     if rc != 0:
         record['error'] = tail(os.path.join(out_dir, 'train.log'))
     write_json(done, record)

@@ -73,6 +73,7 @@ def test_results_hold_every_run_with_config_command_metrics_and_curve(tiny):
         assert r['evals']['LSH-8']['eval_n_hashes'] == 8
         assert r['evals']['full']['eval_attn'] == 'full'
         assert isinstance(r['wall_s'], float) and len(r['load_before']) == 3
+        assert r['device'] == 'cpu'
     # the failed run is reported, with train.py's message, and the sweep went on past it
     broken = [r for r in saved['runs'] if r['label'] == 'broken']
     assert all(r['status'] == 'failed' and 'shared_qk' in r['error'] and r['evals'] == {}
