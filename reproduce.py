@@ -189,12 +189,19 @@ def run_key(argv):
     return hashlib.sha1(canon.encode()).hexdigest()[:12]
 
 
-def plan(name, seeds=None, paper=False, steps=None, extra=()):
-    """The runs of one experiment: [(label, seed, train flags)]; flags end with --seed."""
+def plan(name, seeds=None, paper=False, steps=None, extra=(), only=None):
+    """The runs of one experiment: [(label, seed, train flags)]; flags end with --seed.
+    only: a list of variant labels to keep (None: all)."""
     exp = EXPERIMENTS[name]
+    labels = [label for label, _ in exp['variants']]
+    unknown = set(only or ()) - set(labels)
+    if unknown:
+        raise SystemExit(f"error: --only {sorted(unknown)}: {name} has the variants {labels}")
     runs = []
     for seed in seeds if seeds is not None else exp['seeds']:
         for label, flags in exp['variants']:
+            if only and label not in only:
+                continue
             base = exp['paper_base'](label) if paper else exp['base']
             argv = list(base) + list(flags) + list(extra)
             if steps:
@@ -347,7 +354,7 @@ def final_metric(task):
 
 
 def run_experiment(name, seeds=None, paper=False, steps=None, device=None, root='out/reproduce',
-                   results='results', extra=()):
+                   results='results', extra=(), only=None):
     """Run (or continue) every run of an experiment; writes results/NAME.json after each."""
     exp = EXPERIMENTS[name]
     if exp['task'] == 'text' and not paper:
@@ -357,7 +364,7 @@ def run_experiment(name, seeds=None, paper=False, steps=None, device=None, root=
            'scale': 'paper' if paper else 'cpu', 'machine': machine(), 'runs': []}
     if exp['task'] == 'text' and not paper:
         out['corpus'] = corpus_info(CORPUS)
-    for label, seed, argv in plan(name, seeds, paper, steps, extra):
+    for label, seed, argv in plan(name, seeds, paper, steps, extra, only):
         out_dir = os.path.join(root, run_key(argv))
         print(f"[{name}] {label}, seed {seed}: {out_dir}", flush=True)
         with locked(os.path.join(out_dir, 'run')):   # the run, its evals and analysis
@@ -810,6 +817,8 @@ def main(argv=None):
                    help='the folder(s) of .rst.txt files for `corpus` (a glob)')
     p.add_argument('--extra', default='', help="extra train.py flags for every run, e.g. "
                                               "'--eval_iters=2' (they change the run hashes)")
+    p.add_argument('--only', action='append', default=None, metavar='LABEL',
+                   help="run only this variant (repeatable), e.g. --only LSH-8 --only LSH-4")
     a = p.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(',')] if a.seeds else None
     if a.name == 'corpus':
@@ -820,7 +829,7 @@ def main(argv=None):
         return None
     for name in ORDER if a.name == 'all' else [a.name]:
         run_experiment(name, seeds, a.paper, a.max_steps, a.device, a.out_root, a.results,
-                       shlex.split(a.extra))
+                       shlex.split(a.extra), a.only)
     return None
 
 
