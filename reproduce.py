@@ -560,7 +560,7 @@ def runs_line(result):
     m = result['machine']
     c = runs[0]['config'] if runs else {}
     s = (f"{len(runs)} run(s), seeds {sorted({r['seed'] for r in runs})}, "
-         f"{c.get('max_steps')} steps of {c.get('batch_size')} x {c.get('seq_len')} tokens each, "
+         f"steps of {c.get('batch_size')} x {c.get('seq_len')} tokens, "
          f"{len(failed)} failed{(' (' + ', '.join(failed) + ')') if failed else ''}; "
          f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, OMP_NUM_THREADS={m['threads']}; "
          f"1-minute load average {min(loads):.1f}-{max(loads):.1f} during the runs (other jobs "
@@ -582,15 +582,24 @@ def table2_section(result):
     return lines
 
 
-def lm_section(result, lsh8=False):
-    head = ['model', 'valid bpc'] + (['with LSH-8'] if lsh8 else []) + \
-           [f'leaves {PLATEAU_BPC} bpc at step', 'wall time (s)']
+def bpc_at(run, step):
+    """The valid bpc (the --eval_iters batches of training's evals) at `step`, or None."""
+    return next((e['bpc'] for e in run['curve']['eval'] if e['step'] == step), None)
+
+
+def lm_section(result, lsh8=False, at_step=None):
+    head = (['model', 'steps', 'valid bpc'] + (['with LSH-8'] if lsh8 else []) +
+            ([f'bpc at step {at_step} (train-time eval)'] if at_step else []) +
+            [f'leaves {PLATEAU_BPC} bpc at step', 'wall time (s)'])
     lines = ['| ' + ' | '.join(head) + ' |', '|---' * len(head) + '|']
     for label, runs in by_label(result).items():
         ok = [r for r in runs if r['status'] == 'ok']
-        row = [label, cell(eval_values(runs, 'own', 'bpc'))]
+        steps = sorted({r['config'].get('max_steps') for r in runs})
+        row = [label, ', '.join(steps), cell(eval_values(runs, 'own', 'bpc'))]
         if lsh8:
             row.append(cell(eval_values(runs, 'LSH-8', 'bpc')) if label.startswith('LSH') else '')
+        if at_step:
+            row.append(cell([bpc_at(r, at_step) for r in ok]))
         steps = [leave_step(r, PLATEAU_BPC) for r in ok]
         row.append(', '.join('never' if s is None else str(s) for s in steps) or '-')
         row.append(', '.join(f"{r['wall_s']:.0f}" for r in ok) or '-')
@@ -748,7 +757,8 @@ def readme_section(results):
         r = results[name]
         lines += [f"### {r['title']}", '', f"`{command(name)}` ([results/{name}.json]"
                   f"(results/{name}.json)). {SECTIONS.get(name, '')}", '']
-        lines += table2_section(r) if name == 'table2' else lm_section(r, lsh8=name == 'hashes')
+        lines += (table2_section(r) if name == 'table2' else
+                  lm_section(r, lsh8=name == 'hashes', at_step=400 if name == 'plateau' else None))
         if name == 'plateau':
             lines += [''] + windows_section(r)
         lines += ['', runs_line(r), '', f"![{name}](results/{name}.png)", '']
