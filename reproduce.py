@@ -590,7 +590,7 @@ def bpc_at(run, step):
 def lm_section(result, lsh8=False, at_step=None):
     head = (['model', 'steps', 'valid bpc'] + (['with LSH-8'] if lsh8 else []) +
             ([f'bpc at step {at_step} (train-time eval)'] if at_step else []) +
-            [f'leaves {PLATEAU_BPC} bpc at step', 'wall time (s)'])
+            [f'leaves {PLATEAU_BPC} bpc at step', 'training time (s)'])
     lines = ['| ' + ' | '.join(head) + ' |', '|---' * len(head) + '|']
     for label, runs in by_label(result).items():
         ok = [r for r in runs if r['status'] == 'ok']
@@ -602,7 +602,9 @@ def lm_section(result, lsh8=False, at_step=None):
             row.append(cell([bpc_at(r, at_step) for r in ok]))
         steps = [leave_step(r, PLATEAU_BPC) for r in ok]
         row.append(', '.join('never' if s is None else str(s) for s in steps) or '-')
-        row.append(', '.join(f"{r['wall_s']:.0f}" for r in ok) or '-')
+        # training time from the curve (added up over a resume), not the subprocess's wall_s
+        row.append(', '.join(f"{r['curve']['eval'][-1]['time_s']:.0f}" for r in ok
+                             if r['curve']['eval']) or '-')
         lines.append('| ' + ' | '.join(row) + ' |')
     return lines
 
