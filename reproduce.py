@@ -364,6 +364,12 @@ def run_experiment(name, seeds=None, paper=False, steps=None, device=None, root=
            'scale': 'paper' if paper else 'cpu', 'machine': machine(), 'runs': []}
     if exp['task'] == 'text' and not paper:
         out['corpus'] = corpus_info(CORPUS)
+    if exp.get('analyse') and not paper:   # before any training: cheap, cached in out_root
+        cache = os.path.join(root, 'untrained_windows.json')
+        if not os.path.exists(cache):
+            write_json(cache, untrained_windows())
+        with open(cache) as f:
+            out['untrained_windows'] = json.load(f)
     for label, seed, argv in plan(name, seeds, paper, steps, extra, only):
         out_dir = os.path.join(root, run_key(argv))
         print(f"[{name}] {label}, seed {seed}: {out_dir}", flush=True)
@@ -419,8 +425,11 @@ def _window_stats(model, x, n_hashes, bucket_size, hash_vectors):
         buckets = hash_vectors(qk, nb, n_hashes)                              # (B nh, R, T)
         slot = (buckets * T + pos).argsort(-1).argsort(-1)                    # position -> slot
         chunk = slot // m                                                     # (B nh, R, T)
-        d = (chunk[..., :, None] - chunk[..., None, :]) % nb                  # query - key chunk
-        seen = ((d == 0) | (d == 1)).any(dim=1)[:, 1:]                        # (B nh, T-1, T)
+        seen = torch.zeros(B * nh, T, T, dtype=torch.bool)
+        for r in range(n_hashes):   # key j is seen in round r if its chunk is i's or the one before
+            d = (chunk[:, r, :, None] - chunk[:, r, None, :]) % nb            # (B nh, T, T)
+            seen |= (d == 0) | (d == 1)
+        seen = seen[:, 1:]                                                    # (B nh, T-1, T)
         prev = seen.gather(-1, pos[:-1].expand(B * nh, -1)[..., None])[..., 0]
         out.append({'mass_in_window': float((p * seen).sum(-1).mean()),
                     'prev_in_window': float(prev.float().mean()),
@@ -428,6 +437,38 @@ def _window_stats(model, x, n_hashes, bucket_size, hash_vectors):
                                        .mean())})
         h = layer(h)
     return out
+
+
+def untrained_windows(seq_lens=(128, 256, 512, 1024), hashes=(1, 2, 4, 8),
+                      pos_embs=('axial', 'sinusoidal'), n_seqs=4, seed=0, base=LM_BASE):
+    """window_stats of the untrained `base` model (shared QK) at several lengths: how local the
+    LSH windows are before any training. [{T, pos_emb, LSH-R: per-layer stats}]"""
+    import torch
+    from data import ByteStream, prepare_dataset
+    from model import ModelConfig, ReformerLM
+    base = train_args(list(base) + ['--shared_qk=True'])
+    out = []
+    for T in seq_lens:
+        paths = prepare_dataset('text', base.data_dir, base.data_path, 'byte', T)
+        x, _ = ByteStream(paths['valid'], T, seed=1234).batch(n_seqs)
+        for pos_emb in pos_embs:
+            torch.manual_seed(seed)
+            config = ModelConfig(**{**model_fields(base), 'max_seq_len': T, 'pos_emb': pos_emb})
+            model = ReformerLM(config).eval()
+            out.append({'T': T, 'pos_emb': pos_emb, **{
+                f'LSH-{r}': window_stats(model, x, r, config.bucket_size) for r in hashes}})
+    return out
+
+
+def train_args(argv):
+    import train
+    return train.parse_args(argv)
+
+
+def model_fields(args):
+    import dataclasses
+    from model import ModelConfig
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig)}
 
 
 def analyse_windows(out_dir, hashes=(1, 4, 8), n_seqs=8):
@@ -627,6 +668,21 @@ def windows_section(result):
     return lines
 
 
+def untrained_section(result):
+    rows = result.get('untrained_windows') or []
+    if not rows:
+        return []
+    hashes = [k for k in rows[0] if k.startswith('LSH')]
+    lines = ['Before any training (the same model, untrained, bucket 16, layer 1): how often the '
+             "previous token is in a query's LSH windows, and full attention's weight in them:", '',
+             '| T | positions | ' + ' | '.join(hashes) + ' |', '|---' * (len(hashes) + 2) + '|']
+    for r in rows:
+        lines.append(f"| {r['T']} | {r['pos_emb']} | " + ' | '.join(
+            f"{r[h][0]['prev_in_window']:.2f} / {r[h][0]['mass_in_window']:.2f}" for h in hashes)
+            + ' |')
+    return lines + ['']
+
+
 def mean_of(result, label, eval_label='own', metric='bpc'):
     runs = by_label(result).get(label, [])
     return mean_spread(eval_values(runs, eval_label, metric))
@@ -762,7 +818,7 @@ def readme_section(results):
         lines += (table2_section(r) if name == 'table2' else
                   lm_section(r, lsh8=name == 'hashes', at_step=400 if name == 'plateau' else None))
         if name == 'plateau':
-            lines += [''] + windows_section(r)
+            lines += [''] + untrained_section(r) + windows_section(r)
         lines += ['', runs_line(r), '', f"![{name}](results/{name}.png)", '']
         lines += NOTES[name](r) if name in NOTES else []
     return '\n'.join(lines).rstrip() + '\n'

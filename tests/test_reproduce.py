@@ -222,3 +222,17 @@ def test_paper_scale_plans_use_the_config_files_and_parse():
         for label, seed, argv in reproduce.plan(name):
             args = train.parse_args(argv)
             assert 2 * args.bucket_size / args.seq_len <= 1 / 4 or 'bucket 64' in label
+
+
+def test_untrained_windows_are_local_with_sinusoidal_positions(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = ['--dataset=text', f'--data_path={os.path.abspath(reproduce.__file__)}',
+            '--data_dir=d', '--n_layers=1', '--d_model=32', '--n_heads=2', '--d_ff=16',
+            '--bucket_size=4', '--reversible=False']
+    rows = reproduce.untrained_windows(seq_lens=(64,), hashes=(1, 4), base=base)
+    assert [(r['T'], r['pos_emb']) for r in rows] == [(64, 'axial'), (64, 'sinusoidal')]
+    axial, sinusoidal = ({h: r[h][0]['prev_in_window'] for h in ('LSH-1', 'LSH-4')} for r in rows)
+    # more rounds see more; fixed sinusoids (amplitude 1 against embeddings of 0.02) make
+    # neighbours hash together, learned positions of the same size as the tokens do not
+    assert axial['LSH-1'] < axial['LSH-4'] and sinusoidal['LSH-1'] <= sinusoidal['LSH-4']
+    assert sinusoidal['LSH-1'] > axial['LSH-1']
