@@ -166,7 +166,6 @@ EXPERIMENTS = {
         # learning rate is constant after warmup, so up to step 400 their curves compare.
         variants=[FULL_SHARED, LSH(4)] + [(label, flags + ['--max_steps=400']) for label, flags in [
                   ('LSH-4, sinusoidal', LSH(4)[1] + ['--pos_emb=sinusoidal']),
-                  ('full, shared QK, sinusoidal', FULL_SHARED[1] + ['--pos_emb=sinusoidal']),
                   ('local, bucket 16', ['--attn=local', '--shared_qk=True']),
                   ('LSH-4, bucket 64', LSH(4)[1] + ['--bucket_size=64'])]],
         evals=lambda label: [('own', [])], analyse=True),
