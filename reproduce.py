@@ -562,8 +562,13 @@ def eval_values(runs, eval_label, metric):
 
 
 def leave_step(run, threshold):
-    """First eval step where valid bpc < threshold (None: never): leaving the plateau."""
-    return next((e['step'] for e in run['curve']['eval'] if e.get('bpc', 99) < threshold), None)
+    """The step at which the valid bpc first falls below threshold, interpolated linearly
+    between the two evals around it (None: never): leaving the plateau."""
+    ev = [(e['step'], e['bpc']) for e in run['curve']['eval'] if 'bpc' in e]
+    for (s0, b0), (s1, b1) in zip([(0, float('inf'))] + ev, ev):
+        if b1 < threshold:
+            return s1 if not math.isfinite(b0) else round(s0 + (b0 - threshold) / (b0 - b1) * (s1 - s0))
+    return None
 
 
 # ----------------------------------------------------------------------------- the README section
@@ -657,8 +662,12 @@ def windows_section(result):
              'lets each query see (8 valid sequences; per layer: weight in the windows / previous '
              'token in the windows / weight on the previous token):', '',
              '| model | weights | windows of | layer 1 | layer 2 |', '|---|---|---|---|---|']
+    shown_untrained = False
     for r in result['runs']:
         for state, per_r in (r.get('windows') or {}).items():
+            if state == 'untrained' and shown_untrained:
+                continue   # the same initial weights for every run of one seed
+            shown_untrained |= state == 'untrained'
             for rounds, layers in per_r.items():
                 cells = [f"{l['mass_in_window']:.2f} / {l['prev_in_window']:.2f} / "
                          f"{l['prev_mass']:.2f}" for l in layers[:2]]
@@ -846,7 +855,85 @@ def table2_notes(result):
         "about 4 times in each half: 63 / 15 here, 511 / 127 in the paper).", '']
 
 
-NOTES = {'table2': table2_notes}
+def leaves(result, label):
+    """'step' (or 'a, b' over seeds; 'never' past the last step) at which a variant left the
+    plateau; '-' if it has no runs."""
+    runs = [r for r in by_label(result).get(label, []) if r['status'] == 'ok']
+    steps = [leave_step(r, PLATEAU_BPC) for r in runs]
+    return ', '.join('never' if s is None else str(s) for s in steps) or '-'
+
+
+def window(result, label, state, rounds, layer=0, key='prev_in_window'):
+    run = next((r for r in result['runs'] if r['label'] == label and r.get('windows')), None)
+    try:
+        return f"{run['windows'][state][rounds][layer][key]:.0%}"
+    except (TypeError, KeyError, IndexError):
+        return '-'
+
+
+def untrained(result, T, rounds, pos_emb='axial', key='prev_in_window'):
+    row = next((r for r in result.get('untrained_windows', []) if r['T'] == T and
+                r['pos_emb'] == pos_emb), None)
+    return f"{row[rounds][0][key]:.0%}" if row and rounds in row else '-'
+
+
+def hashes_notes(result):
+    lsh = [l for l in by_label(result) if l.startswith('LSH')]
+    own8 = '; '.join(f"{l} {cell(eval_values(by_label(result)[l], 'own', 'bpc'))} -> "
+                     f"{cell(eval_values(by_label(result)[l], 'LSH-8', 'bpc'))}" for l in lsh
+                     if l != 'LSH-8')
+    return [f"Every model first sits near the bigram level, then leaves it; the step at which "
+            f"its valid bpc first falls below {PLATEAU_BPC} is in the table (full attention: "
+            f"{leaves(result, 'full, separate QK')} separate, {leaves(result, 'full, shared QK')} "
+            f"shared QK; " + ', '.join(f"{l}: {leaves(result, l)}" for l in lsh) + "). "
+            f"Evaluated with 8 hashes instead of its own (same weights, own -> LSH-8): {own8}: "
+            f"a model trained with few rounds has learned more than its windows let it use. Why "
+            f"LSH starts later: the `plateau` diagnostic below.", '']
+
+
+def plateau_notes(result):
+    g = lambda label: leaves(result, label)
+    return [
+        f"**What takes a model off the plateau, and why LSH gets there later.** Leaving the "
+        f"bigram plateau is learning to look at the previous few bytes: trained, the full-"
+        f"attention model puts {window(result, 'full, shared QK', 'trained', 'LSH-1', key='prev_mass')}"
+        f" of layer 1's weight on the previous byte alone (untrained: "
+        f"{window(result, 'full, shared QK', 'untrained', 'LSH-1', key='prev_mass')}). LSH "
+        f"attention can learn that only for the queries whose windows hold those keys, and the "
+        f"windows are drawn afresh at every step. Untrained, the previous byte is in a query's "
+        f"windows for LSH-1 / 2 / 4 / 8 {untrained(result, 256, 'LSH-1')} / "
+        f"{untrained(result, 256, 'LSH-2')} / {untrained(result, 256, 'LSH-4')} / "
+        f"{untrained(result, 256, 'LSH-8')} of the queries at T = 256, and only "
+        f"{untrained(result, 512, 'LSH-1')} / {untrained(result, 512, 'LSH-2')} / "
+        f"{untrained(result, 512, 'LSH-4')} / {untrained(result, 512, 'LSH-8')} at T = 512 with "
+        f"the same bucket (twice the buckets: the issue's setting). As the vectors learn "
+        f"position the windows follow (trained LSH-4 model: "
+        f"{window(result, 'LSH-4', 'trained', 'LSH-4')} of the queries), so the start is "
+        f"slow and then fast: the abrupt exit. Fewer rounds and longer sequences at a fixed "
+        f"bucket start lower and leave later; here LSH-4 left {PLATEAU_BPC} bpc at step "
+        f"{g('LSH-4')} against full attention's {g('full, shared QK')}, local attention (whose "
+        f"window always holds the previous 16-31 bytes) at {g('local, bucket 16')}, and LSH-4 "
+        f"with bucket 64 (a query sees 128 of 256 keys) at {g('LSH-4, bucket 64')}. The "
+        f"issue's runs also used lr 1e-3, three times lower than here, which lengthened the "
+        f"plateau of every model (full attention left it near step 600 there).", '',
+        "**Nothing points to a defect in our LSH**: it is checked against a loop-by-loop "
+        "reference and against full attention in the tests, it equals full attention when "
+        "T = 2 x bucket, and the delay shrinks as rounds grow, as the hashing explanation "
+        "predicts. The remedy at small scale is the authors' own: "
+        "more rounds, a larger learning rate, or local layers beside the LSH ones (the "
+        "`pattern` experiment).", '',
+        f"**One defect found on the way**, in model.py, not in LSH: with `--pos_emb=sinusoidal` "
+        f"the model does not learn (LSH-4, sinusoidal: {leaves(result, 'LSH-4, sinusoidal')}, "
+        f"valid bpc {cell(eval_values(by_label(result).get('LSH-4, sinusoidal', []), 'own', 'bpc'))}"
+        f", about the unigram level). Fixed sinusoids of amplitude 1 are added to token "
+        f"embeddings initialised with standard deviation 0.02, so after the LayerNorm the token "
+        f"is about 3 % of the input; Vaswani et al. multiply the embeddings by sqrt(d_model). "
+        f"(The untrained table shows what sinusoids would do for LSH: neighbours hash together, "
+        f"{untrained(result, 256, 'LSH-4', 'sinusoidal')} of the queries see the previous byte "
+        f"with LSH-4.)", '']
+
+
+NOTES = {'table2': table2_notes, 'hashes': hashes_notes, 'plateau': plateau_notes}
 
 
 def write_readme(readme='README.md', results='results'):
