@@ -90,8 +90,14 @@ def hash_vectors(x, n_buckets, n_hashes, rotations=None):
         rotations = torch.randn(B, hs, n_hashes, n_buckets // 2, device=x.device, dtype=x.dtype)
     _check_rotations("hash_vectors", rotations, B, hs, n_hashes, n_buckets, x.shape)
     R = rotations.to(x.dtype).expand(B, hs, n_hashes, n_buckets // 2)   # one R per row and round
-    xR = torch.einsum("bti,birk->brtk", x.detach(), R)    # (B, n_hashes, T, n_buckets/2); no grad
-    return torch.cat([xR, -xR], dim=-1).argmax(dim=-1)     # (B, n_hashes, T)
+    # The scores xR are (B, n_hashes, T, n_buckets/2), and n_buckets = T / bucket_size grows with
+    # T: quadratic memory. Scoring 1024 positions at a time keeps it linear in T. No gradient: the
+    # hash only decides who attends to whom.
+    buckets = []
+    for xp in x.detach().split(1024, dim=1):                   # (B, <=1024, hs)
+        xR = torch.einsum("bti,birk->brtk", xp, R)             # (B, n_hashes, <=1024, n_buckets/2)
+        buckets.append(torch.cat([xR, -xR], dim=-1).argmax(dim=-1))
+    return torch.cat(buckets, dim=-1)                          # (B, n_hashes, T)
 
 
 def look_one_back(x):
@@ -148,7 +154,9 @@ def _lsh_steps(qk, v, m, n_hashes, causal, padding_mask, rotations, dedup, p_dro
     undo_sort = sorted_pos.argsort(dim=-1)                         # (B, n_hashes, T): i -> s_i
 
     # 3. Shared QK: a position's key is its query, normalised:  k_j = q_j / |q_j|
-    #    (and no 1 / sqrt(hs) on the logits: |k_j| = 1 already sets their scale)
+    #    (the logits are q_i . k_j with no 1 / sqrt(hs), as in the authors' trax code: the query
+    #    keeps its length, so the model learns the logits' scale; reformer-pytorch and the fastai
+    #    code divide by sqrt(hs) as well)
     k = F.normalize(qk, dim=-1)                                    # (B, T, hs)
 
     # 4. Cut each round's sorted order into chunks of m; a chunk attends to itself and the one
@@ -156,7 +164,7 @@ def _lsh_steps(qk, v, m, n_hashes, causal, padding_mask, rotations, dedup, p_dro
     rows = torch.arange(B, device=qk.device).view(B, 1, 1)
     chunks = lambda x: x[rows, sorted_pos].view(B, n_hashes, n_chunks, m, -1)  # sort, cut
     q_c = chunks(qk)                                               # (B, n_hashes, n_chunks, m, hs)
-    k_w, v_w = look_one_back(chunks(k)), look_one_back(chunks(v))  # (.., n_chunks, 2m, hs)
+    k_w, v_w = look_one_back(chunks(k)), look_one_back(chunks(v))  # (.., n_chunks, 2m, hs[_v])
     pos_q = sorted_pos.view(B, n_hashes, n_chunks, m, 1)           # the position of each query
     pos_k = look_one_back(pos_q).transpose(-1, -2)                 # and of each key: (.., 1, 2m)
 
@@ -392,7 +400,10 @@ def _hash(x, n_buckets, n_hashes, rotations):
     # of positions at a time, at most 1M scores (4 MB): the transient stays small, and on a CPU
     # a buffer that size is reused by the allocator instead of being mapped fresh (page faults
     # cost as much as the reduction here); 16K x 8 hashes: 330 -> 200 ms.
-    piece = max(1, (1 << 20) // (B * nh * n_hashes * half))
+    # On a GPU that size would mean thousands of tiny launches per layer at long T (16 positions
+    # a piece at 1M tokens): there, pieces of 64M scores (256 MB).
+    budget = 1 << 20 if x.device.type == "cpu" else 1 << 26
+    piece = max(1, budget // (B * nh * n_hashes * half))
     with torch.no_grad():  # argmax has no gradient; the hash only decides who attends to whom
         buckets = torch.cat([_argmax_pm(torch.matmul(xp.transpose(1, 2), rot), n_hashes,
                                         n_buckets)

@@ -605,6 +605,21 @@ def test_lsh_path_has_no_T_by_T_tensor(impl, dedup):
     assert control.largest >= T * T
 
 
+def test_reference_hash_scores_in_pieces_linear_in_T():
+    """Part 1's hash_vectors scores 1024 positions at a time: at T = 4096 its largest tensor is a
+    quarter of the whole (B, n_hashes, T, n_buckets) score tensor, and the buckets are the same
+    as scoring everything at once."""
+    B, T, hs, n_buckets, n_hashes = 1, 4096, 4, 512, 2
+    x = torch.randn(B, T, hs)
+    rot = torch.randn(B, hs, n_hashes, n_buckets // 2)
+    probe = LargestTensor()
+    with probe:
+        buckets = hash_vectors(x, n_buckets, n_hashes, rot)
+    xR = torch.einsum("bti,birk->brtk", x, rot)
+    assert torch.equal(buckets, torch.cat([xR, -xR], dim=-1).argmax(dim=-1))
+    assert probe.largest <= B * n_hashes * 1024 * n_buckets < B * n_hashes * T * n_buckets
+
+
 @both
 @settings(max_examples=15)
 @given(B=st.integers(1, 2), H=st.integers(1, 3), m=st.integers(1, 3), half=st.integers(1, 3),
