@@ -379,12 +379,14 @@ def speed(args):
     dtype = DTYPES[args.dtype]
     before = matmul_rate(args.device, dtype)
     print(f"matmul 2048^3 {args.dtype}: {before / 1e9:.0f} GFLOP/s on {device_name(args.device)}")
+    name = "speed" + ("-compile" if args.compile else "") + ("-reuse" if args.reuse_memory else "")
     rows = []
     for T, group in speed_groups(args, peers):
         for row in measure_group(group, T, args):
             rows.append(row)
             progress(f"{row['impl']:>22} n_hashes={row['n_hashes'] or '-'} T={T}", row,
                      f"{row.get('seconds', 0):.3f} s")
+        save(args, name, rows, dict(partial=True))   # a run cut short keeps what it measured
     # The ceiling: the better of two measurements, before and after (the machine may be shared).
     after = matmul_rate(args.device, dtype)
     peak = max(before, after)
@@ -397,7 +399,6 @@ def speed(args):
     keys = ["impl", "n_hashes", "length", "batch", "seconds", "tokens_per_s",
             *(["peak_mb"] if args.device.startswith("cuda") else []), "gflop", "gflop_per_s",
             "matmul_fraction", "vs_ours"]
-    name = "speed" + ("-compile" if args.compile else "") + ("-reuse" if args.reuse_memory else "")
     path = report(args, name, f"speed: forward+backward of one layer, {args.tokens} tokens per "
                   f"step, median of {args.repeats}; 'x ours' = peer time / our time", rows, keys,
                   dict(matmul_gflop_per_s=[before / 1e9, after / 1e9]))

@@ -45,3 +45,12 @@ def test_collect_brings_back_the_json_and_one_archive(tmp_path):
                                                        "summary.json"]
     names = tarfile.open(final / "gpu_check.tar.gz").getnames()
     assert "speed.log" in names and "train-log.jsonl" in names and "train" not in names
+
+
+def test_read_longest_keeps_the_rows_of_a_search_cut_short(tmp_path):
+    """A search killed at its time limit printed rows but no summary: the rows still count."""
+    log = tmp_path / "longest.log"
+    log.write_text('{"length": 65536, "seconds": 3.1}\nsome warning\n{"length": 131072, '
+                   '"seconds": 7.9}\n')
+    out = gpu_check.read_longest(str(log))
+    assert out["longest"] == 131072 and len(out["rows"]) == 2 and out["reached_limit"]
