@@ -38,19 +38,19 @@ def to(device, *xs):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["fast", "reference"])
-@pytest.mark.parametrize("causal,pad,dedup,R", [(False, False, False, 1), (True, True, False, 3),
-                                                (False, True, True, 3), (True, False, True, 2)])
-def test_lsh_attention_on_device(device, impl, causal, pad, dedup, R):
+@pytest.mark.parametrize("causal,pad,dedup,n_hashes", [
+    (False, False, False, 1), (True, True, False, 3), (False, True, True, 3), (True, False, True, 2)])
+def test_lsh_attention_on_device(device, impl, causal, pad, dedup, n_hashes):
     """Part 2 (fast) and Part 1 (reference) of lsh_attention.py on the device, against the
     loop-by-loop oracle computed on the CPU."""
     B, m, n_buckets, hs = 2, 3, 4, 4
     T = m * n_buckets
     qk, v, mask = make_inputs(B, T, hs, seed=11, pad=pad, hs_v=3)
-    rot = make_rotations(B, hs, R, n_buckets, seed=11)
+    rot = make_rotations(B, hs, n_hashes, n_buckets, seed=11)
     want = ref_lsh_attention(qk, v, m, rot, causal=causal, padding_mask=mask, dedup=dedup)
     q_d, v_d, mask_d, rot_d = to(device, qk, v, mask, rot)
     fn = lsh_attention_fast if impl == "fast" else lsh_attention
-    f = lambda q_, v_: fn(q_, v_, m, R, causal=causal, padding_mask=mask_d, rotations=rot_d,
+    f = lambda q_, v_: fn(q_, v_, m, n_hashes, causal=causal, padding_mask=mask_d, rotations=rot_d,
                           dedup=dedup)
     got = f(q_d, v_d)
     assert got.device.type == device

@@ -75,7 +75,7 @@ def make_rotations(B, hs, n_hashes, n_buckets, seed, per_row=True, dtype=torch.f
 
 
 def ref_buckets(x, rot, n_buckets):
-    """h(x) = argmax([xR; -xR]) for one row. x: (T, hs), rot: (hs, R, n_buckets/2).
+    """h(x) = argmax([xR; -xR]) for one row. x: (T, hs), rot: (hs, n_hashes, n_buckets/2).
     Returns a list over rounds of a list over positions."""
     out = []
     for r in range(rot.shape[1]):
@@ -100,7 +100,7 @@ def ref_lsh_attention(qk, v, bucket_size, rotations, causal=False, padding_mask=
                       dedup=False):
     """Steps 1-9 of lsh_attention.py, loop by loop, in Python floats. -> (B, T, hs_v) float64."""
     B, T, hs = qk.shape
-    n_buckets, R = T // bucket_size, rotations.shape[-2]
+    n_buckets, n_hashes = T // bucket_size, rotations.shape[-2]
     out = torch.zeros(B, T, v.shape[-1], dtype=torch.float64)
     for b in range(B):
         rot = rotations[b] if rotations.dim() == 4 else rotations
@@ -112,7 +112,7 @@ def ref_lsh_attention(qk, v, bucket_size, rotations, causal=False, padding_mask=
         windows = [ref_windows(bk, bucket_size) for bk in ref_buckets(qk[b], rot, n_buckets)]
         for i in range(T):
             lses, outs = [], []
-            for r in range(R):
+            for r in range(n_hashes):
                 keys = sorted(windows[r][i])
                 logits = []
                 for j in keys:
@@ -123,7 +123,7 @@ def ref_lsh_attention(qk, v, bucket_size, rotations, causal=False, padding_mask=
                     else:
                         s = sum(a * c for a, c in zip(q[i], k_hat[j]))
                     if dedup:                                          # 6. count each key once
-                        s -= math.log(sum(j in windows[rr][i] for rr in range(R)))
+                        s -= math.log(sum(j in windows[rr][i] for rr in range(n_hashes)))
                     logits.append(s)
                 mx = max(logits)
                 z = sum(math.exp(s - mx) for s in logits)
@@ -132,7 +132,7 @@ def ref_lsh_attention(qk, v, bucket_size, rotations, causal=False, padding_mask=
                              for d in range(len(vals[0]))])
             mx = max(lses)                                             # 8., 9. combine rounds
             total = mx + math.log(sum(math.exp(l - mx) for l in lses))
-            for r in range(R):
+            for r in range(n_hashes):
                 w = math.exp(lses[r] - total)
                 for d in range(len(outs[r])):
                     out[b, i, d] += w * outs[r][d]
@@ -291,16 +291,16 @@ def test_lsh_reference_fixed_example_with_several_windows():
     """One fixed case in which the wrap-around (first chunk sees the last), several buckets per
     window and dedup all matter: the reference and the module must agree, and the case must be
     sensitive to each of them (otherwise agreement would prove little)."""
-    B, m, n_buckets, hs, R = 2, 2, 8, 4, 3
+    B, m, n_buckets, hs, n_hashes = 2, 2, 8, 4, 3
     T = m * n_buckets
     qk, v, mask = make_inputs(B, T, hs, seed=11, pad=True)
-    rot = make_rotations(B, hs, R, n_buckets, seed=11)
+    rot = make_rotations(B, hs, n_hashes, n_buckets, seed=11)
     ref = ref_lsh_attention(qk, v, m, rot, causal=True, padding_mask=mask, dedup=True)
     no_dedup = ref_lsh_attention(qk, v, m, rot, causal=True, padding_mask=mask, dedup=False)
     assert (real_rows(no_dedup - ref, mask).abs().max() > 1e-3)
     first_real = [int(mask[b].nonzero()[0]) for b in range(B)]
     for lsh in LSH.values():
-        out = lsh(qk, v, m, R, causal=True, padding_mask=mask, rotations=rot, dedup=True)
+        out = lsh(qk, v, m, n_hashes, causal=True, padding_mask=mask, rotations=rot, dedup=True)
         assert_close_real(out, ref, mask, atol=1e-10)
         # a query whose only valid key is itself returns its own value: the first real query
         # under causal masking
@@ -332,19 +332,19 @@ def test_dedup_converges_to_full_attention(impl):
     attention is peaked: 8 clusters of exactly 4 = bucket_size members, |q| = 12, so each query
     puts >= 90% of its weight on its 3 cluster-mates.
 
-    What is proved, and asserted for every R: with dedup every key in the union U_i of query i's
-    windows counts exactly once, so the output is softmax attention restricted to U_i,
+    What is proved, and asserted for every n_hashes: with dedup every key in the union U_i of
+    query i's windows counts exactly once, so the output is softmax attention restricted to U_i,
         o_i = sum_{j in U_i} p_ij v_j / p_i(U_i),     p_i = full shared-QK attention weights,
     hence |o_i - full_i|_inf <= ||p_i restricted and renormalised - p_i||_1 * max|v|
                              = 2 * p_i(not U_i) * max|v|.
-    The first R rounds of the same rotations are used for R = 1, 4, 16, 64, so the U_i are nested
-    and the missed mass p_i(not U_i), hence the bound, can only fall (asserted). Convergence needs
+    The first n_hashes rounds of the same rotations are used for n_hashes = 1, 4, 16, 64, so the
+    U_i are nested and the missed mass p_i(not U_i), hence the bound, can only fall (asserted). Convergence needs
     clusters no larger than a chunk: a key that always sorts more than bucket_size slots after the
     query in its bucket is never in its window (it sees its own chunk and the one before).
     Measured (seed 0, max over 128 queries, both implementations): error 2.8 / 1.6 / 0.006 /
-    2.7e-15 for R = 1 / 4 / 16 / 64, and at R = 64 the missed mass is exactly 0 (every key in
-    every union), so the bound says the error is rounding only. We assert a strict fall at each
-    step, a missed mass of 0 at R = 64 and an error below 1e-10 there. Without dedup the error
+    2.7e-15 for n_hashes = 1 / 4 / 16 / 64, and at n_hashes = 64 the missed mass is exactly 0
+    (every key in every union), so the bound says the error is rounding only. We assert a strict
+    fall at each step, a missed mass of 0 at n_hashes = 64 and an error below 1e-10 there. Without dedup the error
     stays above 0.1 (measured 0.66): keys seen in many rounds are over-counted."""
     B, T, hs, m, cluster, R_max = 4, 32, 16, 4, 4, 64
     n_buckets, n_clusters = T // m, T // cluster
@@ -364,12 +364,13 @@ def test_dedup_converges_to_full_attention(impl):
     windows = [[ref_windows(bk, m) for bk in ref_buckets(qk[b], rot[b], n_buckets)]
                for b in range(B)]
     errors, missed = [], []
-    for R in (1, 4, 16, 64):
-        out = LSH[impl](qk, v, m, R, rotations=rot[:, :, :R].contiguous(), dedup=True)
+    for n_hashes in (1, 4, 16, 64):
+        out = LSH[impl](qk, v, m, n_hashes, rotations=rot[:, :, :n_hashes].contiguous(), dedup=True)
         in_union = torch.zeros(B, T, T, dtype=torch.bool)
         for b in range(B):
             for i in range(T):
-                in_union[b, i, sorted(set().union(*(windows[b][r][i] for r in range(R))))] = True
+                seen = set().union(*(windows[b][r][i] for r in range(n_hashes)))
+                in_union[b, i, sorted(seen)] = True
         restricted = p * in_union
         restricted = restricted / restricted.sum(-1, keepdim=True)
         # the identity (measured: to 4e-15)
@@ -519,19 +520,19 @@ def test_full_and_local_causal_do_not_see_the_future_at_all(impl, kind):
 def test_lsh_padding_keys_never_influence_real_outputs(impl):
     """Changing padded values, and scaling padded qk by positive numbers (same buckets), leaves
     every real output unchanged; changing a real value does change outputs (sensitivity)."""
-    B, m, n_buckets, hs, R = 2, 2, 8, 4, 3
+    B, m, n_buckets, hs, n_hashes = 2, 2, 8, 4, 3
     T = m * n_buckets
     qk, v, mask = make_inputs(B, T, hs, seed=4, pad=True)
-    rot = make_rotations(B, hs, R, n_buckets, seed=4)
+    rot = make_rotations(B, hs, n_hashes, n_buckets, seed=4)
     qk2, v2 = qk.clone(), v.clone()
     v2[~mask] = 100.0
     qk2[~mask] *= 7.5
     for dedup in (False, True):
-        a = LSH[impl](qk, v, m, R, padding_mask=mask, rotations=rot, dedup=dedup)
-        b = LSH[impl](qk2, v2, m, R, padding_mask=mask, rotations=rot, dedup=dedup)
+        a = LSH[impl](qk, v, m, n_hashes, padding_mask=mask, rotations=rot, dedup=dedup)
+        b = LSH[impl](qk2, v2, m, n_hashes, padding_mask=mask, rotations=rot, dedup=dedup)
         torch.testing.assert_close(a[mask], b[mask], atol=1e-12, rtol=0)
         mask_all = torch.ones_like(mask)
-        c = LSH[impl](qk2, v2, m, R, padding_mask=mask_all, rotations=rot, dedup=dedup)
+        c = LSH[impl](qk2, v2, m, n_hashes, padding_mask=mask_all, rotations=rot, dedup=dedup)
         assert (c[mask] - a[mask]).abs().max() > 1e-3
 
 
@@ -585,19 +586,19 @@ class LargestTensor(TorchDispatchMode):
 @pytest.mark.parametrize("dedup", [False, True])
 def test_lsh_path_has_no_T_by_T_tensor(impl, dedup):
     """Forward and backward of LSH attention never make a tensor of T * T elements. The largest
-    are the logits (B, R, nc, m, 2m) = 2 B R T m elements (R times that for dedup's counts) and
-    the hash scores [xR; -xR] (B, R, T, n_buckets) = B R T^2 / m: quadratic in T for a fixed
-    bucket_size, as in the paper (n_buckets = T / m), but R / m times smaller than T x T.
+    are the logits (B, n_hashes, n_chunks, m, 2m) = 2 B n_hashes T m elements (n_hashes times
+    that for dedup's counts) and the hash scores [xR; -xR] (B, n_hashes, T, n_buckets) =
+    B n_hashes T^2 / m: quadratic in T for a fixed bucket_size, as in the paper (n_buckets = T / m), but n_hashes / m times smaller than T x T.
     Full attention, the control, does make T x T tensors (so the probe sees them, backward too)."""
-    B, T, hs, m, R = 1, 512, 4, 4, 2
+    B, T, hs, m, n_hashes = 1, 512, 4, 4, 2
     qk, v, mask = make_inputs(B, T, hs, seed=0, dtype=torch.float32, pad=True)
     qk.requires_grad_()
     probe = LargestTensor()
     with probe:
-        out = LSH[impl](qk, v, m, R, causal=True, padding_mask=mask, dedup=dedup)
+        out = LSH[impl](qk, v, m, n_hashes, causal=True, padding_mask=mask, dedup=dedup)
         out.sum().backward()
-    logits = 2 * B * R * T * m * (R if dedup else 1)
-    hash_scores = B * R * T * (T // m)
+    logits = 2 * B * n_hashes * T * m * (n_hashes if dedup else 1)
+    hash_scores = B * n_hashes * T * (T // m)
     assert probe.largest <= max(logits, hash_scores) < T * T, probe.largest
     control = LargestTensor()
     with control:
@@ -622,26 +623,26 @@ def test_reference_hash_scores_in_pieces_linear_in_T():
 
 @both
 @settings(max_examples=15)
-@given(B=st.integers(1, 2), H=st.integers(1, 3), m=st.integers(1, 3), half=st.integers(1, 3),
-       R=st.integers(1, 3), causal=st.booleans(), pad=st.booleans(), dedup=st.booleans(),
+@given(B=st.integers(1, 2), nh=st.integers(1, 3), m=st.integers(1, 3), half=st.integers(1, 3),
+       n_hashes=st.integers(1, 3), causal=st.booleans(), pad=st.booleans(), dedup=st.booleans(),
        per_row=st.booleans(), seed=st.integers(0, 2**16))
-def test_heads_side_by_side_equal_heads_in_the_batch(impl, B, H, m, half, R, causal, pad, dedup,
-                                                     per_row, seed):
-    """qk (B, T, H, hs) is the same computation as (B * H, T, hs) with the heads moved into the
-    batch (row b * H + h, the rotations' order): outputs and gradients agree exactly."""
+def test_heads_side_by_side_equal_heads_in_the_batch(impl, B, nh, m, half, n_hashes, causal, pad,
+                                                     dedup, per_row, seed):
+    """qk (B, T, nh, hs) is the same computation as (B * nh, T, hs) with the heads moved into the
+    batch (row b * nh + h, the rotations' order): outputs and gradients agree exactly."""
     T, hs = 2 * half * m, 3
-    qk, v, mask = make_inputs(B, T, H * hs, seed=seed, pad=pad, hs_v=H * 2)
-    qk4, v4 = qk.view(B, T, H, hs).requires_grad_(), v.view(B, T, H, 2).requires_grad_()
-    rot = make_rotations(B * H, hs, R, T // m, seed, per_row=per_row)
+    qk, v, mask = make_inputs(B, T, nh * hs, seed=seed, pad=pad, hs_v=nh * 2)
+    qk4, v4 = qk.view(B, T, nh, hs).requires_grad_(), v.view(B, T, nh, 2).requires_grad_()
+    rot = make_rotations(B * nh, hs, n_hashes, T // m, seed, per_row=per_row)
     kw = dict(causal=causal, rotations=rot, dedup=dedup)
-    out4 = LSH[impl](qk4, v4, m, R, padding_mask=mask, **kw)
-    to_batch = lambda x: x.transpose(1, 2).reshape(B * H, T, -1)
+    out4 = LSH[impl](qk4, v4, m, n_hashes, padding_mask=mask, **kw)
+    to_batch = lambda x: x.transpose(1, 2).reshape(B * nh, T, -1)
     qk3, v3 = to_batch(qk4.detach()).requires_grad_(), to_batch(v4.detach()).requires_grad_()
-    mask3 = None if mask is None else mask.repeat_interleave(H, dim=0)
-    out3 = LSH[impl](qk3, v3, m, R, padding_mask=mask3, **kw)
-    assert out4.shape == (B, T, H, 2)
+    mask3 = None if mask is None else mask.repeat_interleave(nh, dim=0)
+    out3 = LSH[impl](qk3, v3, m, n_hashes, padding_mask=mask3, **kw)
+    assert out4.shape == (B, T, nh, 2)
     torch.testing.assert_close(to_batch(out4), out3, rtol=0, atol=1e-12)
-    g = torch.randn(B, T, H, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    g = torch.randn(B, T, nh, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     (out4 * g).sum().backward()
     (out3 * to_batch(g)).sum().backward()
     torch.testing.assert_close(to_batch(qk4.grad), qk3.grad, rtol=0, atol=1e-12)
@@ -653,19 +654,18 @@ def test_heads_side_by_side_equal_heads_in_the_batch(impl, B, H, m, half, R, cau
 # -----------------------------------------------------------------------------------------------
 
 @both
-@pytest.mark.parametrize("causal,pad,dedup,R", [(False, False, False, 3), (True, False, False, 3),
-                                                (False, True, False, 3), (False, False, True, 3),
-                                                (True, True, True, 3), (True, False, False, 1),
-                                                (False, True, False, 1)])
-def test_lsh_gradcheck(impl, causal, pad, dedup, R):
+@pytest.mark.parametrize("causal,pad,dedup,n_hashes", [
+    (False, False, False, 3), (True, False, False, 3), (False, True, False, 3),
+    (False, False, True, 3), (True, True, True, 3), (True, False, False, 1), (False, True, False, 1)])
+def test_lsh_gradcheck(impl, causal, pad, dedup, n_hashes):
     """float64 gradcheck; with n_hashes = 3 the round combination (the lse gradient) matters,
     n_hashes = 1 takes the path without it. The rotations are fixed and the inputs' bucket
     margins are far above gradcheck's eps."""
     B, m, n_buckets, hs = 2, 2, 4, 3
     T = m * n_buckets
     qk, v, mask = make_inputs(B, T, hs, seed=5, pad=pad, hs_v=2)
-    rot = make_rotations(B, hs, R, n_buckets, seed=5)
-    f = lambda q_, v_: LSH[impl](q_, v_, m, R, causal=causal, padding_mask=mask,
+    rot = make_rotations(B, hs, n_hashes, n_buckets, seed=5)
+    f = lambda q_, v_: LSH[impl](q_, v_, m, n_hashes, causal=causal, padding_mask=mask,
                                      rotations=rot, dedup=dedup)
     assert torch.autograd.gradcheck(f, (qk.requires_grad_(), v.requires_grad_()))
 
@@ -675,20 +675,20 @@ def test_lsh_gradcheck_with_dropout_replayed_by_seed(impl):
     """Dropout on the attention weights: the seed is reset inside the function, so every call
     draws the same mask and the function is deterministic; gradcheck then checks that backward
     uses the forward's mask and its 1 / (1 - p) rescaling."""
-    B, m, n_buckets, hs, R = 1, 2, 4, 3, 2
+    B, m, n_buckets, hs, n_hashes = 1, 2, 4, 3, 2
     T = m * n_buckets
     qk, v, _ = make_inputs(B, T, hs, seed=6)
-    rot = make_rotations(B, hs, R, n_buckets, seed=6)
+    rot = make_rotations(B, hs, n_hashes, n_buckets, seed=6)
 
     def f(q_, v_):
         torch.manual_seed(0)
-        return LSH[impl](q_, v_, m, R, rotations=rot, dropout=0.4, training=True)
+        return LSH[impl](q_, v_, m, n_hashes, rotations=rot, dropout=0.4, training=True)
 
     assert torch.autograd.gradcheck(f, (qk.requires_grad_(), v.requires_grad_()))
-    no_drop = LSH[impl](qk, v, m, R, rotations=rot)
+    no_drop = LSH[impl](qk, v, m, n_hashes, rotations=rot)
     assert not torch.allclose(f(qk, v), no_drop), "dropout did nothing"
     torch.testing.assert_close(  # training=False: no dropout
-        LSH[impl](qk, v, m, R, rotations=rot, dropout=0.4, training=False), no_drop)
+        LSH[impl](qk, v, m, n_hashes, rotations=rot, dropout=0.4, training=False), no_drop)
 
 
 @both
@@ -697,12 +697,12 @@ def test_attention_dropout_is_unbiased(impl, fn):
     """Inverted dropout on the weights leaves the expected output equal to the output without
     dropout (the round weights come from the undropped lse). 4000 samples at once (batch rows
     with shared rotations); each element within 5 empirical standard errors."""
-    N, m, n_buckets, hs, R = 4000, 2, 4, 3, 2
+    N, m, n_buckets, hs, n_hashes = 4000, 2, 4, 3, 2
     T = m * n_buckets
     qk, v, _ = make_inputs(1, T, hs, seed=8)
-    rot = make_rotations(1, hs, R, n_buckets, seed=8, per_row=False)
+    rot = make_rotations(1, hs, n_hashes, n_buckets, seed=8, per_row=False)
     if fn == "lsh":
-        run = lambda q_, v_, **kw: LSH[impl](q_, v_, m, R, rotations=rot, **kw)
+        run = lambda q_, v_, **kw: LSH[impl](q_, v_, m, n_hashes, rotations=rot, **kw)
     else:
         run = lambda q_, v_, **kw: LOCAL[impl](q_, q_, v_, m, **kw)
     torch.manual_seed(0)
@@ -789,18 +789,18 @@ def test_half_precision_keeps_dtype_and_equals_float32_rounded(impl, dtype, kind
     """Half inputs (with masks): the output keeps the dtype and, since logits and softmax run in
     float32 (steps 5 and 7), it is the float32 computation on the same half-rounded inputs,
     rounded to half: equal to within one unit in the last place of the half type (the float32
-    results may differ by reordering, which can move a value across a rounding boundary). Unit keys computed
-    in half and then cast would be off by several units."""
-    B, m, n_buckets, hs, R = 2, 4, 4, 8, 3
+    results may differ by reordering, which can move a value across a rounding boundary). Unit
+    keys computed in half and then cast would be off by several units."""
+    B, m, n_buckets, hs, n_hashes = 2, 4, 4, 8, 3
     T = m * n_buckets
     qk, v, mask = make_inputs(B, T, hs, seed=10, dtype=torch.float32, pad=True)
     k = torch.randn(B, T, hs)
     qk, k, v = qk.to(dtype), k.to(dtype), v.to(dtype)
-    rot = make_rotations(B, hs, R, n_buckets, seed=10, dtype=torch.float32)
+    rot = make_rotations(B, hs, n_hashes, n_buckets, seed=10, dtype=torch.float32)
 
     def run(q_, k_, v_):
         if kind.startswith("lsh"):
-            return LSH[impl](q_, v_, m, R, causal=True, padding_mask=mask, rotations=rot,
+            return LSH[impl](q_, v_, m, n_hashes, causal=True, padding_mask=mask, rotations=rot,
                                  dedup=kind == "lsh_dedup")
         fn, size = (local_attention, dict(bucket_size=m)) if kind.startswith("local") else \
             (full_attention, {})
