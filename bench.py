@@ -251,10 +251,12 @@ class _SDPALayer(torch.nn.Module):
 
 
 def build_layer(impl, n_hashes, T, args):
-    """One attention layer (B, T, C) -> (B, T, C): 'ours' (LSH), 'ours-full', 'sdpa' or a peer."""
+    """One attention layer (B, T, C) -> (B, T, C): 'ours' (LSH), 'ours-reference' (the same LSH
+    layer running lsh_attention.py's Part 1), 'ours-full', 'sdpa' or a peer."""
     C, nh, m = args.d_model, args.n_heads, args.bucket_size
-    if impl == "ours":
-        return LSHSelfAttention(C, nh, bucket_size=m, n_hashes=n_hashes, causal=True, attn="lsh")
+    if impl in ("ours", "ours-reference"):
+        return LSHSelfAttention(C, nh, bucket_size=m, n_hashes=n_hashes, causal=True, attn="lsh",
+                                impl="reference" if impl == "ours-reference" else "fast")
     if impl == "ours-full":
         return LSHSelfAttention(C, nh, bucket_size=m, causal=True, attn="full", shared_qk=True)
     if impl == "sdpa":
@@ -297,7 +299,7 @@ def lsh_flops(B, T, C, nh, m, n_hashes):
         hashing       x @ R: 2 B nh T hs (R n_buckets / 2), forward only (no gradient)
         chunks        S = q k^T and o = P v over (m, 2m) windows: 2 x 2 (n m) 2m hs forward, with
                       n = B nh R (nc + 1) - 1 query chunks (the 1 / nc extra ones are computed and
-                      thrown away, lsh_attention.py section 2); backward does dV, dP, dQ, dK:
+                      thrown away, lsh_attention.py's chunk layout); backward does dV, dP, dQ, dK:
                       twice the forward, so x3 in all
     Element-wise passes (masks, softmax, sort, gathers, round combination) are not counted.
     """
@@ -319,7 +321,7 @@ def speed_groups(args, peers):
     """(T, [(impl, n_hashes or None), ...]): the layers timed together, in order."""
     for T in args.lengths:
         for h in args.n_hashes:
-            yield T, [(impl, h) for impl in ("ours", *peers)]
+            yield T, [(impl, h) for impl in ("ours", "ours-reference", *peers)]
         full = [("ours-full", None)] if T <= args.max_full_len else []
         yield T, full + [("sdpa", None)]
 
@@ -379,12 +381,14 @@ def speed(args):
     dtype = DTYPES[args.dtype]
     before = matmul_rate(args.device, dtype)
     print(f"matmul 2048^3 {args.dtype}: {before / 1e9:.0f} GFLOP/s on {device_name(args.device)}")
+    name = "speed" + ("-compile" if args.compile else "") + ("-reuse" if args.reuse_memory else "")
     rows = []
     for T, group in speed_groups(args, peers):
         for row in measure_group(group, T, args):
             rows.append(row)
             progress(f"{row['impl']:>22} n_hashes={row['n_hashes'] or '-'} T={T}", row,
                      f"{row.get('seconds', 0):.3f} s")
+        save(args, name, rows, dict(partial=True))   # a run cut short keeps what it measured
     # The ceiling: the better of two measurements, before and after (the machine may be shared).
     after = matmul_rate(args.device, dtype)
     peak = max(before, after)
@@ -397,7 +401,6 @@ def speed(args):
     keys = ["impl", "n_hashes", "length", "batch", "seconds", "tokens_per_s",
             *(["peak_mb"] if args.device.startswith("cuda") else []), "gflop", "gflop_per_s",
             "matmul_fraction", "vs_ours"]
-    name = "speed" + ("-compile" if args.compile else "") + ("-reuse" if args.reuse_memory else "")
     path = report(args, name, f"speed: forward+backward of one layer, {args.tokens} tokens per "
                   f"step, median of {args.repeats}; 'x ours' = peer time / our time", rows, keys,
                   dict(matmul_gflop_per_s=[before / 1e9, after / 1e9]))

@@ -1,7 +1,7 @@
 """Data for the Reformer experiments: the duplication task, enwik8 and any local text file.
 
 Implements the data side of Kitaev, Kaiser & Levskaya, "Reformer: The Efficient Transformer"
-(ICLR 2020): the synthetic duplication task of Section 5 / Table 2, and byte-level enwik8 with
+(ICLR 2020): the synthetic duplication task of Section 2 / Table 2, and byte-level enwik8 with
 the Tensor2Tensor byte vocabulary (258 ids) that the authors' Trax configs use. The T2T split
 was checked against tensor2tensor/data_generators/enwik8.py (it slices the decoded text as
 data[:-10M] / data[-10M:-5M] / data[-5M:] characters).
@@ -132,7 +132,7 @@ class _Stream:
 # ----------------------------------------------------------------------------- duplication task
 
 class DuplicationTask(_Stream):
-    """The duplication task of the paper (Section 5, Table 2): copy a random string.
+    """The duplication task of the paper (Section 2, "Analysis on a synthetic task", Table 2): copy a random string.
 
     A sequence is s = [0, w, 0, w] of length T = seq_len, with |w| = T/2 - 1 symbols drawn
     uniformly from 1..vocab_size-1. Language-model convention, x = s and y[t] = s[t+1]:

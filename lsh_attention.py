@@ -1,5 +1,5 @@
 """
-LSH attention, local attention and full attention: Section 3 of the Reformer paper
+LSH attention, local attention and full attention: Section 2 of the Reformer paper
 (Kitaev, Kaiser, Levskaya, "Reformer: The Efficient Transformer", ICLR 2020, arXiv 2001.04451).
 
 Checked against the authors' code (google/trax, trax/layers/research/efficient_attention.py) for
@@ -14,20 +14,27 @@ chunk before it. Cost per round: O(T * bucket_size) instead of O(T^2). Several i
 rounds (`n_hashes`) reduce the chance that two similar vectors land in different buckets; their
 results are combined with the softmax normalisers of each round.
 
-Shape legend (one vocabulary for the whole repo):
-    B   batch (inside the attention functions: batch x heads)
-    T   sequence length            C   d_model           nh  number of heads
-    H   heads kept side by side in lsh_attention's (B, T, H, hs) form (H = nh in the layer)
-    hs  head size                  R   n_hashes (rounds)
-    m   bucket_size (chunk length)  nc  n_chunks = T // m  n_buckets = T // m
+How to read this file (`python lsh_attention.py` draws the steps for a small example first):
+    Part 1  the algorithm in plain PyTorch, autograd does every backward: hash_vectors,
+            look_one_back, lsh_attention (steps 1-9, the paper's order), local_attention,
+            full_attention. This is all of Section 2; read it top to bottom.
+    Part 2  the same functions, fast (lsh_attention_fast, local_attention_fast): strided views,
+            hand-written backward passes. Same math, proven equal to Part 1 by the tests.
+    Part 3  LSHSelfAttention, the multi-head layer; impl='fast' (default) or 'reference' (Part 1).
 
-Public names:
-    hash_vectors(x, n_buckets, n_hashes, rotations=None)       -> (B, R, T) int64 buckets
-    lsh_attention(qk, v, bucket_size, n_hashes, ...)            -> (B, T, hs_v)
-        (or heads side by side: qk (B, T, H, hs), v (B, T, H, hs_v) -> (B, T, H, hs_v))
-    local_attention(q, k, v, bucket_size, ...)                  -> (B, T, hs_v)
-    full_attention(q, k, v, causal, padding_mask, shared_qk)    -> (B, T, hs_v)
-    LSHSelfAttention(d_model, n_heads, ...)                     the multi-head layer
+Shape legend (one vocabulary for the whole repo; each symbol has one meaning):
+    B   batch; inside the attention functions every (batch row, head) pair is one row of B
+    T   sequence length     C   d_model     nh  number of heads     hs  head size (of qk)
+    hs_v  head size of v    m   bucket_size, the chunk length
+    n_hashes   hash rounds  n_buckets   buckets per round (T // m for LSH)
+    n_chunks   chunks per round, T // m     R   the random rotation matrix of the hash
+  and in Part 2's chunk layout only (defined there):
+    L   rows of one round in the layout, T + m      G   chunks in the layout
+    n   query windows in the layout, G - 1          N   rows of a layout tensor
+
+The nine steps of LSH attention (Part 1's numbering, used by the tests and the README):
+    1 hash   2 sort   3 shared-QK keys   4 chunk, look one back   5 logits and masks
+    6 dedup   7 softmax in each round   8 undo the sort   9 combine the rounds
 
 Does the future leak into the past under causal LSH attention? The causal mask makes sure a query
 never *uses* a later key. But the sort is global: a later token's bucket decides where the chunk
@@ -53,9 +60,9 @@ SELF_LOGIT = -1e5
 MASKED_LOGIT = -1e9
 
 
-# -----------------------------------------------------------------------------------------------
-# 1. Angular LSH
-# -----------------------------------------------------------------------------------------------
+# ===============================================================================================
+# Part 1. The algorithm, readable: plain PyTorch, autograd does the backward
+# ===============================================================================================
 
 def hash_vectors(x, n_buckets, n_hashes, rotations=None):
     """Angular locality-sensitive hash of each row of x, `n_hashes` independent rounds.
@@ -67,10 +74,10 @@ def hash_vectors(x, n_buckets, n_hashes, rotations=None):
     probability (Andoni et al. 2015). Only the direction of x matters, so scaling x by a positive
     number never changes its bucket, and x and -x land n_buckets / 2 apart.
 
-    x: (B, T, hs). rotations: (hs, R, n_buckets // 2) shared by every row of B, or
-    (B, hs, R, n_buckets // 2), one per row (per head). When None they are drawn fresh from the
-    current RNG (torch.randn), so each forward pass uses new hash functions, as the paper does.
-    Returns buckets (B, R, T), int64 in [0, n_buckets).
+    x: (B, T, hs). rotations: (hs, n_hashes, n_buckets // 2) shared by every row of B, or
+    (B, hs, n_hashes, n_buckets // 2), one per row (per head). When None they are drawn fresh
+    from the current RNG (torch.randn), so each forward pass uses new hash functions, as the
+    paper does. Returns buckets (B, n_hashes, T), int64 in [0, n_buckets).
     """
     if x.dim() != 3:
         raise ValueError(f"hash_vectors: x must be (B, T, hs), got shape {tuple(x.shape)}")
@@ -78,62 +85,359 @@ def hash_vectors(x, n_buckets, n_hashes, rotations=None):
         raise ValueError(f"hash_vectors: n_buckets must be even and >= 2, got {n_buckets}")
     if n_hashes < 1:
         raise ValueError(f"hash_vectors: n_hashes must be >= 1, got {n_hashes}")
-    return _hash(x.unsqueeze(2), n_buckets, n_hashes, rotations, "hash_vectors", x.shape)
-
-
-def _hash(x, n_buckets, n_hashes, rotations, fn, shape):
-    """hash_vectors for x: (B, T, H, hs), H heads hashed apart -> (B * H, R, T) buckets.
-    rotations: None, (hs, R, n_buckets // 2) or (B * H, hs, R, n_buckets // 2). fn and shape
-    (the caller's name and input shape) are for the error message."""
-    B, T, H, hs = x.shape
-    half = n_buckets // 2
+    B, T, hs = x.shape
     if rotations is None:
-        rotations = torch.randn(B * H, hs, n_hashes, half, device=x.device, dtype=x.dtype)
-    expected = ((hs, n_hashes, half), (B * H, hs, n_hashes, half))
+        rotations = torch.randn(B, hs, n_hashes, n_buckets // 2, device=x.device, dtype=x.dtype)
+    _check_rotations("hash_vectors", rotations, B, hs, n_hashes, n_buckets, x.shape)
+    R = rotations.to(x.dtype).expand(B, hs, n_hashes, n_buckets // 2)   # one R per row and round
+    # The scores xR are (B, n_hashes, T, n_buckets/2), and n_buckets = T / bucket_size grows with
+    # T: quadratic memory. Scoring 1024 positions at a time keeps it linear in T. No gradient: the
+    # hash only decides who attends to whom.
+    buckets = []
+    for xp in x.detach().split(1024, dim=1):                   # (B, <=1024, hs)
+        xR = torch.einsum("bti,birk->brtk", xp, R)             # (B, n_hashes, <=1024, n_buckets/2)
+        buckets.append(torch.cat([xR, -xR], dim=-1).argmax(dim=-1))
+    return torch.cat(buckets, dim=-1)                          # (B, n_hashes, T)
+
+
+def look_one_back(x):
+    """Every chunk together with the chunk before it: x (..., n_chunks, m, d) -> (..., n_chunks,
+    2m, d), window c = [chunk c - 1 ; chunk c]. Chunk 0 looks back to the last chunk (in LSH
+    attention the sorted order wraps around; local attention masks that half). Why look back at
+    all: a bucket rarely fills exactly one chunk, so a query's bucket-mates may have been sorted
+    into the chunk before (the paper's Figure 2). To look one chunk ahead as well, add
+    x.roll(-1, dims=-3) to the list (and widen dedup's window test in step 6)."""
+    return torch.cat([x.roll(1, dims=-3), x], dim=-2)
+
+
+def lsh_attention(qk, v, bucket_size, n_hashes, causal=False, padding_mask=None, rotations=None,
+                  dedup=False, dropout=0.0, training=False):
+    """Multi-round LSH attention with shared QK, the reference. qk: (B, T, hs), v: (B, T, hs_v)
+    -> (B, T, hs_v); or heads side by side, as a linear layer makes them: qk (B, T, nh, hs),
+    v (B, T, nh, hs_v) -> (B, T, nh, hs_v), every head attending on its own.
+
+    n_buckets = n_chunks = T // bucket_size, so T must be a multiple of 2 * bucket_size.
+    padding_mask: (B, T) bool, True for real tokens. rotations: see hash_vectors (one per row of
+    B * nh). dedup: count a key found in several rounds once (step 6). dropout: on the attention
+    weights, when training. Rounds are kept apart: each is sorted and chunked on its own.
+    Memory is linear in T (the largest tensors are the logits, (B, n_hashes, n_chunks, m, 2m)),
+    so it trains; lsh_attention_fast (Part 2) computes the same function 1.3-2x faster.
+    """
+    _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask, rotations)
+    if qk.dim() == 4:   # heads side by side: move them into the batch, (B nh, T, hs)
+        B, T, nh = qk.shape[:3]
+        heads_in_batch = lambda x: x.transpose(1, 2).reshape(B * nh, T, -1)
+        mask = None if padding_mask is None else padding_mask.repeat_interleave(nh, dim=0)
+        out = lsh_attention(heads_in_batch(qk), heads_in_batch(v), bucket_size, n_hashes, causal,
+                            mask, rotations, dedup, dropout, training)
+        return out.view(B, nh, T, -1).transpose(1, 2)                  # (B, T, nh, hs_v)
+    out_dtype = v.dtype
+    qk, v = _float32(qk, v)
+    with _autocast_off(qk):
+        out = _lsh_steps(qk, v, bucket_size, n_hashes, causal, padding_mask, rotations, dedup,
+                         dropout if training else 0.0)
+    return out.to(out_dtype)
+
+
+def _lsh_steps(qk, v, m, n_hashes, causal, padding_mask, rotations, dedup, p_drop):
+    """The nine steps of LSH attention, in the paper's order. qk: (B, T, hs), v: (B, T, hs_v)."""
+    B, T, hs = qk.shape
+    n_chunks = T // m                    # and n_buckets = n_chunks: a chunk per bucket on average
+    pos = torch.arange(T, device=qk.device)
+
+    # 1. Hash every position, n_hashes independent rounds:  h(x) = argmax([xR ; -xR])
+    buckets = hash_vectors(qk, n_chunks, n_hashes, rotations)      # (B, n_hashes, T)
+
+    # 2. Sort each round by bucket, and by position inside a bucket (earlier first, which keeps
+    #    causal masking meaningful). s_i, the slot of position i, is its rank in that order.
+    sorted_pos = (buckets * T + pos).argsort(dim=-1)               # (B, n_hashes, T): slot -> i
+    undo_sort = sorted_pos.argsort(dim=-1)                         # (B, n_hashes, T): i -> s_i
+
+    # 3. Shared QK: a position's key is its query, normalised:  k_j = q_j / |q_j|
+    #    (the logits are q_i . k_j with no 1 / sqrt(hs), as in the authors' trax code: the query
+    #    keeps its length, so the model learns the logits' scale; reformer-pytorch and the fastai
+    #    code divide by sqrt(hs) as well)
+    k = F.normalize(qk, dim=-1)                                    # (B, T, hs)
+
+    # 4. Cut each round's sorted order into chunks of m; a chunk attends to itself and the one
+    #    before:  P_i = {j : floor(s_i / m) - 1 <= floor(s_j / m) <= floor(s_i / m)} mod n_chunks
+    rows = torch.arange(B, device=qk.device).view(B, 1, 1)
+    chunks = lambda x: x[rows, sorted_pos].view(B, n_hashes, n_chunks, m, -1)  # sort, cut
+    q_c = chunks(qk)                                               # (B, n_hashes, n_chunks, m, hs)
+    k_w, v_w = look_one_back(chunks(k)), look_one_back(chunks(v))  # (.., n_chunks, 2m, hs[_v])
+    pos_q = sorted_pos.view(B, n_hashes, n_chunks, m, 1)           # the position of each query
+    pos_k = look_one_back(pos_q).transpose(-1, -2)                 # and of each key: (.., 1, 2m)
+
+    # 5. Logits q_i . k_j, and the authors' masks, which replace the logit: a query's own key
+    #    -1e5 (used only when nothing else is there), future (causal) and padding keys -1e9
+    logits = q_c @ k_w.transpose(-1, -2)                           # (.., n_chunks, m, 2m)
+    logits = logits.masked_fill(pos_q == pos_k, SELF_LOGIT)
+    if causal:
+        logits = logits.masked_fill(pos_k > pos_q, MASKED_LOGIT)
+    if padding_mask is not None:
+        real_k = look_one_back(chunks(padding_mask.bool().unsqueeze(-1))).transpose(-1, -2)
+        logits = logits.masked_fill(~real_k, MASKED_LOGIT)         # real_k: (.., 1, 2m)
+
+    # 6. Dedup (optional): a key that query i finds in N_ij of the rounds loses log N_ij in each,
+    #    so that over all rounds it counts once, as in full attention
+    if dedup and n_hashes > 1:
+        chunk_of = (undo_sort // m).transpose(1, 2)                # (B, T, n_hashes): i's chunks
+        b = rows.view(B, 1, 1, 1, 1)
+        c_q = chunk_of[b, pos_q]                                   # (.., m, 1, n_hashes)
+        c_k = chunk_of[b, pos_k]                                   # (.., 1, 2m, n_hashes)
+        in_window = (c_q - c_k) % n_chunks <= 1                    # own chunk or the one before
+        logits = logits - in_window.sum(-1).to(logits.dtype).log() # N_ij >= 1 (this round)
+
+    # 7. Softmax in each round r:  o_i^(r) = sum_j exp(logit_ij - lse_i^(r)) v_j,
+    #    lse_i^(r) = log sum_j exp(logit_ij), the round's log normaliser (kept for step 9)
+    lse = logits.logsumexp(dim=-1, keepdim=True)                   # (.., n_chunks, m, 1)
+    p = F.dropout(torch.exp(logits - lse), p_drop, training=p_drop > 0)
+    o = p @ v_w                                                    # (.., n_chunks, m, hs_v)
+
+    # 8. Undo the sort: from slot s_i back to position i, in every round
+    unsort = lambda x: x.view(B, n_hashes, T, -1).gather(
+        2, undo_sort.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+    o, lse = unsort(o), unsort(lse)                                # (B, n_hashes, T, hs_v or 1)
+
+    # 9. Combine the rounds by their normalisers (not an average), which makes it softmax
+    #    attention over the union of the windows:  o_i = sum_r exp(lse_i^(r) - lse_i) o_i^(r),
+    #    lse_i = logsumexp_r lse_i^(r)
+    return (torch.softmax(lse, dim=1) * o).sum(dim=1)              # (B, T, hs_v)
+
+
+def local_attention(q, k, v, bucket_size, causal=False, padding_mask=None, shared_qk=False,
+                    dropout=0.0, training=False):
+    """Chunked attention over neighbouring positions, the reference: each chunk of `bucket_size`
+    positions attends to itself and the chunk before it (the first chunk to itself only), with
+    the chunking of LSH attention's step 4 but without the sort. The authors' enwik8 model uses
+    it in most layers. q, k: (B, T, hs), v: (B, T, hs_v); T a multiple of bucket_size.
+    With shared_qk=True, k is ignored and the shared-QK conventions of lsh_attention apply.
+    """
+    _check_local_inputs(q, k, v, bucket_size, padding_mask, shared_qk)
+    B, T, hs = q.shape
+    m, n_chunks = bucket_size, T // bucket_size
+    out_dtype = v.dtype
+    q, k, v = _float32(q, k, v)
+    with _autocast_off(q):
+        k, scale = (F.normalize(q, dim=-1), 1.0) if shared_qk else (k, 1.0 / math.sqrt(hs))
+        chunks = lambda x: x.reshape(B, n_chunks, m, -1)                # (B, n_chunks, m, d)
+        pos_q = torch.arange(T, device=q.device).view(1, n_chunks, m, 1)  # each query's position
+        pos_k = look_one_back(pos_q).transpose(-1, -2)                  # each key's: (.., 1, 2m)
+        logits = chunks(q) @ look_one_back(chunks(k)).transpose(-1, -2) * scale  # (.., m, 2m)
+        if shared_qk:
+            logits = logits.masked_fill(pos_q == pos_k, SELF_LOGIT)
+        invalid = torch.zeros(n_chunks, 1, 2 * m, dtype=torch.bool, device=q.device)
+        invalid[0, :, :m] = True        # chunk 0 has no chunk before it (look_one_back wrapped)
+        if causal:
+            invalid = invalid | (pos_k > pos_q)
+        if padding_mask is not None:
+            invalid = invalid | ~look_one_back(chunks(padding_mask.bool())).transpose(-1, -2)
+        p = torch.softmax(logits.masked_fill(invalid, MASKED_LOGIT), dim=-1)
+        p = F.dropout(p, dropout, training=training and dropout > 0)
+        out = p @ look_one_back(chunks(v))                              # (B, n_chunks, m, hs_v)
+    return out.reshape(B, T, -1).to(out_dtype)
+
+
+def full_attention(q, k, v, causal=False, padding_mask=None, shared_qk=False, dropout=0.0,
+                   training=False):
+    """Ordinary O(T^2) softmax attention, the reference. q, k: (B, T, hs), v: (B, T, hs_v).
+
+    shared_qk=False: softmax(q k^T / sqrt(hs)) v, the baseline Transformer.
+    shared_qk=True: k may be None; keys are q / |q|, logits q . k_hat, and a query's own logit is
+    -1e5, exactly as in lsh_attention, so a model trained with LSH can be evaluated with full
+    attention on the same weights (paper Table 2). Invalid keys get -1e9 (finite: no NaN).
+    Without masks beyond causal it runs PyTorch's fused F.scaled_dot_product_attention.
+    """
+    _check_shapes("full_attention", q, None if shared_qk else k, v, padding_mask)
+    p_drop = dropout if training else 0.0
+    if not shared_qk:
+        if k is None:
+            raise ValueError("full_attention: k is None, which is valid only with shared_qk=True")
+        if padding_mask is None:   # the common case: PyTorch's fused (flash) kernel, no mask tensor
+            # (1, B, T, hs): the fused CPU kernel takes 4-d inputs only; 3-d ones fall back to
+            # the O(T^2)-memory math path, about 3x slower.
+            q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=p_drop)[0]
+    out_dtype = v.dtype
+    q, k, v = _float32(q, k, v)                                # as in lsh_attention
+    with _autocast_off(q):
+        out = _masked_full_attention(q, k, v, causal, padding_mask, shared_qk, p_drop)
+    return out.to(out_dtype)
+
+
+def _masked_full_attention(q, k, v, causal, padding_mask, shared_qk, p_drop):
+    """The explicit version: the (B, T, T) logits, the masks of lsh_attention's step 5, softmax."""
+    B, T, hs = q.shape
+    if shared_qk:
+        k, scale = F.normalize(q, dim=-1), 1.0
+    else:
+        scale = 1.0 / math.sqrt(hs)
+    # The same masks as the LSH path, replacing logits (not adding to them), so the two agree
+    # exactly, even on rows where every key is invalid (uniform weights, no NaN).
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale       # (B, T, T)
+    if shared_qk:
+        logits.diagonal(dim1=-2, dim2=-1).fill_(SELF_LOGIT)
+    if causal:
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        logits.masked_fill_(future, MASKED_LOGIT)
+    if padding_mask is not None:
+        logits.masked_fill_(~padding_mask.bool().view(B, 1, T), MASKED_LOGIT)
+    p = F.dropout(torch.softmax(logits, dim=-1), p_drop, training=p_drop > 0)
+    return torch.matmul(p, v)                                  # (B, T, hs_v)
+
+
+# Input checks and dtype handling, shared by Part 1 and Part 2.
+
+def _check_shapes(fn, q, k, v, padding_mask, q_name="q"):
+    """ValueError naming the shapes unless q: (B, T, hs), k: None or like q, v: (B, T, hs_v),
+    padding_mask: None or (B, T)."""
+    if q.dim() != 3 or v.dim() != 3 or q.shape[:2] != v.shape[:2]:
+        raise ValueError(f"{fn}: {q_name} must be (B, T, hs) and v (B, T, hs_v) with the same B "
+                         f"and T, got {q_name} {tuple(q.shape)} and v {tuple(v.shape)}")
+    if k is not None and k.shape != q.shape:
+        raise ValueError(f"{fn}: k must have the shape of q {tuple(q.shape)}, got "
+                         f"{tuple(k.shape)}")
+    if padding_mask is not None and tuple(padding_mask.shape) != tuple(q.shape[:2]):
+        raise ValueError(f"{fn}: padding_mask must be (B, T) = {tuple(q.shape[:2])}, got "
+                         f"{tuple(padding_mask.shape)}")
+
+
+def _check_rotations(fn, rotations, rows, hs, n_hashes, n_buckets, shape):
+    expected = ((hs, n_hashes, n_buckets // 2), (rows, hs, n_hashes, n_buckets // 2))
     if tuple(rotations.shape) not in expected:
         raise ValueError(f"{fn}: rotations must have shape {expected[0]} or {expected[1]} "
                          f"for x of shape {tuple(shape)}, got {tuple(rotations.shape)}")
+
+
+def _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask, rotations):
+    if qk.dim() == 4 or v.dim() == 4:   # (B, T, nh, hs): heads side by side
+        if qk.dim() != 4 or v.dim() != 4 or qk.shape[:3] != v.shape[:3]:
+            raise ValueError(f"lsh_attention: with heads, qk must be (B, T, nh, hs) and v "
+                             f"(B, T, nh, hs_v) with the same B, T and nh, got qk "
+                             f"{tuple(qk.shape)} and v {tuple(v.shape)}")
+        _check_shapes("lsh_attention", qk[:, :, 0], None, v[:, :, 0], padding_mask, "qk")
+    else:
+        _check_shapes("lsh_attention", qk, None, v, padding_mask, q_name="qk")
+    T = qk.shape[1]
+    if bucket_size < 1 or T % (2 * bucket_size):
+        raise ValueError(f"lsh_attention: T={T} must be a positive multiple of 2 * bucket_size "
+                         f"= {2 * bucket_size} (n_buckets = T // bucket_size must be even); pad "
+                         f"the sequence, or use LSHSelfAttention, which pads for you")
+    if n_hashes < 1:
+        raise ValueError(f"lsh_attention: n_hashes must be >= 1, got {n_hashes}")
+    if rotations is not None:
+        rows = qk.shape[0] * (qk.shape[2] if qk.dim() == 4 else 1)
+        _check_rotations("lsh_attention", rotations, rows, qk.shape[-1], n_hashes,
+                         T // bucket_size, qk.shape)
+
+
+def _check_local_inputs(q, k, v, bucket_size, padding_mask, shared_qk):
+    _check_shapes("local_attention", q, None if shared_qk else k, v, padding_mask)
+    T = q.shape[1]
+    if bucket_size < 1 or T % bucket_size:
+        raise ValueError(f"local_attention: T={T} must be a positive multiple of bucket_size="
+                         f"{bucket_size}")
+    if not shared_qk and k is None:
+        raise ValueError("local_attention: k is None, which is valid only with shared_qk=True")
+
+
+def _float32(*xs):
+    """Half-precision inputs go to float32: logits, softmax and the round weights are computed
+    there (half cannot hold the -1e9 mask value, and exp() of half logits loses the small weights
+    that the round combination needs). None passes through."""
+    return [x.float() if x is not None and x.dtype in (torch.float16, torch.bfloat16) else x
+            for x in xs]
+
+
+def _autocast_off(x):
+    """Autocast would turn our float32 matmuls back into half ones: switch it off inside."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+# ===============================================================================================
+# Part 2. The same functions, fast
+# ===============================================================================================
+#
+# Part 1 is the whole algorithm. This part computes the same function (tests/test_lsh_attention.py
+# checks values and gradients to 1e-10 in float64), 1.3x (one hash round) to 2x (four rounds)
+# faster than Part 1 on a CPU (python bench.py speed, the ours-reference rows: 1.29 / 2.17x at
+# 1K, 1.34 / 1.94x at 4K for LSH-1 / LSH-4). On a CPU the time of attention over (m, 2m)
+# blocks goes less into the matmuls than into the passes over the logits and the copies of q, k
+# and v, so every change below removes a pass or a copy. What it does differently, and what each
+# change bought (README, Benchmarks; measured with python bench.py speed / profile, one commit
+# each; all together 1.31-1.46x at 1K and 1.43-1.58x at 16K over the first fast version):
+#   - the chunk layout (below): each round's last chunk copied in front, so the look-back windows
+#     are overlapping strided views read in place by bmm instead of look_one_back's copies
+#     (the copies were 13 % of a step)                              replaces Part 1's step 4
+#   - the chunk attention as one autograd Function (_ChunkAttention) with a hand-written
+#     backward: softmax in place, lse from the softmax's max (no exp pass of its own), window
+#     gradients as two half-size matmuls accumulated in place        replaces steps 5 and 7
+#   - the causal mask without padding added by the first matmul (baddbmm_, -1e9 x distance)
+#     instead of a boolean masked_fill, which is 4x slower per element here (exact: every query
+#     keeps its own key, so masked weights underflow to 0 either way)     replaces step 5's mask
+#   - the sort, the unsort and the round combination as Functions whose backward is a gather
+#     through the inverse permutation, not a scatter-add of every row (scatter_add was 11-18 %
+#     of a step)                                  replaces the gathers of steps 4 and 8, and step 9
+#   - normalised keys with a 3-pass backward instead of autograd's 8 (_Normalize)      step 3
+#   - hashing piece by piece, argmax([xR ; -xR]) without building it (16K x 8 hashes:
+#     330 -> 200 ms)                                                            replaces step 1
+#   - heads side by side (B, T, nh, hs) all the way: no transposes to move heads into the batch
+
+
+def _hash(x, n_buckets, n_hashes, rotations):
+    """hash_vectors (step 1) for x: (B, T, nh, hs), the nh heads hashed apart -> (B * nh,
+    n_hashes, T) buckets; rotations: None, (hs, n_hashes, n_buckets // 2) or (B * nh, hs,
+    n_hashes, n_buckets // 2), checked by the caller. The same buckets as hash_vectors, and the
+    same draw from the RNG when rotations is None."""
+    B, T, nh, hs = x.shape
+    half = n_buckets // 2
+    if rotations is None:
+        rotations = torch.randn(B * nh, hs, n_hashes, half, device=x.device, dtype=x.dtype)
     rot = rotations.to(x.dtype).reshape(-1, hs, n_hashes * half)
-    rot = rot.view(B, H, hs, -1) if rot.shape[0] > 1 else rot.view(1, 1, hs, -1)
-    # The scores xR are (B, H, T, R * n_buckets/2): with n_buckets = T / bucket_size that is
+    rot = rot.view(B, nh, hs, -1) if rot.shape[0] > 1 else rot.view(1, 1, hs, -1)
+    # The scores xR are (B, nh, T, n_hashes * n_buckets/2): with n_buckets = T / m that is
     # quadratic in T (at T = 16K and 8 hashes, more than the logits of attention). Hash a piece
     # of positions at a time, at most 1M scores (4 MB): the transient stays small, and on a CPU
     # a buffer that size is reused by the allocator instead of being mapped fresh (page faults
     # cost as much as the reduction here); 16K x 8 hashes: 330 -> 200 ms.
-    piece = max(1, (1 << 20) // (B * H * n_hashes * half))
+    # On a GPU that size would mean thousands of tiny launches per layer at long T (16 positions
+    # a piece at 1M tokens): there, pieces of 64M scores (256 MB).
+    budget = 1 << 20 if x.device.type == "cpu" else 1 << 26
+    piece = max(1, budget // (B * nh * n_hashes * half))
     with torch.no_grad():  # argmax has no gradient; the hash only decides who attends to whom
         buckets = torch.cat([_argmax_pm(torch.matmul(xp.transpose(1, 2), rot), n_hashes,
                                         n_buckets)
-                             for xp in x.detach().split(piece, dim=1)], dim=2)  # (B, H, T, R)
-    return buckets.transpose(-1, -2).contiguous().view(B * H, n_hashes, T)
+                             for xp in x.detach().split(piece, dim=1)], dim=2)
+    # buckets: (B, nh, T, n_hashes)
+    return buckets.transpose(-1, -2).contiguous().view(B * nh, n_hashes, T)
 
 
 def _argmax_pm(xr, n_hashes, n_buckets):
     """argmax([xR ; -xR]) without building it: the best of +R is argmax(xR), the best of -R is
     argmin(xR); take whichever is larger in magnitude (bucket i or n_buckets/2 + i).
-    xr: (..., R * n_buckets/2) -> (..., R). Reduces along contiguous memory."""
-    xr = xr.view(*xr.shape[:-1], n_hashes, n_buckets // 2)     # (..., R, n_buckets/2)
+    xr: (..., n_hashes * n_buckets/2) -> (..., n_hashes). Reduces along contiguous memory."""
+    xr = xr.view(*xr.shape[:-1], n_hashes, n_buckets // 2)     # (..., n_hashes, n_buckets/2)
     hi, lo = xr.max(dim=-1), xr.min(dim=-1)
     return torch.where(hi.values >= -lo.values, hi.indices, lo.indices + n_buckets // 2)
 
 
-# -----------------------------------------------------------------------------------------------
-# 2. Attention inside chunks: the work shared by LSH and local attention
-# -----------------------------------------------------------------------------------------------
+# The chunk layout (replaces look_one_back, step 4). A round (for local attention: a sequence) is
+# n_chunks chunks of m rows, and every chunk attends to itself and the chunk before it; the first
+# chunk looks back to the round's last chunk. Rather than copying each chunk's window [chunk
+# before; chunk] into a (n_chunks, 2m) tensor (twice the keys, twice the values, again in the
+# backward pass), rounds are laid end to end with one extra chunk in front of each, a copy of the
+# round's last chunk (local attention: a dummy chunk, masked). With c_j chunk j of a round and c'_j
+# chunk j of the next round:
 #
-# Layout. A round (for local attention: a sequence) is nc chunks of m rows, and every chunk attends
-# to itself and the chunk before it; the first chunk looks back to the round's last chunk. Rather
-# than copying each chunk's window [chunk before; chunk] into a (nc, 2m) tensor (twice the keys,
-# twice the values, again in the backward pass), rounds are laid end to end with one extra chunk in
-# front of each, a copy of the round's last chunk (local attention: a dummy chunk, masked):
+#     [c_last] c_0 c_1 ... c_last [c'_last] c'_0 c'_1 ... c'_last ...        G chunks, G * m rows
 #
-#     [c_{nc-1}] c_0 c_1 ... c_{nc-1} [c'_{nc-1}] c'_0 c'_1 ... c'_{nc-1} ...      G * m rows
-#
-# Chunk i + 1's window is then chunks i and i + 1 of this flat tensor: an overlapping strided view
-# (_windows), no copy, and the queries are the same rows without the first chunk. One batched
-# matmul covers every chunk of every round. The windows of the extra chunks (the last chunk of a
-# round looking back into the next round's front chunk) are computed and thrown away: a waste of
-# 1 / nc of the attention work (6 % at nc = 16, 0.4 % at nc = 256) that costs no copies.
+# L = T + m rows per round, G = (rounds) x (n_chunks + 1) chunks, N = G * m rows in all. Chunk
+# i + 1's window is then chunks i and i + 1 of this flat tensor: an overlapping strided view
+# (_windows), no copy, and the queries are the same rows without the first chunk: n = G - 1 query
+# windows. One batched matmul covers every chunk of every round. The windows of the extra chunks
+# (the last chunk of a round looking back into the next round's front chunk) are computed and
+# thrown away: a waste of 1 / n_chunks of the attention work (6 % at n_chunks = 16, 0.4 % at
+# n_chunks = 256) that costs no copies.
 
 def _windows(x, m):
     """Overlapping windows of two chunks, as a view: (G * m, d) contiguous -> (G - 1, 2m, d),
@@ -165,16 +469,17 @@ def _windows_grad(a, b, m):
 
 
 class _ChunkAttention(torch.autograd.Function):
-    """Softmax attention of every chunk to its window [chunk before; chunk], with the authors' masks.
+    """Softmax attention of every chunk to its window [chunk before; chunk], with the authors'
+    masks: Part 1's steps 5 (logits, masks) and 7 (softmax, o = p v, lse), forward and backward.
 
     Written as one autograd Function (forward and backward by hand, FlashAttention-style
     bookkeeping) because autograd through the plain expression keeps several (n, m, 2m) tensors
-    alive and runs a dozen element-wise passes over them. Those passes, not the matmuls, decide the
-    speed on a CPU (each pass over the logits is memory-bound), so the forward keeps only the softmax
-    weights P, computes softmax in place, and the backward is four matmuls plus two passes:
+    alive and runs a dozen element-wise passes over them. Those passes, not the matmuls, decide
+    the speed on a CPU (each pass over the logits is memory-bound), so the forward keeps only the
+    softmax weights P, computes softmax in place, and the backward is four matmuls plus two passes:
         S = q k^T * scale, masked;  P = softmax(S);  o = P v;  lse = logsumexp(S)
         dP = do v^T;  dS = P * (dP - rowsum(do * o) + dlse);  dq = dS k;  dk = dS^T q;  dv = P^T do
-    The dlse term is there because the round combination (step 5 of lsh_attention) depends on lse.
+    The dlse term is there because the round combination (step 9) depends on lse.
     tests/test_lsh_attention.py checks it with torch.autograd.gradcheck.
 
     q, k: (G * m, hs), v: (G * m, hs_v), contiguous, in the layout above. Masks, one of:
@@ -268,7 +573,8 @@ class _ChunkAttention(torch.autograd.Function):
 
 def _attend_in_chunks(q, k, v, pos, m, k_valid, causal, shared_qk, scale, log_counts=None,
                       dropout=0.0, training=False):
-    """Attention of every chunk to itself and the chunk before it, all chunks and rounds at once.
+    """Attention of every chunk to itself and the chunk before it, all chunks and rounds at once
+    (steps 5 and 7; Part 1's position comparisons pos_q == pos_k, pos_k > pos_q become the masks).
 
     q, k: (G * m, hs), v: (G * m, hs_v) in the layout above, pos: (G * m,) original positions,
     k_valid: (G * m,) bool or None. Returns the output (n, m, hs_v) and the log-sum-exp of each
@@ -292,78 +598,32 @@ def _attend_in_chunks(q, k, v, pos, m, k_valid, causal, shared_qk, scale, log_co
 
 
 def _dedup_log_counts(undo_sort, ext, m, dtype):
-    """log(c_ij): in how many rounds key j falls in query i's window (step 6 of lsh_attention).
+    """log N_ij: in how many rounds key j falls in query i's window (step 6), as in Part 1, in the
+    chunk layout.
 
-    undo_sort: (B, R, T) the sorted slot of each position in each round; ext: (B, R, T + m) the
-    positions in the layout above. In round r, j is in i's window iff chunk_r(j) is chunk_r(i) or
-    the chunk before it (mod nc). Memory: R times the logits, (B, R, nc, m, 2m, R) booleans.
-    Returns (n, m, 2m) of dtype in the layout of _ChunkAttention (zeros for thrown-away windows).
+    undo_sort: (B, n_hashes, T) the sorted slot of each position in each round; ext: (B, n_hashes,
+    L) the positions in the layout above. In round r, j is in i's window iff chunk_r(j) is
+    chunk_r(i) or the chunk before it (mod n_chunks). Memory: n_hashes times the logits,
+    (B, n_hashes, n_chunks, m, 2m, n_hashes) booleans. Returns (n, m, 2m) of dtype in the layout
+    of _ChunkAttention (zeros for thrown-away windows).
     """
-    B, R, T = undo_sort.shape
-    nc = T // m
-    chunk_of = (undo_sort // m).transpose(1, 2)                # (B, T, R): chunk of a position
-    q_pos, k_pos = ext[..., m:], ext.unfold(-1, 2 * m, m)      # (B, R, T), (B, R, nc, 2m)
-    flat = lambda p: p.reshape(B, -1, 1).expand(-1, -1, R)
-    cq = torch.gather(chunk_of, 1, flat(q_pos)).view(B, R, nc, m, 1, R)
-    ck = torch.gather(chunk_of, 1, flat(k_pos)).view(B, R, nc, 1, 2 * m, R)
-    in_window = ((cq - ck) % nc) <= 1                          # (B, R, nc, m, 2m, R)
+    B, n_hashes, T = undo_sort.shape
+    n_chunks = T // m
+    chunk_of = (undo_sort // m).transpose(1, 2)                # (B, T, n_hashes): i's chunks
+    q_pos, k_pos = ext[..., m:], ext.unfold(-1, 2 * m, m)      # (.., T), (.., n_chunks, 2m)
+    flat = lambda p: p.reshape(B, -1, 1).expand(-1, -1, n_hashes)
+    cq = torch.gather(chunk_of, 1, flat(q_pos)).view(B, n_hashes, n_chunks, m, 1, n_hashes)
+    ck = torch.gather(chunk_of, 1, flat(k_pos)).view(B, n_hashes, n_chunks, 1, 2 * m, n_hashes)
+    in_window = ((cq - ck) % n_chunks) <= 1                    # (.., n_chunks, m, 2m, n_hashes)
     counts = in_window.sum(-1).clamp_(min=1)                   # >= 1: the current round counts
-    out = torch.zeros(B * R, nc + 1, m, 2 * m, dtype=dtype, device=undo_sort.device)
-    out[:, 1:] = counts.view(B * R, nc, m, 2 * m).to(dtype).log()
+    out = torch.zeros(B * n_hashes, n_chunks + 1, m, 2 * m, dtype=dtype, device=undo_sort.device)
+    out[:, 1:] = counts.view(B * n_hashes, n_chunks, m, 2 * m).to(dtype).log()
     return out.view(-1, m, 2 * m)[1:]
 
 
-# -----------------------------------------------------------------------------------------------
-# 3. LSH attention (the function: B may be batch x heads)
-# -----------------------------------------------------------------------------------------------
-
-def _check_shapes(fn, q, k, v, padding_mask, q_name="q"):
-    """ValueError naming the shapes unless q: (B, T, hs), k: None or like q, v: (B, T, hs_v),
-    padding_mask: None or (B, T)."""
-    if q.dim() != 3 or v.dim() != 3 or q.shape[:2] != v.shape[:2]:
-        raise ValueError(f"{fn}: {q_name} must be (B, T, hs) and v (B, T, hs_v) with the same B "
-                         f"and T, got {q_name} {tuple(q.shape)} and v {tuple(v.shape)}")
-    if k is not None and k.shape != q.shape:
-        raise ValueError(f"{fn}: k must have the shape of q {tuple(q.shape)}, got "
-                         f"{tuple(k.shape)}")
-    if padding_mask is not None and tuple(padding_mask.shape) != tuple(q.shape[:2]):
-        raise ValueError(f"{fn}: padding_mask must be (B, T) = {tuple(q.shape[:2])}, got "
-                         f"{tuple(padding_mask.shape)}")
-
-
-def _float32(*xs):
-    """Half-precision inputs go to float32: logits, softmax and the round weights are computed
-    there (half cannot hold the -1e9 mask value, and exp() of half logits loses the small weights
-    that the round combination needs). None passes through."""
-    return [x.float() if x is not None and x.dtype in (torch.float16, torch.bfloat16) else x
-            for x in xs]
-
-
-def _autocast_off(x):
-    """Autocast would turn our float32 matmuls back into half ones: switch it off inside."""
-    return torch.autocast(device_type=x.device.type, enabled=False)
-
-
-def _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask):
-    if qk.dim() == 4 or v.dim() == 4:   # (B, T, H, hs): heads side by side
-        if qk.dim() != 4 or v.dim() != 4 or qk.shape[:3] != v.shape[:3]:
-            raise ValueError(f"lsh_attention: with heads, qk must be (B, T, H, hs) and v "
-                             f"(B, T, H, hs_v) with the same B, T and H, got qk "
-                             f"{tuple(qk.shape)} and v {tuple(v.shape)}")
-        _check_shapes("lsh_attention", qk[:, :, 0], None, v[:, :, 0], padding_mask, "qk")
-    else:
-        _check_shapes("lsh_attention", qk, None, v, padding_mask, q_name="qk")
-    T = qk.shape[1]
-    if bucket_size < 1 or T % (2 * bucket_size):
-        raise ValueError(f"lsh_attention: T={T} must be a positive multiple of 2 * bucket_size "
-                         f"= {2 * bucket_size} (n_buckets = T // bucket_size must be even); pad "
-                         f"the sequence, or use LSHSelfAttention, which pads for you")
-    if n_hashes < 1:
-        raise ValueError(f"lsh_attention: n_hashes must be >= 1, got {n_hashes}")
-
-
 def _gather_rows(x, idx):
-    """x: (B, T, *), idx: (B, R, L) positions -> (B, R, L, *) with out[b, r, l] = x[b, idx[b, r, l]].
+    """x: (B, T, *), idx: (B, n_hashes, L) positions -> (B, n_hashes, L, *),
+    out[b, r, l] = x[b, idx[b, r, l]].
 
     Done as one flat index_select (its backward is one index_add), cheaper than gather with an
     index expanded over the feature dim."""
@@ -374,8 +634,8 @@ def _gather_rows(x, idx):
 
 
 class _Normalize(torch.autograd.Function):
-    """Shared-QK keys k_hat = x / |x| (|x| clamped at 1e-12, as F.normalize): the same values as
-    F.normalize, with a backward of three passes instead of autograd's eight:
+    """Shared-QK keys k_hat = x / |x| (|x| clamped at 1e-12), replacing Part 1's F.normalize
+    (step 3): the same values, with a backward of three passes instead of autograd's eight:
         dx = (dy - k_hat (k_hat . dy)) / |x|     (dx = dy / 1e-12 where |x| was clamped)."""
 
     @staticmethod
@@ -393,18 +653,19 @@ class _Normalize(torch.autograd.Function):
 
 
 def _normalize(x):
-    """x / |x| along the last dim: the shared-QK keys of every attention in this file."""
+    """x / |x| along the last dim (step 3): the shared-QK keys of Part 2."""
     return _Normalize.apply(x)
 
 
 class _SortRows(torch.autograd.Function):
-    """The rows of x: (N, d) in section 2's layout: y = x[rows], rows: (rounds, T + m), the row of
-    x behind each layout row (a round sorted, with its last chunk repeated in front).
+    """The rows of x: (B T nh, d) in the chunk layout (the gathers of Part 1's step 4):
+    y = x[rows], rows: (rounds, L), the row of x behind each layout row (a round sorted, with
+    its last chunk repeated in front).
 
     The backward knows that a round is a permutation plus m repeated rows: the gradient of row i
-    of x is a *gather* of its main copy in each round (grad_rows: (N, R) layout rows), summed over
-    rounds, plus the m repeated rows of each round added back. index_select's own backward
-    scatter-adds every row, which costs more than the gather."""
+    of x is a *gather* of its main copy in each round (grad_rows: (rows of x, n_hashes) layout
+    rows), summed over rounds, plus the m repeated rows of each round added back.
+    index_select's own backward scatter-adds every row, which costs more than the gather."""
 
     @staticmethod
     def forward(ctx, x, rows, grad_rows, m):
@@ -415,177 +676,164 @@ class _SortRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         rows, grad_rows = ctx.saved_tensors
-        N, R = grad_rows.shape
+        n_rows, n_hashes = grad_rows.shape
         dy = dy.contiguous()
-        dx = dy.index_select(0, grad_rows.view(-1)).view(N, R, -1)
-        dx = dx[:, 0] if R == 1 else dx.sum(dim=1)             # (N, d), a fresh tensor
+        dx = dy.index_select(0, grad_rows.view(-1)).view(n_rows, n_hashes, -1)
+        dx = dx[:, 0] if n_hashes == 1 else dx.sum(dim=1)      # (rows of x, d), a fresh tensor
         front = dy.view(*rows.shape, -1)[:, :ctx.m]            # the repeated chunks
         dx.index_add_(0, rows[:, :ctx.m].reshape(-1), front.reshape(-1, dy.shape[-1]))
         return dx, None, None, None
 
 
 class _UnsortCombine(torch.autograd.Function):
-    """Undo the sort and combine the rounds (steps 5 and the end of 2 of lsh_attention):
+    """Undo the sort and combine the rounds (steps 8 and 9):
         out[b, t] = sum_r w_r(b, t) o_s[rows[b, r, t]],   w = softmax_r(lse_s[rows])
-    o_s: (N, hs_v) and lse_s: (N,) in section 2's layout (rounds of L rows, the last m of each
-    thrown away), rows: (B, R, T) the layout row of position t in round r. Returns (B, T, hs_v).
+    o_s: (N, hs_v) and lse_s: (N,) in the chunk layout (rounds of L rows, the last m of each
+    thrown away), rows: (B, n_hashes, T) the layout row of position t in round r.
+    Returns (B, T, hs_v).
 
     By hand because autograd through index_select, softmax, multiply and sum allocates several
-    (B, R, T, hs_v) tensors forward and backward; here the rounds are gathered one at a time and
-    the backward writes each gradient row once (the rows of a round are a permutation):
+    (B, n_hashes, T, hs_v) tensors forward and backward; here the rounds are gathered one at a
+    time and the backward writes each gradient row once (the rows of a round are a permutation):
         d o_r = w_r dout,   d lse_r = w_r (o_r - out) . dout."""
 
     @staticmethod
     def forward(ctx, o_s, lse_s, rows, L, m):
-        B, R, T = rows.shape
-        w = torch.softmax(lse_s.index_select(0, rows.reshape(-1)).view(B, R, T), dim=1)
+        B, n_hashes, T = rows.shape
+        w = torch.softmax(lse_s.index_select(0, rows.reshape(-1)).view(B, n_hashes, T), dim=1)
         out = o_s.index_select(0, rows[:, 0].reshape(-1)).view(B, T, -1)
-        if R > 1:
+        if n_hashes > 1:
             out.mul_(w[:, 0, :, None])
-            for r in range(1, R):
+            for r in range(1, n_hashes):
                 o_r = o_s.index_select(0, rows[:, r].reshape(-1)).view(B, T, -1)
                 out.addcmul_(o_r, w[:, r, :, None])
-        ctx.save_for_backward(o_s, rows, w, out if R > 1 else None)   # one round: out = o_s rows
+        ctx.save_for_backward(o_s, rows, w, out if n_hashes > 1 else None)  # 1 round: o_s rows
         ctx.L, ctx.m = L, m
         return out
 
     @staticmethod
     def backward(ctx, dout):
         o_s, rows, w, out = ctx.saved_tensors
-        B, R, T = rows.shape
+        B, n_hashes, T = rows.shape
         dout, d = dout.contiguous(), dout.shape[-1]
-        # Every row of o_s gets written once, except the thrown-away queries of section 2's
+        # Every row of o_s gets written once, except the thrown-away queries of the chunk
         # layout (the last m rows of every round of L rows; the final round lacks them): zero
         # those only, not the whole tensor.
         L, m, N = ctx.L, ctx.m, o_s.shape[0]
         d_full = o_s.new_empty(N + m, d)
         d_full.view(-1, L, d)[:, L - m:] = 0.0
         d_o = d_full[:N]
-        d_lse = torch.zeros_like(o_s[:, 0]) if R > 1 else None
-        out_dout = (out * dout).sum(-1) if R > 1 else None     # (B, T)
-        for r in range(R):
+        d_lse = torch.zeros_like(o_s[:, 0]) if n_hashes > 1 else None
+        out_dout = (out * dout).sum(-1) if n_hashes > 1 else None     # (B, T)
+        for r in range(n_hashes):
             idx = rows[:, r].reshape(-1)
-            d_o.index_copy_(0, idx, (dout if R == 1 else dout * w[:, r, :, None]).view(-1, d))
-            if R > 1:
+            d_o_r = dout if n_hashes == 1 else dout * w[:, r, :, None]
+            d_o.index_copy_(0, idx, d_o_r.view(-1, d))
+            if n_hashes > 1:
                 o_dout = (o_s.index_select(0, idx).view_as(dout) * dout).sum(-1)
                 d_lse.index_copy_(0, idx, (w[:, r] * (o_dout - out_dout)).view(-1))
         return d_o, d_lse, None, None, None
 
 
-def lsh_attention(qk, v, bucket_size, n_hashes, causal=False, padding_mask=None, rotations=None,
-                  dedup=False, dropout=0.0, training=False):
-    """Multi-round LSH attention with shared QK. qk: (B, T, hs), v: (B, T, hs_v) -> (B, T, hs_v).
-
-    Heads may also come side by side, as a linear layer produces them: qk (B, T, H, hs),
-    v (B, T, H, hs_v) -> (B, T, H, hs_v), each head attending on its own (the same as moving
-    heads into the batch, without the two transposes). n_buckets = T // bucket_size, so T must
-    be a multiple of 2 * bucket_size. padding_mask: (B, T) bool, True for real tokens.
-    rotations: see hash_vectors (one per row of B * H). dedup: count a key seen in several
-    rounds once (step 6). dropout applies to the attention weights when training.
-    """
-    _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask)
+def lsh_attention_fast(qk, v, bucket_size, n_hashes, causal=False, padding_mask=None,
+                       rotations=None, dedup=False, dropout=0.0, training=False):
+    """lsh_attention (Part 1), fast: the same arguments, shapes and values (and the same draw of
+    rotations from the RNG; only dropout's random mask is drawn differently). Heads side by side,
+    qk (B, T, nh, hs), are attended without moving them into the batch (no transposes)."""
+    _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask, rotations)
     out_dtype = v.dtype
     heads = qk.dim() == 4
     qk, v = _float32(qk, v)
     if not heads:
         qk, v = qk.unsqueeze(2), v.unsqueeze(2)                # one head
     with _autocast_off(qk):
-        out = _lsh_attention(qk, v, bucket_size, n_hashes, causal, padding_mask, rotations,
-                             dedup, dropout, training)
+        out = _lsh_attention_fast(qk, v, bucket_size, n_hashes, causal, padding_mask, rotations,
+                                  dedup, dropout, training)
     return (out if heads else out.squeeze(2)).to(out_dtype)
 
 
-def _lsh_attention(qk, v, bucket_size, n_hashes, causal, padding_mask, rotations, dedup,
-                   dropout, training):
-    """The steps of lsh_attention, on checked float32/float64 inputs qk: (B, T, H, hs),
-    v: (B, T, H, hs_v). Every (batch row, head) is its own problem: B * H of them."""
-    B, T, H, hs = qk.shape
-    m, R = bucket_size, n_hashes
-    n_buckets, BH, L = T // m, B * H, T + m
+def _lsh_attention_fast(qk, v, bucket_size, n_hashes, causal, padding_mask, rotations, dedup,
+                        dropout, training):
+    """The nine steps, on checked float32/float64 inputs qk: (B, T, nh, hs), v: (B, T, nh, hs_v).
+    Every (batch row, head) is its own problem: Bnh = B * nh of them, each of n_hashes rounds of
+    L = T + m layout rows."""
+    B, T, nh, hs = qk.shape
+    m = bucket_size
+    n_buckets, Bnh, L = T // m, B * nh, T + m
     dev = qk.device
 
-    # 1) Hash: (B H, R, T) buckets. Rounds live in their own tensor dim, so buckets of different
-    #    rounds can never mix (the authors offset them by r * n_buckets in one long sequence).
-    buckets = _hash(qk, n_buckets, R, rotations, "lsh_attention", qk.shape)
+    # 1. Hash: (B nh, n_hashes, T) buckets, piece by piece. Rounds live in their own tensor dim,
+    #    so buckets of different rounds can never mix (the authors offset them by r * n_buckets
+    #    in one long sequence).
+    buckets = _hash(qk, n_buckets, n_hashes, rotations)
 
-    # 2) Sort each round by (bucket, position). Positions break ties, so inside a bucket the
-    #    order is the original one (which keeps causal masking meaningful: earlier first).
-    #    sort_key is unique, so any sort is stable on it.
+    # 2. Sort each round by (bucket, position), as in Part 1. sort_key is unique, so any sort is
+    #    stable on it. The inverse permutation by a scatter instead of a second argsort.
     pos = torch.arange(T, device=dev)
-    sort_key = buckets * T + pos                               # (B H, R, T)
-    sorted_pos = sort_key.argsort(dim=-1)                      # (B H, R, T): slot -> position
-    undo_sort = torch.empty_like(sorted_pos).scatter_(-1, sorted_pos, pos.expand(BH, R, T))
+    sort_key = buckets * T + pos                               # (B nh, n_hashes, T)
+    sorted_pos = sort_key.argsort(dim=-1)                      # (B nh, n_hashes, T): slot -> i
+    undo_sort = torch.empty_like(sorted_pos).scatter_(-1, sorted_pos, pos.expand(Bnh, n_hashes, T))
 
-    # 3) Chunk each round on its own. A chunk sees itself and the chunk before it *in the same
-    #    round*; the first chunk of a round looks back to the last chunk of that round:
-    #    P_i = {j : floor(s_i/m) - 1 <= floor(s_j/m) <= floor(s_i/m)} (mod nc).
-    #    trax and the Hugging Face port lay all rounds end to end, so there a round's first chunk
-    #    sees the previous round's last chunk; keeping rounds apart makes each round an attention
-    #    over a well-defined set, which is what lets us combine rounds exactly (step 5) and test
-    #    each round against full attention. No mask by bucket inside the window (as the authors).
-    #    In memory each round gets a copy of its last chunk in front (section 2's layout), so
-    #    every window is a strided view: ext lists the positions in that order.
-    ext = torch.cat([sorted_pos[..., -m:], sorted_pos], dim=-1)  # (B H, R, L)
-    # Row bookkeeping, all small int64 tensors. The inputs are read as rows of (B T H, d): the
-    # row of position p of problem (b, h) is (b T + p) H + h. The layout has B H R rounds of L
-    # rows; position t of problem (b, h) sits in round r at row ((b H + h) R + r) L + m + undo.
-    bh = torch.arange(BH, device=dev)
-    x_rows = (ext + (bh // H * T).view(BH, 1, 1)) * H + (bh % H).view(BH, 1, 1)
-    main = undo_sort + (torch.arange(BH * R, device=dev) * L).view(BH, R, 1)  # (B H, R, T)
-    grad_rows = (main + m).view(B, H, R, T).permute(0, 3, 1, 2).contiguous().view(-1, R)
-    x_rows = x_rows.view(BH * R, L)
-    # Shared QK: keys are the queries normalised to unit length, k_hat = q / |q|; logit q . k_hat.
-    # (trax normalises k and divides by sqrt(hs) after an RMS norm: the same unit vector.)
-    # Normalised once per position, before the R sorted copies are made.
-    k_hat = _normalize(qk)                                     # (B, T, H, hs)
-    sort = lambda x: _SortRows.apply(x.reshape(B * T * H, -1), x_rows, grad_rows, m)
-    q_e, k_e, v_e = sort(qk), sort(k_hat), sort(v)             # (B H R L, hs) in the layout
+    # 4. (before 3, so that the keys are normalised once per position, not once per round)
+    #    Chunk each round on its own; a chunk sees itself and the chunk before it *in the same
+    #    round*, the first chunk the round's last one. trax and the Hugging Face port lay all
+    #    rounds end to end, so there a round's first chunk sees the previous round's last chunk;
+    #    keeping rounds apart makes each round an attention over a well-defined set, which is
+    #    what lets us combine rounds exactly (step 9) and test each round against full attention.
+    #    No mask by bucket inside the window (as the authors). Replaces Part 1's chunks() and
+    #    look_one_back: each round gets a copy of its last chunk in front (the chunk layout), so
+    #    every window is a strided view; ext lists the positions in that order.
+    ext = torch.cat([sorted_pos[..., -m:], sorted_pos], dim=-1)  # (B nh, n_hashes, L)
+    # Row bookkeeping, all small int64 tensors. The inputs are read as rows of (B T nh, d): the
+    # row of position p of problem (b, h) is (b T + p) nh + h. The layout has B nh n_hashes
+    # rounds of L rows; position t of problem (b, h) sits in round r at row
+    # ((b nh + h) n_hashes + r) L + m + undo_sort.
+    bh = torch.arange(Bnh, device=dev)
+    x_rows = (ext + (bh // nh * T).view(Bnh, 1, 1)) * nh + (bh % nh).view(Bnh, 1, 1)
+    main = undo_sort + (torch.arange(Bnh * n_hashes, device=dev) * L).view(Bnh, n_hashes, 1)
+    grad_rows = (main + m).view(B, nh, n_hashes, T).permute(0, 3, 1, 2).contiguous()
+    grad_rows = grad_rows.view(-1, n_hashes)                   # (B T nh, n_hashes)
+    x_rows = x_rows.view(Bnh * n_hashes, L)
+    # 3. Shared QK: k_hat = q / |q|; logit q . k_hat. (trax normalises k and divides by sqrt(hs)
+    #    after an RMS norm: the same unit vector.)
+    k_hat = _normalize(qk)                                     # (B, T, nh, hs)
+    sort = lambda x: _SortRows.apply(x.reshape(B * T * nh, -1), x_rows, grad_rows, m)
+    q_e, k_e, v_e = sort(qk), sort(k_hat), sort(v)             # (B nh n_hashes L, hs): the layout
     k_valid = None
     if padding_mask is not None:
-        k_valid = _gather_rows(padding_mask.bool().repeat_interleave(H, dim=0), ext).view(-1)
+        k_valid = _gather_rows(padding_mask.bool().repeat_interleave(nh, dim=0), ext).view(-1)
 
-    # 4) Masked softmax attention in every chunk (self -> -1e5, future/padding -> -1e9).
-    # 6) dedup: a key that query i sees in c rounds gets log c subtracted from its logit in each,
-    #    so summed over rounds it weighs exactly once, like in full attention.
-    log_counts = _dedup_log_counts(undo_sort, ext, m, qk.dtype) if dedup and R > 1 else None
+    # 5-7. Logits with the masks (self -1e5, future / padding -1e9), dedup's log N_ij, softmax:
+    #    one Function over every window of every round (replaces Part 1's steps 5 to 7).
+    log_counts = _dedup_log_counts(undo_sort, ext, m, qk.dtype) if dedup and n_hashes > 1 else None
     o_s, lse_s = _attend_in_chunks(q_e, k_e, v_e, ext.view(-1), m, k_valid, causal,
                                    shared_qk=True, scale=1.0, log_counts=log_counts,
                                    dropout=dropout, training=training)
 
-    # 5) Undo the sort and combine rounds by their normalisers, the paper's Eq. (not an average):
-    #    o_i = sum_r exp(lse_r(i) - logsumexp_r lse_r(i)) o_r(i)
-    #    This is exactly softmax attention over the union of the rounds' windows (with a key that
-    #    appears in c rounds counted c times, unless dedup). The output of slot s of round g is
-    #    row g * (T + m) + s of o_s (query chunk i is layout chunk i + 1).
-    rows = main.view(B, H, R, T).permute(0, 2, 3, 1).contiguous().view(B, R, T * H)  # out order
+    # 8-9. Undo the sort and combine rounds by their normalisers (not an average):
+    #    o_i = sum_r exp(lse_i^(r) - logsumexp_r lse_i^(r)) o_i^(r), one Function (replaces Part
+    #    1's unsort and combination). The output of slot s of round g is row g L + s of o_s
+    #    (query chunk i is layout chunk i + 1).
+    rows = main.view(B, nh, n_hashes, T).permute(0, 2, 3, 1).contiguous()
+    rows = rows.view(B, n_hashes, T * nh)                      # layout rows in output order
     out = _UnsortCombine.apply(o_s.view(-1, o_s.shape[-1]), lse_s.view(-1), rows, L, m)
-    out = out.view(B, T, H, -1)                                # (B, T, H, hs_v)
+    out = out.view(B, T, nh, -1)                               # (B, T, nh, hs_v)
 
-    # 7) Memory: the largest tensors are the logits, (B H R (nc + 1) - 1, m, 2m) ~ 2 B H R T m
-    #    floats, linear in T for a fixed bucket_size (the hash scores, R T n_buckets / 2, grow as
-    #    T^2 / m but are computed piece by piece in _hash), and linear in n_hashes because all
-    #    rounds go through one batched matmul. Looping over rounds would keep one round's logits
-    #    at a time (memory flat in n_hashes) but serialises R small matmuls; we chose speed, since
-    #    the reversible layers already keep activation memory independent of depth.
+    # Memory: the largest tensors are the logits, (B nh n_hashes (n_chunks + 1) - 1, m, 2m),
+    # about 2 B nh n_hashes T m floats: linear in T for a fixed bucket_size (the hash scores,
+    # n_hashes T n_buckets / 2, grow as T^2 / m but are computed piece by piece in _hash), and
+    # linear in n_hashes because all rounds go through one batched matmul. Looping over rounds
+    # would keep one round's logits at a time (memory flat in n_hashes) but serialises n_hashes
+    # small matmuls; we chose speed, since the reversible layers already keep activation memory
+    # independent of depth.
     return out
 
 
-# -----------------------------------------------------------------------------------------------
-# 4. Local attention and full attention
-# -----------------------------------------------------------------------------------------------
-
-def local_attention(q, k, v, bucket_size, causal=False, padding_mask=None, shared_qk=False,
-                    dropout=0.0, training=False):
-    """Chunked attention over neighbouring positions: each chunk of `bucket_size` positions
-    attends to itself and the chunk before it (the first chunk to itself only). The authors'
-    enwik8 model uses it in most layers. T must be a multiple of bucket_size.
-    With shared_qk=True, k is ignored and the shared-QK conventions of lsh_attention apply.
-    """
-    _check_shapes("local_attention", q, None if shared_qk else k, v, padding_mask)
+def local_attention_fast(q, k, v, bucket_size, causal=False, padding_mask=None, shared_qk=False,
+                         dropout=0.0, training=False):
+    """local_attention (Part 1), fast: the same arguments and values, through _ChunkAttention."""
+    _check_local_inputs(q, k, v, bucket_size, padding_mask, shared_qk)
     B, T, hs = q.shape
-    if bucket_size < 1 or T % bucket_size:
-        raise ValueError(f"local_attention: T={T} must be a positive multiple of bucket_size="
-                         f"{bucket_size}")
     m = bucket_size
     out_dtype = v.dtype
     q, k, v = _float32(q, k, v)
@@ -593,10 +841,8 @@ def local_attention(q, k, v, bucket_size, causal=False, padding_mask=None, share
         with _autocast_off(q):
             k, scale = _normalize(q), 1.0
     else:
-        if k is None:
-            raise ValueError("local_attention: k is None, which is valid only with shared_qk=True")
         scale = 1.0 / math.sqrt(hs)
-    # Section 2's layout with one "round" per sequence: a dummy chunk in front of each (zeros,
+    # The chunk layout with one "round" per sequence: a dummy chunk in front of each (zeros,
     # masked as padding), since the first chunk has no chunk before it.
     front = lambda x, value=0: F.pad(x, (0, 0) * (x.dim() - 2) + (m, 0), value=value)
     flat = lambda x: front(x).reshape(B * (T + m), *x.shape[2:])
@@ -613,60 +859,12 @@ def local_attention(q, k, v, bucket_size, causal=False, padding_mask=None, share
     return out.view(B, T, -1).to(out_dtype)
 
 
-def full_attention(q, k, v, causal=False, padding_mask=None, shared_qk=False, dropout=0.0,
-                   training=False):
-    """Ordinary O(T^2) softmax attention, the reference. q, k: (B, T, hs), v: (B, T, hs_v).
-
-    shared_qk=False: softmax(q k^T / sqrt(hs)) v, the baseline Transformer.
-    shared_qk=True: k may be None; keys are q / |q|, logits q . k_hat, and a query's own logit is
-    -1e5, exactly as in lsh_attention, so a model trained with LSH can be evaluated with full
-    attention on the same weights (paper Table 2). Invalid keys get -1e9 (finite: no NaN).
-    Without masks beyond causal it runs PyTorch's fused F.scaled_dot_product_attention.
-    """
-    _check_shapes("full_attention", q, None if shared_qk else k, v, padding_mask)
-    B, T, hs = q.shape
-    p_drop = dropout if training else 0.0
-    if not shared_qk:
-        if k is None:
-            raise ValueError("full_attention: k is None, which is valid only with shared_qk=True")
-        if padding_mask is None:   # the common case: PyTorch's fused (flash) kernel, no mask tensor
-            # (1, B, T, hs): the fused CPU kernel takes 4-d inputs only; 3-d ones fall back to
-            # the O(T^2)-memory math path, about 3x slower.
-            q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=p_drop)[0]
-    out_dtype = v.dtype
-    q, k, v = _float32(q, k, v)                                # as in lsh_attention
-    with _autocast_off(q):
-        out = _masked_full_attention(q, k, v, causal, padding_mask, shared_qk, p_drop)
-    return out.to(out_dtype)
-
-
-def _masked_full_attention(q, k, v, causal, padding_mask, shared_qk, p_drop):
-    B, T, hs = q.shape
-    if shared_qk:
-        k, scale = _normalize(q), 1.0
-    else:
-        scale = 1.0 / math.sqrt(hs)
-    # The same masks as the LSH path, replacing logits (not adding to them), so the two agree
-    # exactly, even on rows where every key is invalid (uniform weights, no NaN).
-    logits = torch.matmul(q, k.transpose(-1, -2)) * scale       # (B, T, T)
-    if shared_qk:
-        logits.diagonal(dim1=-2, dim2=-1).fill_(SELF_LOGIT)
-    if causal:
-        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-        logits.masked_fill_(future, MASKED_LOGIT)
-    if padding_mask is not None:
-        logits.masked_fill_(~padding_mask.bool().view(B, 1, T), MASKED_LOGIT)
-    p = F.dropout(torch.softmax(logits, dim=-1), p_drop, training=p_drop > 0)
-    out = torch.matmul(p, v)                                   # (B, T, hs_v)
-    return out
-
-
-# -----------------------------------------------------------------------------------------------
-# 5. The multi-head layer
-# -----------------------------------------------------------------------------------------------
+# ===============================================================================================
+# Part 3. The multi-head layer
+# ===============================================================================================
 
 ATTN_KINDS = ("lsh", "full", "local")
+IMPLS = ("fast", "reference")   # Part 2 or Part 1: the same function (full attention: one only)
 
 
 class LSHSelfAttention(nn.Module):
@@ -677,11 +875,13 @@ class LSHSelfAttention(nn.Module):
     one projection gives queries and keys; shared_qk=False (the baseline Transformer) adds a key
     projection and is valid with attn='full' or 'local' only, since LSH needs shared QK.
     forward pads T up to a multiple of 2 * bucket_size (lsh, local), masks the padding and returns
-    T positions, so callers can use any length.
+    T positions, so callers can use any length. impl='fast' runs lsh_attention_fast and
+    local_attention_fast (Part 2), impl='reference' lsh_attention and local_attention (Part 1):
+    the same outputs and gradients, so either can train the model.
     """
 
     def __init__(self, d_model, n_heads, bucket_size=64, n_hashes=4, causal=False, attn="lsh",
-                 shared_qk=True, dropout=0.0, dedup=False):
+                 shared_qk=True, dropout=0.0, dedup=False, impl="fast"):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"LSHSelfAttention: d_model={d_model} must be divisible by "
@@ -689,6 +889,7 @@ class LSHSelfAttention(nn.Module):
         self.d_model, self.n_heads, self.hs = d_model, n_heads, d_model // n_heads
         self.bucket_size, self.n_hashes, self.causal = bucket_size, n_hashes, causal
         self.attn, self.shared_qk, self.dropout, self.dedup = attn, shared_qk, dropout, dedup
+        self.impl = impl
         self._check()
         self.qk = nn.Linear(d_model, d_model, bias=False)     # queries (and keys when shared)
         self.k = None if shared_qk else nn.Linear(d_model, d_model, bias=False)
@@ -698,6 +899,8 @@ class LSHSelfAttention(nn.Module):
     def _check(self):
         if self.attn not in ATTN_KINDS:
             raise ValueError(f"LSHSelfAttention: attn={self.attn!r}, expected one of {ATTN_KINDS}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"LSHSelfAttention: impl={self.impl!r}, expected one of {IMPLS}")
         if self.attn == "lsh" and not self.shared_qk:
             raise ValueError("LSHSelfAttention: shared_qk=False is valid only with attn='full' or "
                              "'local'; LSH attention hashes one vector per position (shared QK)")
@@ -716,7 +919,7 @@ class LSHSelfAttention(nn.Module):
         if padding_mask is not None and tuple(padding_mask.shape) != (B, T):
             raise ValueError(f"LSHSelfAttention: padding_mask must be (B, T) = {(B, T)}, got "
                              f"{tuple(padding_mask.shape)}")
-        # 1) pad T up to a multiple of 2 * bucket_size (LSH needs an even number of buckets)
+        # Pad T up to a multiple of 2 * bucket_size (LSH needs an even number of buckets)
         multiple = 2 * self.bucket_size if self.attn == "lsh" else self.bucket_size
         pad = (-T) % multiple if self.attn != "full" else 0
         if pad:
@@ -726,27 +929,103 @@ class LSHSelfAttention(nn.Module):
             padding_mask = real
         drop = dict(dropout=self.dropout, training=self.training)
         nh, hs = self.n_heads, self.hs
+        fast = self.impl == "fast"
         if self.attn == "lsh":
-            # 2-3) project, and attend with heads side by side: (B, T', nh, hs), no transposes
+            # Project, and attend with heads side by side: (B, T', nh, hs), no transposes
             qk, v = self.qk(x).view(B, -1, nh, hs), self.v(x).view(B, -1, nh, hs)
-            y = lsh_attention(qk, v, self.bucket_size, self.n_hashes, causal=self.causal,
-                              padding_mask=padding_mask, dedup=self.dedup, **drop)
+            fn = lsh_attention_fast if fast else lsh_attention
+            y = fn(qk, v, self.bucket_size, self.n_hashes, causal=self.causal,
+                   padding_mask=padding_mask, dedup=self.dedup, **drop)
         else:
-            # 2-3) project, split heads into the batch: (B * nh, T', hs), and attend
+            # Project, split heads into the batch: (B * nh, T', hs), and attend
             qk, v = self._heads(self.qk(x)), self._heads(self.v(x))
             k = None if self.shared_qk else self._heads(self.k(x))
             mask = None
             if padding_mask is not None:
                 mask = padding_mask.bool().repeat_interleave(nh, dim=0)  # (B * nh, T')
-            fn = full_attention if self.attn == "full" else local_attention
+            fn = {"full": full_attention, "local": local_attention_fast if fast else
+                  local_attention}[self.attn]
             size = {} if self.attn == "full" else dict(bucket_size=self.bucket_size)
             y = fn(qk, k, v, causal=self.causal, padding_mask=mask, shared_qk=self.shared_qk,
                    **size, **drop)
             y = y.view(B, nh, -1, hs).transpose(1, 2)          # (B, T', nh, hs)
-        # 4) merge heads, drop the padding, project out: (B, T, C)
+        # Merge heads, drop the padding, project out: (B, T, C)
         return self.out(y.reshape(B, -1, C)[:, :T])
 
     def extra_repr(self):
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, attn={self.attn!r}, "
                 f"bucket_size={self.bucket_size}, n_hashes={self.n_hashes}, "
-                f"causal={self.causal}, shared_qk={self.shared_qk}, dedup={self.dedup}")
+                f"causal={self.causal}, shared_qk={self.shared_qk}, dedup={self.dedup}, "
+                f"impl={self.impl!r}")
+
+
+
+# ===============================================================================================
+# The picture: python lsh_attention.py draws Part 1's steps for one small example
+# ===============================================================================================
+
+def draw_lsh_attention(path="lsh_attention.png", T=32, m=4, n_hashes=2, seed=0):
+    """Steps 1, 2, 4 and the resulting attention (7-9) of causal lsh_attention for one sequence
+    of T clustered vectors, beside full attention. The attention weights are read off the real
+    functions: with v the identity matrix, output row i is query i's weights over the keys."""
+    import matplotlib                  # only here: the module itself imports torch alone
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = torch.Generator().manual_seed(seed)
+    hs, n_clusters = 8, 6              # similar vectors in clusters, so that buckets mean something
+    centres = F.normalize(torch.randn(n_clusters, hs, generator=g), dim=-1)
+    which = torch.randint(0, n_clusters, (T,), generator=g)
+    qk = 8 * F.normalize(centres[which] + 0.2 * torch.randn(T, hs, generator=g), dim=-1)
+    qk = qk.unsqueeze(0)                                               # (1, T, hs)
+    rot = torch.randn(hs, n_hashes, T // m // 2, generator=g)          # R, one per round
+    buckets = hash_vectors(qk, T // m, n_hashes, rot)[0]               # (n_hashes, T)
+    eye = torch.eye(T).unsqueeze(0)                                    # v = I: weights come out
+    rounds = [lsh_attention(qk, eye, m, 1, causal=True, rotations=rot[:, r:r + 1])[0]
+              for r in range(n_hashes)]                                # round r alone: (T, T)
+    combined = lsh_attention(qk, eye, m, n_hashes, causal=True, rotations=rot)[0]
+    full = full_attention(qk, None, eye, causal=True, shared_qk=True)[0]
+
+    fig, axes = plt.subplots(n_hashes + 1, 3, figsize=(15, 4.6 * (n_hashes + 1)))
+    colour = plt.get_cmap("tab10")
+    norm = matplotlib.colors.PowerNorm(0.5, vmin=0, vmax=1)          # small weights visible
+    show = lambda ax, w, title: (ax.imshow(w.numpy(), cmap="Blues", norm=norm), ax.set(
+        title=title, xlabel="key position j", ylabel="query position i"))
+    for r in range(n_hashes):
+        b = buckets[r]
+        ax = axes[r, 0]
+        ax.bar(range(T), (b + 1).numpy(), color=[colour(int(k) % 10) for k in b])
+        ax.set(title=f"round {r + 1}, step 1: the bucket of each position\n"
+                     "h(x) = argmax([xR ; -xR])", xlabel="position i", ylabel="bucket",
+               yticks=range(1, T // m + 1), yticklabels=range(T // m))
+        order = (b * T + torch.arange(T)).argsort()                    # step 2
+        ax = axes[r, 1]                                                # step 4: one row a chunk
+        ax.imshow(b[order].view(T // m, m).numpy(), cmap=colour, vmin=0, vmax=9.99)
+        for s, i in enumerate(order.tolist()):
+            ax.text(s % m, s // m, str(i), ha="center", va="center", fontsize=10)
+        ax.set(title="steps 2 and 4: positions sorted by (bucket, position),\n"
+                     f"cut into chunks of m = {m} (colour: bucket)", xticks=[],
+               ylabel="chunk", yticks=range(T // m))
+        show(axes[r, 2], rounds[r], f"round {r + 1} alone: every chunk attends to\n"
+                                    "itself and the chunk before it")
+    ax = axes[n_hashes, 0]
+    ax.axis("off")
+    ax.text(0, 0.5, f"T = {T} vectors in {n_clusters} clusters, hs = {hs},\n"
+                    f"bucket_size m = {m}: n_buckets = n_chunks = {T // m};\n"
+                    f"n_hashes = {n_hashes}; causal.\n\n"
+                    "Blue: the weight of key j for query i, read off\n"
+                    "lsh_attention itself (v = the identity matrix).\n"
+                    "Step 9 combines the rounds by their normalisers:\n"
+                    "softmax over the union of the rounds' windows.\n"
+                    "A query's own key (-1e5) is used only when\n"
+                    "nothing else is there (position 0).", va="center", fontsize=11)
+    show(axes[n_hashes, 1], combined, f"steps 7-9: all {n_hashes} rounds combined")
+    show(axes[n_hashes, 2], full, "full attention: the same logits and masks,\nevery key")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    return path
+
+
+if __name__ == "__main__":
+    import sys
+    print("wrote", draw_lsh_attention(*sys.argv[1:2]))

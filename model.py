@@ -1,6 +1,7 @@
 """
-The Reformer language model (Kitaev, Kaiser, Levskaya, ICLR 2020, Sections 3-5), built from the
-three concept files:
+The Reformer language model (Kitaev, Kaiser, Levskaya, ICLR 2020: Section 2 LSH attention,
+Section 3 reversible layers and chunking, Section 5 the experiments), built from the three
+concept files:
     lsh_attention.py  LSH / local / full self-attention      (the attention sub-layer, F)
     reversible.py     reversible residual layers             (y1 = x1 + F(x2), y2 = x2 + G(y1))
     chunked_ff.py     chunked feed-forward and output layer  (the feed-forward sub-layer, G)
@@ -25,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chunked_ff import ChunkedFeedForward, chunked_cross_entropy
-from lsh_attention import ATTN_KINDS, LSHSelfAttention
+from lsh_attention import ATTN_KINDS, IMPLS, LSHSelfAttention
 from reversible import ReversibleBlock, ReversibleSequence
 
 POS_EMBS = ("axial", "absolute", "sinusoidal")
@@ -70,7 +71,8 @@ class ModelConfig:
     ff_chunks: int = field(default=1, metadata={"help": (
         "feed-forward layer and output loss in chunks along T (Section 3; Table 3)")})
     pos_emb: str = field(default="axial", metadata={"help": (
-        "position embedding: axial (the authors', Section 5), absolute or sinusoidal")})
+        "position embedding: axial (the authors' trax code; not in the paper), absolute or "
+        "sinusoidal")})
     axial_shape: str = field(default="", metadata={"help": (
         "axial position factors, e.g. 32,32 for max_seq_len 1024; '' derives them")})
     tie_weights: bool = field(default=True, metadata={"help": (
@@ -110,6 +112,8 @@ class ModelConfig:
         if "lsh" in self.layer_attn() and not self.shared_qk:
             raise ValueError("shared_qk=False is valid only without LSH layers: LSH attention "
                              "hashes one shared query/key vector per position")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl={self.impl!r} is not one of {IMPLS}")
         if self.pos_emb not in POS_EMBS:
             raise ValueError(f"pos_emb={self.pos_emb!r} is not one of {POS_EMBS}")
         if self.pos_emb == "axial":
@@ -127,7 +131,7 @@ class ModelConfig:
 # -----------------------------------------------------------------------------------------------
 
 class AxialPositionalEmbedding(nn.Module):
-    """The paper's factorised position embedding (Section 5, "axial positional embeddings").
+    """The factorised ("axial") position embedding of the authors' trax code (not in the paper).
 
     A learned table of max_seq_len x d_model would be 64K x 1024 = 67M parameters for enwik8.
     Instead position p = i * cols + j gets [E1_i ; E2_j]: rows x d1 plus cols x d2 parameters,
@@ -197,7 +201,7 @@ class AttentionSublayer(nn.Module):
         self.attn = LSHSelfAttention(cfg.d_model, cfg.n_heads, bucket_size=cfg.bucket_size,
                                      n_hashes=cfg.n_hashes, causal=causal, attn=kind,
                                      shared_qk=cfg.shared_qk, dropout=cfg.dropout,
-                                     dedup=cfg.dedup)
+                                     dedup=cfg.dedup, impl=cfg.impl)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, padding_mask=None):

@@ -52,6 +52,8 @@ def test_speed(tmp_path):
     ours = [r for r in rows if r["impl"] == "ours"]
     assert len(ours) == 4 and all(r["seconds"] > 0 and r["gflop"] > 0 for r in ours)
     assert all(0 < r["matmul_fraction"] for r in ours)
+    reference = [r for r in rows if r["impl"] == "ours-reference"]   # Part 1, timed beside
+    assert len(reference) == 4 and all(r["seconds"] > 0 and r["vs_ours"] > 0 for r in reference)
     for impl in ("ours-full", "sdpa"):
         assert [r["length"] for r in rows if r["impl"] == impl and "seconds" in r] == [64, 128]
     for r in rows:   # peers, if installed, ran and were compared with ours
@@ -64,13 +66,14 @@ def test_speed_with_reused_memory_writes_its_own_record(tmp_path):
                 "--no_peers", "--max_full_len", "32", *TINY, "--out", str(tmp_path)])
     with open(tmp_path / "speed-reuse.json") as f:
         record = json.load(f)
-    assert record["reuse_memory"] and [r["impl"] for r in record["rows"]] == ["ours", "sdpa"]
+    assert record["reuse_memory"]
+    assert [r["impl"] for r in record["rows"]] == ["ours", "ours-reference", "sdpa"]
 
 
 def test_speed_skips_full_attention_beyond_max_full_len(tmp_path):
     rows = run(tmp_path, "speed", "--lengths", "64", "--tokens", "64", "--n_hashes", "1",
                "--max_full_len", "32", "--no_peers")
-    assert [r["impl"] for r in rows] == ["ours", "sdpa"]
+    assert [r["impl"] for r in rows] == ["ours", "ours-reference", "sdpa"]
 
 
 def test_memory_hashes(tmp_path):

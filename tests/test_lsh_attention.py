@@ -7,9 +7,12 @@ Run: python -m pytest tests/test_lsh_attention.py        (about 10 s on two CPU 
      HYPOTHESIS_PROFILE=ci python -m pytest tests/test_lsh_attention.py   (derandomised, as CI)
 
 References, all written here independently of the module's internals:
-  * `ref_lsh_attention`: steps 1-6 of the specification as plain Python loops over batch rows,
-    rounds and queries (sort by (bucket, position), windows from the sorted order, the -1e5 / -1e9
-    replacement rules, softmax, per-round log-sum-exp, combination, dedup counts).
+  * `ref_lsh_attention`: the nine steps of lsh_attention.py (Part 1's numbering: 1 hash, 2 sort,
+    3 shared-QK keys, 4 chunk and look one back, 5 logits and masks, 6 dedup, 7 softmax in each
+    round, 8 undo the sort, 9 combine the rounds) as plain Python loops over batch rows, rounds
+    and queries. It checks both implementations, Part 1 (`lsh_attention`, the readable one) and
+    Part 2 (`lsh_attention_fast`), and test_fast_equals_reference checks the two against each
+    other in values and gradients.
   * `dense_reference`: textbook softmax attention with an explicit (B, T, T) mask of allowed keys,
     used for full attention (shared QK or not) and for local attention (a banded mask).
 Exact comparisons run in float64 (tolerance 1e-10); "float32 precision" means 1e-5.
@@ -18,6 +21,9 @@ positions are compared, and finiteness is asserted everywhere separately.
 """
 import math
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,10 +32,16 @@ from hypothesis import given, settings, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from lsh_attention import (LSHSelfAttention, full_attention, hash_vectors, local_attention,
-                           lsh_attention)
+from lsh_attention import (LSHSelfAttention, draw_lsh_attention, full_attention, hash_vectors,
+                           local_attention, local_attention_fast, lsh_attention,
+                           lsh_attention_fast)
 
-SELF_LOGIT, MASKED_LOGIT = -1e5, -1e9   # the specification's values (the authors', trax)
+SELF_LOGIT, MASKED_LOGIT = -1e5, -1e9   # the authors' values (trax)
+
+# Part 1 (the readable reference) and Part 2 (fast) of lsh_attention.py: most tests run on both.
+LSH = {"reference": lsh_attention, "fast": lsh_attention_fast}
+LOCAL = {"reference": local_attention, "fast": local_attention_fast}
+both = pytest.mark.parametrize("impl", ["reference", "fast"])
 
 
 
@@ -63,7 +75,7 @@ def make_rotations(B, hs, n_hashes, n_buckets, seed, per_row=True, dtype=torch.f
 
 
 def ref_buckets(x, rot, n_buckets):
-    """h(x) = argmax([xR; -xR]) for one row. x: (T, hs), rot: (hs, R, n_buckets/2).
+    """h(x) = argmax([xR; -xR]) for one row. x: (T, hs), rot: (hs, n_hashes, n_buckets/2).
     Returns a list over rounds of a list over positions."""
     out = []
     for r in range(rot.shape[1]):
@@ -86,41 +98,41 @@ def ref_windows(buckets, m):
 
 def ref_lsh_attention(qk, v, bucket_size, rotations, causal=False, padding_mask=None,
                       dedup=False):
-    """Steps 1-6 of the specification, loop by loop, in Python floats. -> (B, T, hs_v) float64."""
+    """Steps 1-9 of lsh_attention.py, loop by loop, in Python floats. -> (B, T, hs_v) float64."""
     B, T, hs = qk.shape
-    n_buckets, R = T // bucket_size, rotations.shape[-2]
+    n_buckets, n_hashes = T // bucket_size, rotations.shape[-2]
     out = torch.zeros(B, T, v.shape[-1], dtype=torch.float64)
     for b in range(B):
         rot = rotations[b] if rotations.dim() == 4 else rotations
         q, vals = qk[b].tolist(), v[b].tolist()
         real = [True] * T if padding_mask is None else padding_mask[b].tolist()
         norms = [math.sqrt(sum(x * x for x in q[j])) for j in range(T)]
-        k_hat = [[x / norms[j] for x in q[j]] for j in range(T)]   # 2) keys = q / |q|
-        # 1) + 3) hash and window, each round on its own
+        k_hat = [[x / norms[j] for x in q[j]] for j in range(T)]   # 3. keys = q / |q|
+        # 1., 2. and 4.: hash, sort and window, each round on its own
         windows = [ref_windows(bk, bucket_size) for bk in ref_buckets(qk[b], rot, n_buckets)]
         for i in range(T):
             lses, outs = [], []
-            for r in range(R):
+            for r in range(n_hashes):
                 keys = sorted(windows[r][i])
                 logits = []
                 for j in keys:
                     if not real[j] or (causal and j > i):
-                        s = MASKED_LOGIT                               # 4) invalid key
+                        s = MASKED_LOGIT                               # 5. invalid key
                     elif j == i:
-                        s = SELF_LOGIT                                 # 4) own position
+                        s = SELF_LOGIT                                 # 5. own position
                     else:
                         s = sum(a * c for a, c in zip(q[i], k_hat[j]))
-                    if dedup:                                          # 6) count each key once
-                        s -= math.log(sum(j in windows[rr][i] for rr in range(R)))
+                    if dedup:                                          # 6. count each key once
+                        s -= math.log(sum(j in windows[rr][i] for rr in range(n_hashes)))
                     logits.append(s)
                 mx = max(logits)
                 z = sum(math.exp(s - mx) for s in logits)
                 lses.append(mx + math.log(z))
                 outs.append([sum(math.exp(s - mx) / z * vals[j][d] for s, j in zip(logits, keys))
                              for d in range(len(vals[0]))])
-            mx = max(lses)                                             # 5) combine rounds
+            mx = max(lses)                                             # 8., 9. combine rounds
             total = mx + math.log(sum(math.exp(l - mx) for l in lses))
-            for r in range(R):
+            for r in range(n_hashes):
                 w = math.exp(lses[r] - total)
                 for d in range(len(outs[r])):
                     out[b, i, d] += w * outs[r][d]
@@ -233,7 +245,8 @@ def test_collision_rate_falls_with_angle():
                 assert abs(p - (1 - a / math.pi)) < 5 * se(1 - a / math.pi) + 1e-12, (a, p)
 
 
-def test_rotations_fresh_every_call_and_independent_per_row():
+@both
+def test_rotations_fresh_every_call_and_independent_per_row(impl):
     torch.manual_seed(0)
     x = torch.randn(1, 64, 8).expand(4, -1, -1)                  # four identical rows ("heads")
     h1, h2 = hash_vectors(x, 8, 2), hash_vectors(x, 8, 2)
@@ -248,10 +261,10 @@ def test_rotations_fresh_every_call_and_independent_per_row():
     # the same holds one level up, for lsh_attention
     qk, v, _ = make_inputs(2, 32, 4, seed=3, dtype=torch.float32)
     torch.manual_seed(5)
-    o1 = lsh_attention(qk, v, 4, 2)
+    o1 = LSH[impl](qk, v, 4, 2)
     torch.manual_seed(5)
-    assert torch.equal(o1, lsh_attention(qk, v, 4, 2))
-    assert not torch.allclose(o1, lsh_attention(qk, v, 4, 2))
+    assert torch.equal(o1, LSH[impl](qk, v, 4, 2))
+    assert not torch.allclose(o1, LSH[impl](qk, v, 4, 2))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -267,69 +280,72 @@ def test_lsh_equals_loop_reference(B, sizes, hs, hs_v, n_hashes, causal, pad, de
     T = m * n_buckets
     qk, v, mask = make_inputs(B, T, hs, seed, pad=pad, hs_v=hs_v)
     rot = make_rotations(B, hs, n_hashes, n_buckets, seed, per_row=per_row)
-    out = lsh_attention(qk, v, m, n_hashes, causal=causal, padding_mask=mask, rotations=rot,
-                        dedup=dedup)
-    assert out.shape == (B, T, hs_v) and out.dtype == torch.float64
     ref = ref_lsh_attention(qk, v, m, rot, causal=causal, padding_mask=mask, dedup=dedup)
-    assert_close_real(out, ref, mask, atol=1e-10)
+    for lsh in LSH.values():   # the oracle, once, against both implementations
+        out = lsh(qk, v, m, n_hashes, causal=causal, padding_mask=mask, rotations=rot, dedup=dedup)
+        assert out.shape == (B, T, hs_v) and out.dtype == torch.float64
+        assert_close_real(out, ref, mask, atol=1e-10)
 
 
 def test_lsh_reference_fixed_example_with_several_windows():
     """One fixed case in which the wrap-around (first chunk sees the last), several buckets per
     window and dedup all matter: the reference and the module must agree, and the case must be
     sensitive to each of them (otherwise agreement would prove little)."""
-    B, m, n_buckets, hs, R = 2, 2, 8, 4, 3
+    B, m, n_buckets, hs, n_hashes = 2, 2, 8, 4, 3
     T = m * n_buckets
     qk, v, mask = make_inputs(B, T, hs, seed=11, pad=True)
-    rot = make_rotations(B, hs, R, n_buckets, seed=11)
-    out = lsh_attention(qk, v, m, R, causal=True, padding_mask=mask, rotations=rot, dedup=True)
+    rot = make_rotations(B, hs, n_hashes, n_buckets, seed=11)
     ref = ref_lsh_attention(qk, v, m, rot, causal=True, padding_mask=mask, dedup=True)
-    assert_close_real(out, ref, mask, atol=1e-10)
     no_dedup = ref_lsh_attention(qk, v, m, rot, causal=True, padding_mask=mask, dedup=False)
     assert (real_rows(no_dedup - ref, mask).abs().max() > 1e-3)
-    # a query whose only valid key is itself returns its own value: query 0 under causal masking
     first_real = [int(mask[b].nonzero()[0]) for b in range(B)]
-    for b, t in enumerate(first_real):
-        torch.testing.assert_close(out[b, t], v[b, t], atol=1e-12, rtol=0)
+    for lsh in LSH.values():
+        out = lsh(qk, v, m, n_hashes, causal=True, padding_mask=mask, rotations=rot, dedup=True)
+        assert_close_real(out, ref, mask, atol=1e-10)
+        # a query whose only valid key is itself returns its own value: the first real query
+        # under causal masking
+        for b, t in enumerate(first_real):
+            torch.testing.assert_close(out[b, t], v[b, t], atol=1e-12, rtol=0)
 
 
+@both
 @settings(max_examples=20)
 @given(B=st.integers(1, 3), m=st.integers(1, 8), hs=st.integers(1, 8), n_hashes=st.integers(1, 8),
        causal=st.booleans(), pad=st.booleans(), dedup=st.booleans(), seed=st.integers(0, 2**16))
-def test_lsh_equals_full_attention_when_T_is_two_buckets(B, m, hs, n_hashes, causal, pad, dedup,
-                                                          seed):
+def test_lsh_equals_full_attention_when_T_is_two_buckets(impl, B, m, hs, n_hashes, causal, pad,
+                                                          dedup, seed):
     """T == 2 * bucket_size: two chunks, each sees itself and the other, so every query sees every
     key exactly once per round and all rounds are equal: LSH == full shared-QK attention, with
     fresh random rotations, to float32 precision."""
     T = 2 * m
     qk, v, mask = make_inputs(B, T, hs, seed, dtype=torch.float32, pad=pad)
-    out = lsh_attention(qk, v, m, n_hashes, causal=causal, padding_mask=mask, dedup=dedup)
+    out = LSH[impl](qk, v, m, n_hashes, causal=causal, padding_mask=mask, dedup=dedup)
     full = full_attention(qk, None, v, causal=causal, padding_mask=mask, shared_qk=True)
     assert out.dtype == torch.float32
     assert_close_real(out, full, mask, atol=1e-5, rtol=1e-5)
     assert torch.isfinite(full).all()
 
 
-def test_dedup_converges_to_full_attention():
-    """Attention equivalence as n_hashes grows (design, step 6), on clustered inputs where full
+@both
+def test_dedup_converges_to_full_attention(impl):
+    """Attention equivalence as n_hashes grows (step 6, dedup), on clustered inputs where full
     attention is peaked: 8 clusters of exactly 4 = bucket_size members, |q| = 12, so each query
     puts >= 90% of its weight on its 3 cluster-mates.
 
-    What is proved, and asserted for every R: with dedup every key in the union U_i of query i's
-    windows counts exactly once, so the output is softmax attention restricted to U_i,
+    What is proved, and asserted for every n_hashes: with dedup every key in the union U_i of
+    query i's windows counts exactly once, so the output is softmax attention restricted to U_i,
         o_i = sum_{j in U_i} p_ij v_j / p_i(U_i),     p_i = full shared-QK attention weights,
     hence |o_i - full_i|_inf <= ||p_i restricted and renormalised - p_i||_1 * max|v|
                              = 2 * p_i(not U_i) * max|v|.
-    The first R rounds of the same rotations are used for R = 1, 4, 16, 64, so the U_i are nested
-    and the missed mass p_i(not U_i), hence the bound, can only fall (asserted). Convergence needs
+    The first n_hashes rounds of the same rotations are used for n_hashes = 1, 4, 16, 64, so the
+    U_i are nested and the missed mass p_i(not U_i), hence the bound, can only fall (asserted). Convergence needs
     clusters no larger than a chunk: a key that always sorts more than bucket_size slots after the
     query in its bucket is never in its window (it sees its own chunk and the one before).
-    Measured (seed 0, max over 128 queries): error 2.8 / 1.6 / 0.006 / 1.3e-7 for R = 1 / 4 / 16
-    / 64, and at R = 64 the missed mass is exactly 0 (every key in every union), so the bound says
-    the error is rounding only. We assert a strict fall at each step, a missed mass of 0 at R = 64
-    and an error below 1e-5 there. (1.3e-7, not 1e-15, because the module's log-counts are
-    float32, see test_lsh_equals_loop_reference.) Without dedup the error stays above 0.1
-    (measured 0.66): keys seen in many rounds are over-counted."""
+    Measured (seed 0, max over 128 queries, both implementations): error 2.8 / 1.6 / 0.006 /
+    2.7e-15 for n_hashes = 1 / 4 / 16 / 64, and at n_hashes = 64 the missed mass is exactly 0
+    (every key in every union), so the bound says the error is rounding only. We assert a strict
+    fall at each step, a missed mass of 0 at n_hashes = 64 and an error below 1e-10 there. Without dedup the error
+    stays above 0.1 (measured 0.66): keys seen in many rounds are over-counted."""
     B, T, hs, m, cluster, R_max = 4, 32, 16, 4, 4, 64
     n_buckets, n_clusters = T // m, T // cluster
     g = torch.Generator().manual_seed(0)
@@ -348,17 +364,17 @@ def test_dedup_converges_to_full_attention():
     windows = [[ref_windows(bk, m) for bk in ref_buckets(qk[b], rot[b], n_buckets)]
                for b in range(B)]
     errors, missed = [], []
-    for R in (1, 4, 16, 64):
-        out = lsh_attention(qk, v, m, R, rotations=rot[:, :, :R].contiguous(), dedup=True)
+    for n_hashes in (1, 4, 16, 64):
+        out = LSH[impl](qk, v, m, n_hashes, rotations=rot[:, :, :n_hashes].contiguous(), dedup=True)
         in_union = torch.zeros(B, T, T, dtype=torch.bool)
         for b in range(B):
             for i in range(T):
-                in_union[b, i, sorted(set().union(*(windows[b][r][i] for r in range(R))))] = True
+                seen = set().union(*(windows[b][r][i] for r in range(n_hashes)))
+                in_union[b, i, sorted(seen)] = True
         restricted = p * in_union
         restricted = restricted / restricted.sum(-1, keepdim=True)
-        # the identity (to 1e-6, not 1e-10: the module's dedup log-counts are float32; the
-        # loop-reference test pins that precision)
-        torch.testing.assert_close(out, restricted @ v, atol=1e-6, rtol=0)
+        # the identity (measured: to 4e-15)
+        torch.testing.assert_close(out, restricted @ v, atol=1e-10, rtol=0)
         miss = (p * ~in_union).sum(-1)                          # (B, T) missed full-attention mass
         err = (out - full).abs().amax(-1)                       # (B, T)
         assert (err <= 2 * miss * v.abs().max() + 1e-6).all()   # the bound
@@ -367,19 +383,77 @@ def test_dedup_converges_to_full_attention():
     for a, b in zip(missed, missed[1:]):
         assert (b <= a + 1e-15).all(), "unions not nested: missed mass grew"
     assert errors[0] > errors[1] > errors[2] > errors[3], errors
-    assert errors[0] > 1.0 and missed[3].max() == 0 and errors[3] < 1e-5, errors
-    no_dedup = lsh_attention(qk, v, m, R_max, rotations=rot, dedup=False)
+    assert errors[0] > 1.0 and missed[3].max() == 0 and errors[3] < 1e-10, errors
+    no_dedup = LSH[impl](qk, v, m, R_max, rotations=rot, dedup=False)
     assert (no_dedup - full).abs().max() > 0.1
+
+
+def _values_and_grads(fn, inputs, mask, seed):
+    """fn(*inputs) and the gradients of <out, g> for a fixed random g, g = 0 at padded queries
+    (their outputs are unspecified: a padded query may see no valid key, and then the two
+    implementations' uniform weights differ by rounding at -1e9, about 1e-7)."""
+    inputs = [x.detach().clone().requires_grad_() for x in inputs]
+    torch.manual_seed(seed)                                    # the same fresh rotations in both
+    out = fn(*inputs)
+    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(seed))
+    if mask is not None:
+        g = g * mask.view(*mask.shape, *([1] * (out.dim() - 2)))
+        out = out * mask.view(*mask.shape, *([1] * (out.dim() - 2)))
+    return [out, *torch.autograd.grad((out * g).sum(), inputs, materialize_grads=True)]
+
+
+@settings(max_examples=40)
+@given(B=st.integers(1, 3), sizes=st.tuples(st.sampled_from([1, 2, 3, 4, 8]),
+                                            st.sampled_from([2, 4, 6, 8])),
+       nh=st.sampled_from([None, 1, 2, 3]), hs=st.integers(1, 5), n_hashes=st.integers(1, 4),
+       causal=st.booleans(), pad=st.booleans(), dedup=st.booleans(),
+       rotations=st.sampled_from(["fresh", "shared", "per_row"]), seed=st.integers(0, 2**16))
+def test_fast_equals_reference(B, sizes, nh, hs, n_hashes, causal, pad, dedup, rotations, seed):
+    """Part 2 (lsh_attention_fast) computes Part 1 (lsh_attention): the same outputs and the same
+    gradients for qk and v, float64, to 1e-10, over B, T, bucket_size, n_hashes (1 included),
+    causal or not, padding, dedup, heads side by side (nh) or in the batch (nh None), and
+    rotations given or drawn fresh from the same seed."""
+    m, n_buckets = sizes
+    T = m * n_buckets
+    rows = B * (nh or 1)
+    qk, v, mask = make_inputs(B, T, hs * (nh or 1), seed, pad=pad, hs_v=2 * (nh or 1))
+    if nh is not None:
+        qk, v = qk.view(B, T, nh, hs), v.view(B, T, nh, 2)
+    rot = None if rotations == "fresh" else \
+        make_rotations(rows, hs, n_hashes, n_buckets, seed, per_row=rotations == "per_row")
+    kw = dict(causal=causal, padding_mask=mask, rotations=rot, dedup=dedup)
+    ref = _values_and_grads(lambda q_, v_: lsh_attention(q_, v_, m, n_hashes, **kw), (qk, v),
+                            mask, seed)
+    fast = _values_and_grads(lambda q_, v_: lsh_attention_fast(q_, v_, m, n_hashes, **kw),
+                             (qk, v), mask, seed)
+    for name, a, b in zip(("output", "d qk", "d v"), ref, fast):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=0, msg=lambda e: f"{name}: {e}")
+
+
+@settings(max_examples=20)
+@given(B=st.integers(1, 2), m=st.integers(1, 4), nc=st.integers(1, 5), hs=st.integers(1, 5),
+       causal=st.booleans(), pad=st.booleans(), shared=st.booleans(), seed=st.integers(0, 2**16))
+def test_local_fast_equals_reference(B, m, nc, hs, causal, pad, shared, seed):
+    """local_attention_fast computes local_attention: outputs and gradients, float64, 1e-10."""
+    T = m * nc
+    q, v, mask = make_inputs(B, T, hs, seed, pad=pad)
+    k = torch.randn(B, T, hs, dtype=torch.float64)
+    kw = dict(causal=causal, padding_mask=mask, shared_qk=shared)
+    ref = _values_and_grads(lambda *x: local_attention(*x, m, **kw), (q, k, v), mask, seed)
+    fast = _values_and_grads(lambda *x: local_attention_fast(*x, m, **kw), (q, k, v), mask, seed)
+    for a, b in zip(ref, fast):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=0)
 
 
 # -----------------------------------------------------------------------------------------------
 # 3. Causality and padding
 # -----------------------------------------------------------------------------------------------
 
+@both
 @settings(max_examples=20)
 @given(B=st.integers(1, 2), sizes=lsh_sizes, hs=st.integers(1, 5), n_hashes=st.integers(1, 4),
        pad=st.booleans(), dedup=st.booleans(), cut=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
-def test_lsh_causal_future_values_and_positive_scales_do_not_leak(B, sizes, hs, n_hashes, pad,
+def test_lsh_causal_future_values_and_positive_scales_do_not_leak(impl, B, sizes, hs, n_hashes, pad,
                                                                   dedup, cut, seed):
     """Future values changed arbitrarily, future qk scaled by positive numbers (same buckets, so
     the same chunks): outputs before the cut do not move. Rotations come from the same seed."""
@@ -394,7 +468,7 @@ def test_lsh_causal_future_values_and_positive_scales_do_not_leak(B, sizes, hs, 
     outs = []
     for q_, v_ in ((qk, v), (qk2, v2)):
         torch.manual_seed(seed)
-        outs.append(lsh_attention(q_, v_, m, n_hashes, causal=True, padding_mask=mask,
+        outs.append(LSH[impl](q_, v_, m, n_hashes, causal=True, padding_mask=mask,
                                   dedup=dedup))
     keep = torch.zeros(B, T, dtype=torch.bool)
     keep[:, :t0] = True
@@ -402,23 +476,25 @@ def test_lsh_causal_future_values_and_positive_scales_do_not_leak(B, sizes, hs, 
     torch.testing.assert_close(outs[1][keep], outs[0][keep], atol=1e-12, rtol=0)
 
 
-def test_non_causal_lsh_does_see_the_future():
+@both
+def test_non_causal_lsh_does_see_the_future(impl):
     """Controls for the test above: without the causal mask the same change moves earlier
     outputs; with it, the change does reach the later outputs."""
     qk, v, _ = make_inputs(1, 16, 4, seed=0)
     rot = make_rotations(1, 4, 2, 8, seed=0)
     v2 = v.clone()
     v2[:, 8:] += 5.0
-    a = lsh_attention(qk, v, 2, 2, rotations=rot)
-    b = lsh_attention(qk, v2, 2, 2, rotations=rot)
+    a = LSH[impl](qk, v, 2, 2, rotations=rot)
+    b = LSH[impl](qk, v2, 2, 2, rotations=rot)
     assert (a[:, :8] - b[:, :8]).abs().max() > 1e-3
-    a = lsh_attention(qk, v, 2, 2, rotations=rot, causal=True)
-    b = lsh_attention(qk, v2, 2, 2, rotations=rot, causal=True)
+    a = LSH[impl](qk, v, 2, 2, rotations=rot, causal=True)
+    b = LSH[impl](qk, v2, 2, 2, rotations=rot, causal=True)
     assert (a[:, :8] - b[:, :8]).abs().max() == 0 and (a[:, 8:] - b[:, 8:]).abs().max() > 1e-3
 
 
+@both
 @pytest.mark.parametrize("kind", ["full_shared", "full", "local_shared", "local"])
-def test_full_and_local_causal_do_not_see_the_future_at_all(kind):
+def test_full_and_local_causal_do_not_see_the_future_at_all(impl, kind):
     """Full and local attention are strictly causal: any change to the future, qk included."""
     B, T, hs, t0 = 2, 12, 4, 5
     q, v, mask = make_inputs(B, T, hs, seed=1, pad=True)
@@ -431,7 +507,7 @@ def test_full_and_local_causal_do_not_see_the_future_at_all(kind):
     def run(q_, k_, v_):
         if kind.startswith("full"):
             return full_attention(q_, k_, v_, causal=True, padding_mask=mask, shared_qk=shared)
-        return local_attention(q_, k_, v_, 3, causal=True, padding_mask=mask, shared_qk=shared)
+        return LOCAL[impl](q_, k_, v_, 3, causal=True, padding_mask=mask, shared_qk=shared)
 
     a, b = run(q, k, v), run(q2, k2, v2)
     keep = mask.clone()
@@ -440,28 +516,30 @@ def test_full_and_local_causal_do_not_see_the_future_at_all(kind):
     assert not torch.allclose(a[:, t0:][mask[:, t0:]], b[:, t0:][mask[:, t0:]])
 
 
-def test_lsh_padding_keys_never_influence_real_outputs():
+@both
+def test_lsh_padding_keys_never_influence_real_outputs(impl):
     """Changing padded values, and scaling padded qk by positive numbers (same buckets), leaves
     every real output unchanged; changing a real value does change outputs (sensitivity)."""
-    B, m, n_buckets, hs, R = 2, 2, 8, 4, 3
+    B, m, n_buckets, hs, n_hashes = 2, 2, 8, 4, 3
     T = m * n_buckets
     qk, v, mask = make_inputs(B, T, hs, seed=4, pad=True)
-    rot = make_rotations(B, hs, R, n_buckets, seed=4)
+    rot = make_rotations(B, hs, n_hashes, n_buckets, seed=4)
     qk2, v2 = qk.clone(), v.clone()
     v2[~mask] = 100.0
     qk2[~mask] *= 7.5
     for dedup in (False, True):
-        a = lsh_attention(qk, v, m, R, padding_mask=mask, rotations=rot, dedup=dedup)
-        b = lsh_attention(qk2, v2, m, R, padding_mask=mask, rotations=rot, dedup=dedup)
+        a = LSH[impl](qk, v, m, n_hashes, padding_mask=mask, rotations=rot, dedup=dedup)
+        b = LSH[impl](qk2, v2, m, n_hashes, padding_mask=mask, rotations=rot, dedup=dedup)
         torch.testing.assert_close(a[mask], b[mask], atol=1e-12, rtol=0)
         mask_all = torch.ones_like(mask)
-        c = lsh_attention(qk2, v2, m, R, padding_mask=mask_all, rotations=rot, dedup=dedup)
+        c = LSH[impl](qk2, v2, m, n_hashes, padding_mask=mask_all, rotations=rot, dedup=dedup)
         assert (c[mask] - a[mask]).abs().max() > 1e-3
 
 
+@both
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
-def test_no_nan_with_all_padding_rows(dtype, causal):
+def test_no_nan_with_all_padding_rows(impl, dtype, causal):
     """A row with no real token at all: every output finite, in every function, and so are the
     gradients (LSH and local go through the hand-written backward)."""
     B, T, hs = 3, 16, 4
@@ -469,10 +547,10 @@ def test_no_nan_with_all_padding_rows(dtype, causal):
     mask[1] = False                                            # an all-padding row
     qk, v = qk.to(dtype).requires_grad_(), v.to(dtype).requires_grad_()
     outs = {
-        "lsh": lsh_attention(qk, v, 2, 3, causal=causal, padding_mask=mask),
-        "lsh_dedup": lsh_attention(qk, v, 2, 3, causal=causal, padding_mask=mask, dedup=True),
-        "local": local_attention(qk, qk, v, 4, causal=causal, padding_mask=mask),
-        "local_shared": local_attention(qk, None, v, 4, causal=causal, padding_mask=mask,
+        "lsh": LSH[impl](qk, v, 2, 3, causal=causal, padding_mask=mask),
+        "lsh_dedup": LSH[impl](qk, v, 2, 3, causal=causal, padding_mask=mask, dedup=True),
+        "local": LOCAL[impl](qk, qk, v, 4, causal=causal, padding_mask=mask),
+        "local_shared": LOCAL[impl](qk, None, v, 4, causal=causal, padding_mask=mask,
                                         shared_qk=True),
         "full": full_attention(qk, qk, v, causal=causal, padding_mask=mask),
         "full_shared": full_attention(qk, None, v, causal=causal, padding_mask=mask,
@@ -504,22 +582,23 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
+@both
 @pytest.mark.parametrize("dedup", [False, True])
-def test_lsh_path_has_no_T_by_T_tensor(dedup):
+def test_lsh_path_has_no_T_by_T_tensor(impl, dedup):
     """Forward and backward of LSH attention never make a tensor of T * T elements. The largest
-    are the logits (B, R, nc, m, 2m) = 2 B R T m elements (R times that for dedup's counts) and
-    the hash scores [xR; -xR] (B, R, T, n_buckets) = B R T^2 / m: quadratic in T for a fixed
-    bucket_size, as in the paper (n_buckets = T / m), but R / m times smaller than T x T.
+    are the logits (B, n_hashes, n_chunks, m, 2m) = 2 B n_hashes T m elements (n_hashes times
+    that for dedup's counts) and the hash scores [xR; -xR] (B, n_hashes, T, n_buckets) =
+    B n_hashes T^2 / m: quadratic in T for a fixed bucket_size, as in the paper (n_buckets = T / m), but n_hashes / m times smaller than T x T.
     Full attention, the control, does make T x T tensors (so the probe sees them, backward too)."""
-    B, T, hs, m, R = 1, 512, 4, 4, 2
+    B, T, hs, m, n_hashes = 1, 512, 4, 4, 2
     qk, v, mask = make_inputs(B, T, hs, seed=0, dtype=torch.float32, pad=True)
     qk.requires_grad_()
     probe = LargestTensor()
     with probe:
-        out = lsh_attention(qk, v, m, R, causal=True, padding_mask=mask, dedup=dedup)
+        out = LSH[impl](qk, v, m, n_hashes, causal=True, padding_mask=mask, dedup=dedup)
         out.sum().backward()
-    logits = 2 * B * R * T * m * (R if dedup else 1)
-    hash_scores = B * R * T * (T // m)
+    logits = 2 * B * n_hashes * T * m * (n_hashes if dedup else 1)
+    hash_scores = B * n_hashes * T * (T // m)
     assert probe.largest <= max(logits, hash_scores) < T * T, probe.largest
     control = LargestTensor()
     with control:
@@ -527,27 +606,43 @@ def test_lsh_path_has_no_T_by_T_tensor(dedup):
     assert control.largest >= T * T
 
 
+def test_reference_hash_scores_in_pieces_linear_in_T():
+    """Part 1's hash_vectors scores 1024 positions at a time: at T = 4096 its largest tensor is a
+    quarter of the whole (B, n_hashes, T, n_buckets) score tensor, and the buckets are the same
+    as scoring everything at once."""
+    B, T, hs, n_buckets, n_hashes = 1, 4096, 4, 512, 2
+    x = torch.randn(B, T, hs)
+    rot = torch.randn(B, hs, n_hashes, n_buckets // 2)
+    probe = LargestTensor()
+    with probe:
+        buckets = hash_vectors(x, n_buckets, n_hashes, rot)
+    xR = torch.einsum("bti,birk->brtk", x, rot)
+    assert torch.equal(buckets, torch.cat([xR, -xR], dim=-1).argmax(dim=-1))
+    assert probe.largest <= B * n_hashes * 1024 * n_buckets < B * n_hashes * T * n_buckets
+
+
+@both
 @settings(max_examples=15)
-@given(B=st.integers(1, 2), H=st.integers(1, 3), m=st.integers(1, 3), half=st.integers(1, 3),
-       R=st.integers(1, 3), causal=st.booleans(), pad=st.booleans(), dedup=st.booleans(),
+@given(B=st.integers(1, 2), nh=st.integers(1, 3), m=st.integers(1, 3), half=st.integers(1, 3),
+       n_hashes=st.integers(1, 3), causal=st.booleans(), pad=st.booleans(), dedup=st.booleans(),
        per_row=st.booleans(), seed=st.integers(0, 2**16))
-def test_heads_side_by_side_equal_heads_in_the_batch(B, H, m, half, R, causal, pad, dedup,
-                                                     per_row, seed):
-    """qk (B, T, H, hs) is the same computation as (B * H, T, hs) with the heads moved into the
-    batch (row b * H + h, the rotations' order): outputs and gradients agree exactly."""
+def test_heads_side_by_side_equal_heads_in_the_batch(impl, B, nh, m, half, n_hashes, causal, pad,
+                                                     dedup, per_row, seed):
+    """qk (B, T, nh, hs) is the same computation as (B * nh, T, hs) with the heads moved into the
+    batch (row b * nh + h, the rotations' order): outputs and gradients agree exactly."""
     T, hs = 2 * half * m, 3
-    qk, v, mask = make_inputs(B, T, H * hs, seed=seed, pad=pad, hs_v=H * 2)
-    qk4, v4 = qk.view(B, T, H, hs).requires_grad_(), v.view(B, T, H, 2).requires_grad_()
-    rot = make_rotations(B * H, hs, R, T // m, seed, per_row=per_row)
+    qk, v, mask = make_inputs(B, T, nh * hs, seed=seed, pad=pad, hs_v=nh * 2)
+    qk4, v4 = qk.view(B, T, nh, hs).requires_grad_(), v.view(B, T, nh, 2).requires_grad_()
+    rot = make_rotations(B * nh, hs, n_hashes, T // m, seed, per_row=per_row)
     kw = dict(causal=causal, rotations=rot, dedup=dedup)
-    out4 = lsh_attention(qk4, v4, m, R, padding_mask=mask, **kw)
-    to_batch = lambda x: x.transpose(1, 2).reshape(B * H, T, -1)
+    out4 = LSH[impl](qk4, v4, m, n_hashes, padding_mask=mask, **kw)
+    to_batch = lambda x: x.transpose(1, 2).reshape(B * nh, T, -1)
     qk3, v3 = to_batch(qk4.detach()).requires_grad_(), to_batch(v4.detach()).requires_grad_()
-    mask3 = None if mask is None else mask.repeat_interleave(H, dim=0)
-    out3 = lsh_attention(qk3, v3, m, R, padding_mask=mask3, **kw)
-    assert out4.shape == (B, T, H, 2)
+    mask3 = None if mask is None else mask.repeat_interleave(nh, dim=0)
+    out3 = LSH[impl](qk3, v3, m, n_hashes, padding_mask=mask3, **kw)
+    assert out4.shape == (B, T, nh, 2)
     torch.testing.assert_close(to_batch(out4), out3, rtol=0, atol=1e-12)
-    g = torch.randn(B, T, H, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    g = torch.randn(B, T, nh, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     (out4 * g).sum().backward()
     (out3 * to_batch(g)).sum().backward()
     torch.testing.assert_close(to_batch(qk4.grad), qk3.grad, rtol=0, atol=1e-12)
@@ -558,56 +653,58 @@ def test_heads_side_by_side_equal_heads_in_the_batch(B, H, m, half, R, causal, p
 # 5. Gradients: the hand-written backwards (_ChunkAttention, _SortRows, _UnsortCombine, _Normalize)
 # -----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("causal,pad,dedup,R", [(False, False, False, 3), (True, False, False, 3),
-                                                (False, True, False, 3), (False, False, True, 3),
-                                                (True, True, True, 3), (True, False, False, 1),
-                                                (False, True, False, 1)])
-def test_lsh_gradcheck(causal, pad, dedup, R):
+@both
+@pytest.mark.parametrize("causal,pad,dedup,n_hashes", [
+    (False, False, False, 3), (True, False, False, 3), (False, True, False, 3),
+    (False, False, True, 3), (True, True, True, 3), (True, False, False, 1), (False, True, False, 1)])
+def test_lsh_gradcheck(impl, causal, pad, dedup, n_hashes):
     """float64 gradcheck; with n_hashes = 3 the round combination (the lse gradient) matters,
     n_hashes = 1 takes the path without it. The rotations are fixed and the inputs' bucket
     margins are far above gradcheck's eps."""
     B, m, n_buckets, hs = 2, 2, 4, 3
     T = m * n_buckets
     qk, v, mask = make_inputs(B, T, hs, seed=5, pad=pad, hs_v=2)
-    rot = make_rotations(B, hs, R, n_buckets, seed=5)
-    f = lambda q_, v_: lsh_attention(q_, v_, m, R, causal=causal, padding_mask=mask,
+    rot = make_rotations(B, hs, n_hashes, n_buckets, seed=5)
+    f = lambda q_, v_: LSH[impl](q_, v_, m, n_hashes, causal=causal, padding_mask=mask,
                                      rotations=rot, dedup=dedup)
     assert torch.autograd.gradcheck(f, (qk.requires_grad_(), v.requires_grad_()))
 
 
-def test_lsh_gradcheck_with_dropout_replayed_by_seed():
+@both
+def test_lsh_gradcheck_with_dropout_replayed_by_seed(impl):
     """Dropout on the attention weights: the seed is reset inside the function, so every call
     draws the same mask and the function is deterministic; gradcheck then checks that backward
     uses the forward's mask and its 1 / (1 - p) rescaling."""
-    B, m, n_buckets, hs, R = 1, 2, 4, 3, 2
+    B, m, n_buckets, hs, n_hashes = 1, 2, 4, 3, 2
     T = m * n_buckets
     qk, v, _ = make_inputs(B, T, hs, seed=6)
-    rot = make_rotations(B, hs, R, n_buckets, seed=6)
+    rot = make_rotations(B, hs, n_hashes, n_buckets, seed=6)
 
     def f(q_, v_):
         torch.manual_seed(0)
-        return lsh_attention(q_, v_, m, R, rotations=rot, dropout=0.4, training=True)
+        return LSH[impl](q_, v_, m, n_hashes, rotations=rot, dropout=0.4, training=True)
 
     assert torch.autograd.gradcheck(f, (qk.requires_grad_(), v.requires_grad_()))
-    no_drop = lsh_attention(qk, v, m, R, rotations=rot)
+    no_drop = LSH[impl](qk, v, m, n_hashes, rotations=rot)
     assert not torch.allclose(f(qk, v), no_drop), "dropout did nothing"
     torch.testing.assert_close(  # training=False: no dropout
-        lsh_attention(qk, v, m, R, rotations=rot, dropout=0.4, training=False), no_drop)
+        LSH[impl](qk, v, m, n_hashes, rotations=rot, dropout=0.4, training=False), no_drop)
 
 
+@both
 @pytest.mark.parametrize("fn", ["lsh", "local"])
-def test_attention_dropout_is_unbiased(fn):
+def test_attention_dropout_is_unbiased(impl, fn):
     """Inverted dropout on the weights leaves the expected output equal to the output without
     dropout (the round weights come from the undropped lse). 4000 samples at once (batch rows
     with shared rotations); each element within 5 empirical standard errors."""
-    N, m, n_buckets, hs, R = 4000, 2, 4, 3, 2
+    N, m, n_buckets, hs, n_hashes = 4000, 2, 4, 3, 2
     T = m * n_buckets
     qk, v, _ = make_inputs(1, T, hs, seed=8)
-    rot = make_rotations(1, hs, R, n_buckets, seed=8, per_row=False)
+    rot = make_rotations(1, hs, n_hashes, n_buckets, seed=8, per_row=False)
     if fn == "lsh":
-        run = lambda q_, v_, **kw: lsh_attention(q_, v_, m, R, rotations=rot, **kw)
+        run = lambda q_, v_, **kw: LSH[impl](q_, v_, m, n_hashes, rotations=rot, **kw)
     else:
-        run = lambda q_, v_, **kw: local_attention(q_, q_, v_, m, **kw)
+        run = lambda q_, v_, **kw: LOCAL[impl](q_, q_, v_, m, **kw)
     torch.manual_seed(0)
     samples = run(qk.expand(N, -1, -1), v.expand(N, -1, -1), dropout=0.3, training=True)
     mean, se = samples.mean(0), samples.std(0) / math.sqrt(N)
@@ -616,13 +713,14 @@ def test_attention_dropout_is_unbiased(fn):
     assert ((mean - expected).abs() <= 5 * se).all(), (mean - expected).abs().max()
 
 
+@both
 @pytest.mark.parametrize("causal,pad,shared", [(False, False, False), (True, True, False),
                                                (False, True, True), (True, False, True)])
-def test_local_gradcheck(causal, pad, shared):
+def test_local_gradcheck(impl, causal, pad, shared):
     B, T, hs, m = 2, 6, 3, 2
     q, v, mask = make_inputs(B, T, hs, seed=9, pad=pad)
     k = torch.randn(B, T, hs, dtype=torch.float64, requires_grad=True)
-    f = lambda q_, k_, v_: local_attention(q_, k_, v_, m, causal=causal, padding_mask=mask,
+    f = lambda q_, k_, v_: LOCAL[impl](q_, k_, v_, m, causal=causal, padding_mask=mask,
                                            shared_qk=shared)
     inputs = (q.requires_grad_(), k, v.requires_grad_())
     assert torch.autograd.gradcheck(f, inputs)
@@ -632,14 +730,15 @@ def test_local_gradcheck(causal, pad, shared):
 # 6. Local and full attention against dense references
 # -----------------------------------------------------------------------------------------------
 
+@both
 @settings(max_examples=20)
 @given(B=st.integers(1, 2), m=st.integers(1, 4), nc=st.integers(1, 5), hs=st.integers(1, 5),
        causal=st.booleans(), pad=st.booleans(), shared=st.booleans(), seed=st.integers(0, 2**16))
-def test_local_equals_banded_reference(B, m, nc, hs, causal, pad, shared, seed):
+def test_local_equals_banded_reference(impl, B, m, nc, hs, causal, pad, shared, seed):
     T = m * nc
     q, v, mask = make_inputs(B, T, hs, seed, pad=pad)
     k = torch.randn(B, T, hs, dtype=torch.float64)
-    out = local_attention(q, k, v, m, causal=causal, padding_mask=mask, shared_qk=shared)
+    out = LOCAL[impl](q, k, v, m, causal=causal, padding_mask=mask, shared_qk=shared)
     ref = dense_reference(q, k, v, allowed_mask(B, T, causal, mask, bucket_size=m), shared)
     assert_close_real(out, ref, mask, atol=1e-10)
 
@@ -661,16 +760,17 @@ def test_full_equals_naive_reference(B, T, hs, causal, pad, shared, seed):
             full_attention(q, k, v, causal=causal, padding_mask=mask, shared_qk=True), out)
 
 
-def test_shared_qk_logits_use_unit_keys():
-    """Step 2: logit(i, j) = q_i . q_j / |q_j|. Scaling q_j by s > 0 leaves k_hat_j, hence every
+@both
+def test_shared_qk_logits_use_unit_keys(impl):
+    """Step 3: logit(i, j) = q_i . q_j / |q_j|. Scaling q_j by s > 0 leaves k_hat_j, hence every
     other query's logits and outputs, unchanged; only query j's own output moves (its logits
     scale by s). With unnormalised keys every output would move."""
     q, v, _ = make_inputs(1, 6, 4, seed=3)
     q2 = q.clone()
     q2[0, 3] *= 9.0
     for fn in (lambda q_: full_attention(q_, None, v, shared_qk=True),
-               lambda q_: local_attention(q_, None, v, 3, shared_qk=True),
-               lambda q_: lsh_attention(q_, v, 3, 2, rotations=make_rotations(1, 4, 2, 2, 3))):
+               lambda q_: LOCAL[impl](q_, None, v, 3, shared_qk=True),
+               lambda q_: LSH[impl](q_, v, 3, 2, rotations=make_rotations(1, 4, 2, 2, 3))):
         a, b = fn(q), fn(q2)
         others = torch.arange(6) != 3
         torch.testing.assert_close(a[0, others], b[0, others], atol=1e-12, rtol=0)
@@ -681,25 +781,26 @@ def test_shared_qk_logits_use_unit_keys():
 # 7. Half precision
 # -----------------------------------------------------------------------------------------------
 
+@both
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["lsh", "lsh_dedup", "local_shared", "local", "full_shared",
                                   "full"])
-def test_half_precision_keeps_dtype_and_equals_float32_rounded(dtype, kind):
+def test_half_precision_keeps_dtype_and_equals_float32_rounded(impl, dtype, kind):
     """Half inputs (with masks): the output keeps the dtype and, since logits and softmax run in
-    float32 (step 4), it is the float32 computation on the same half-rounded inputs, rounded to
-    half: equal to within one unit in the last place of the half type (the float32 results may
-    differ by reordering, which can move a value across a rounding boundary). Unit keys computed
-    in half and then cast would be off by several units."""
-    B, m, n_buckets, hs, R = 2, 4, 4, 8, 3
+    float32 (steps 5 and 7), it is the float32 computation on the same half-rounded inputs,
+    rounded to half: equal to within one unit in the last place of the half type (the float32
+    results may differ by reordering, which can move a value across a rounding boundary). Unit
+    keys computed in half and then cast would be off by several units."""
+    B, m, n_buckets, hs, n_hashes = 2, 4, 4, 8, 3
     T = m * n_buckets
     qk, v, mask = make_inputs(B, T, hs, seed=10, dtype=torch.float32, pad=True)
     k = torch.randn(B, T, hs)
     qk, k, v = qk.to(dtype), k.to(dtype), v.to(dtype)
-    rot = make_rotations(B, hs, R, n_buckets, seed=10, dtype=torch.float32)
+    rot = make_rotations(B, hs, n_hashes, n_buckets, seed=10, dtype=torch.float32)
 
     def run(q_, k_, v_):
         if kind.startswith("lsh"):
-            return lsh_attention(q_, v_, m, R, causal=True, padding_mask=mask, rotations=rot,
+            return LSH[impl](q_, v_, m, n_hashes, causal=True, padding_mask=mask, rotations=rot,
                                  dedup=kind == "lsh_dedup")
         fn, size = (local_attention, dict(bucket_size=m)) if kind.startswith("local") else \
             (full_attention, {})
@@ -850,31 +951,32 @@ def test_layer_dtypes_and_all_padding_rows(dtype, attn):
 # 9. Bad input: ValueError naming the values and what would be valid
 # -----------------------------------------------------------------------------------------------
 
-def test_bad_input_lsh_attention():
+@both
+def test_bad_input_lsh_attention(impl):
     qk, v = torch.randn(2, 16, 4), torch.randn(2, 16, 3)
     with pytest.raises(ValueError, match=r"same B and T, got qk \(2, 16, 4\) and v \(2, 12, 3\)"):
-        lsh_attention(qk, v[:, :12], 4, 2)
+        LSH[impl](qk, v[:, :12], 4, 2)
     with pytest.raises(ValueError, match=r"got qk \(16, 4\) and v \(2, 16, 3\)"):
-        lsh_attention(qk[0], v, 4, 2)
+        LSH[impl](qk[0], v, 4, 2)
     with pytest.raises(ValueError, match=r"T=16 must be a positive multiple of 2 \* bucket_size "
                                          r"= 12 \(n_buckets = T // bucket_size must be even\)"):
-        lsh_attention(qk, v, 6, 2)                             # 16 // 6 buckets, not a multiple
+        LSH[impl](qk, v, 6, 2)                             # 16 // 6 buckets, not a multiple
     with pytest.raises(ValueError, match=r"T=12 must be a positive multiple of 2 \* bucket_size "
                                          r"= 8"):
-        lsh_attention(qk[:, :12], v[:, :12], 4, 2)             # 3 buckets: odd
+        LSH[impl](qk[:, :12], v[:, :12], 4, 2)             # 3 buckets: odd
     with pytest.raises(ValueError, match=r"T=16 must be a positive multiple of 2 \* bucket_size "
                                          r"= 32"):
-        lsh_attention(qk, v, 16, 2)                            # 1 bucket: too few
+        LSH[impl](qk, v, 16, 2)                            # 1 bucket: too few
     with pytest.raises(ValueError, match=r"2 \* bucket_size = 0"):
-        lsh_attention(qk, v, 0, 2)
+        LSH[impl](qk, v, 0, 2)
     with pytest.raises(ValueError, match=r"n_hashes must be >= 1, got 0"):
-        lsh_attention(qk, v, 4, 0)
+        LSH[impl](qk, v, 4, 0)
     with pytest.raises(ValueError, match=r"padding_mask must be \(B, T\) = \(2, 16\), "
                                          r"got \(2, 8\)"):
-        lsh_attention(qk, v, 4, 2, padding_mask=torch.ones(2, 8, dtype=torch.bool))
+        LSH[impl](qk, v, 4, 2, padding_mask=torch.ones(2, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"rotations must have shape \(4, 2, 2\) or "
                                          r"\(2, 4, 2, 2\) .* got \(4, 2, 3\)"):
-        lsh_attention(qk, v, 4, 2, rotations=torch.randn(4, 2, 3))
+        LSH[impl](qk, v, 4, 2, rotations=torch.randn(4, 2, 3))
 
 
 def test_bad_input_hash_vectors():
@@ -891,8 +993,8 @@ def test_bad_input_hash_vectors():
                                          r"\(2, 4, 1, 2\) for x of shape \(2, 8, 4\), "
                                          r"got \(3, 4, 1, 2\)"):
         hash_vectors(x, 4, 1, torch.randn(3, 4, 1, 2))
-    with pytest.raises(ValueError, match=r"with heads, qk must be \(B, T, H, hs\) and v "
-                                         r"\(B, T, H, hs_v\) with the same B, T and H, got qk "
+    with pytest.raises(ValueError, match=r"with heads, qk must be \(B, T, nh, hs\) and v "
+                                         r"\(B, T, nh, hs_v\) with the same B, T and nh, got qk "
                                          r"\(2, 8, 2, 4\) and v \(2, 8, 3, 4\)"):
         lsh_attention(torch.randn(2, 8, 2, 4), torch.randn(2, 8, 3, 4), 2, 1)
 
@@ -910,6 +1012,8 @@ def test_bad_input_layer():
     with pytest.raises(ValueError, match=r"attn='flash', expected one of \('lsh', 'full', "
                                          r"'local'\)"):
         LSHSelfAttention(16, 2, attn="flash")
+    with pytest.raises(ValueError, match=r"impl='slow', expected one of \('fast', 'reference'\)"):
+        LSHSelfAttention(16, 2, impl="slow")
     layer = LSHSelfAttention(16, 2, bucket_size=4)
     with pytest.raises(ValueError, match=r"padding_mask must be \(B, T\) = \(2, 5\), "
                                          r"got \(2, 4\)"):
@@ -919,20 +1023,22 @@ def test_bad_input_layer():
         layer(torch.randn(2, 5, 16))
 
 
-def test_bad_input_local_attention_length():
+@both
+def test_bad_input_local_attention_length(impl):
     q = torch.randn(2, 10, 4)
     with pytest.raises(ValueError, match=r"T=10 must be a positive multiple of bucket_size=4"):
-        local_attention(q, q, q, 4)
+        LOCAL[impl](q, q, q, 4)
     with pytest.raises(ValueError, match=r"bucket_size=0"):
-        local_attention(q, q, q, 0)
+        LOCAL[impl](q, q, q, 0)
     with pytest.raises(ValueError, match=r"k is None, which is valid only with shared_qk=True"):
         full_attention(q, None, q)
 
 
+@both
 @pytest.mark.parametrize("fn", ["local", "full"])
 @pytest.mark.parametrize("bad,shape", [("v_length", (2, 6, 4)), ("k_length", (2, 6, 4)),
                                        ("k_width", (2, 8, 3)), ("mask", (2, 6))])
-def test_bad_input_shapes_local_and_full(fn, bad, shape):
+def test_bad_input_shapes_local_and_full(impl, fn, bad, shape):
     """Shapes that do not match must give a ValueError naming the offending shape and the one it
     must match, as lsh_attention does, not a RuntimeError from inside a reshape or matmul."""
     q = k = v = torch.randn(2, 8, 4)
@@ -947,7 +1053,7 @@ def test_bad_input_shapes_local_and_full(fn, bad, shape):
     offending = re.escape(str(shape))
     with pytest.raises(ValueError, match=rf"(?s)(?=.*{offending})(?=.*{expected})"):
         if fn == "local":
-            local_attention(q, k, v, 2, padding_mask=mask)
+            LOCAL[impl](q, k, v, 2, padding_mask=mask)
         else:
             full_attention(q, k, v, padding_mask=mask)
 
@@ -971,3 +1077,16 @@ def test_layer_under_autocast(attn, shared_qk, dtype):
     got.float().sum().backward()
     assert torch.isfinite(x.grad).all()
     torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
+
+
+# -----------------------------------------------------------------------------------------------
+# 10. The picture (python lsh_attention.py), and the module importing only torch
+# -----------------------------------------------------------------------------------------------
+
+def test_figure_is_drawn_and_matplotlib_only_imported_for_it(tmp_path):
+    code = "import sys, lsh_attention; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False"
+    path = draw_lsh_attention(str(tmp_path / "lsh.png"), T=16, m=2, n_hashes=2)
+    assert Path(path).stat().st_size > 10_000

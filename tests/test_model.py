@@ -55,6 +55,40 @@ def test_every_switch_trains(attn, reversible, ff_chunks, pos_emb):
     assert losses[-1] < losses[0] - 0.05, losses
 
 
+@pytest.mark.parametrize("reversible", [True, False])
+def test_impl_reference_and_fast_train_the_same_model(reversible):
+    """impl='reference' (lsh_attention.py Part 1) and impl='fast' (Part 2) in a ReformerLM with
+    LSH and local layers, T = 37 (padded inside the layers), float64: the same loss and the same
+    gradient for every parameter to 1e-10 (the rotations come from the same seed); and the
+    reference trains on its own (its loss falls)."""
+    results = []
+    for impl in ("reference", "fast"):
+        torch.manual_seed(0)
+        model = ReformerLM(tiny(attn_pattern="lsh,local", n_hashes=3, dedup=True, impl=impl,
+                                reversible=reversible)).double()
+        x, y = batch(T=37)
+        torch.manual_seed(7)
+        _, loss = model(x, y)
+        loss.backward()
+        results.append((loss.item(), grads(model)))
+    (l1, g1), (l2, g2) = results
+    assert l1 == pytest.approx(l2, abs=1e-10)
+    assert g1.keys() == g2.keys() and len(g1) > 10
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], atol=1e-10, rtol=0, msg=name)
+    torch.manual_seed(0)
+    model = ReformerLM(tiny(impl="reference", reversible=reversible, dropout=0.1))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(4):
+        _, loss = model(*batch())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
 def test_reversible_equals_plain_autograd():
     """Same two-stream model, once through the reversible backward (recomputing activations,
     replaying dropout and LSH rotations), once under ordinary autograd: same loss and grads."""
@@ -246,6 +280,7 @@ def test_padding_mask_reaches_attention():
     (dict(attn="lsh", shared_qk=False), "shared_qk=False"),
     (dict(ff_chunks=0), "ff_chunks=0"),
     (dict(dropout=1.0), r"dropout=1.0 must be in \[0, 1\)"),
+    (dict(impl="slow"), r"impl='slow' is not one of \('fast', 'reference'\)"),
 ])
 def test_bad_config(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -123,8 +123,8 @@ def test_broken_rng_replay_gives_wrong_gradients(monkeypatch):
 
 
 @pytest.mark.parametrize("device", [
-    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                         reason="needs a CUDA device"))])
+    "cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device")])])
 def test_lsh_attention_as_f(device):
     """Multi-round LSH attention (fresh random rotations every call, per head) with attention
     dropout as F, a chunked feed-forward with dropout as G: gradients equal ordinary backprop.
