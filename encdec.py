@@ -81,6 +81,8 @@ class EncDecConfig:
     n_hashes: int = _help("LSH rounds in the encoder (Section 2)", 4)
     bucket_size: int = _help("LSH / local chunk length in the encoder", 64)
     dedup: bool = _help("count a key seen in several LSH rounds once", False)
+    impl: str = _help("LSH attention in the encoder: 'fast' (Part 2 of lsh_attention.py) or "
+                      "'reference' (Part 1)", "fast")
     reversible: bool = _help("reversible residual layers in encoder and decoder (Section 3)", True)
     ff_chunks: int = _help("chunk the feed-forward and the output loss along T (Section 3)", 1)
     pos_emb: str = _help("'absolute' | 'sinusoidal' | 'axial', shared by encoder and decoder",

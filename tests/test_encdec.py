@@ -46,7 +46,8 @@ def batch(B=3, S=7, T=6, seed=0):
 @pytest.mark.parametrize("kw", [dict(), dict(reversible=False), dict(shared_qk=True),
                                 dict(tie_weights=False, pos_emb="sinusoidal"),
                                 dict(pos_emb="axial", ff_chunks=3, attn="local"),
-                                dict(attn="lsh", shared_qk=True, reversible=False)])
+                                dict(attn="lsh", shared_qk=True, reversible=False),
+                                dict(attn="lsh", shared_qk=True, impl="reference")])
 def test_cached_step_equals_full_recompute(kw):
     model = make_model(**kw)
     src, tgt_in = batch()
