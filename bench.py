@@ -14,6 +14,8 @@ Sub-commands (each prints a table and writes <out>/<name>.json and <out>/<name>.
     throughput     tokens/s of a whole training step (forward, backward, AdamW), our ReformerLM
                    against reformer-pytorch's ReformerLM at the same configuration
     profile        torch.profiler's top ops of one step of our LSH layer (not part of `all`)
+    decode         translation decoding: sentences/s and tokens/s, greedy with and without the
+                   key/value cache, beam search (translate.decoding_speed; not part of `all`)
     all            the suite above at CPU-sized lengths (the default; < 10 minutes on 2 cores)
 
     python bench.py                                      # the CPU-sized suite
@@ -803,6 +805,10 @@ def main(argv=None):
     if argv[:1] == ["_mem_worker"]:   # internal: one memory measurement in a fresh process
         spec = json.loads(argv[argv.index("--json") + 1])
         print(json.dumps(mem_worker(spec)))
+        return
+    if argv[:1] == ["decode"]:        # translation decoding speed, cache vs recompute: translate.py
+        from translate import decoding_speed
+        decoding_speed(argv[1:])
         return
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["all"] + argv   # no sub-command: the suite

@@ -32,7 +32,8 @@ Shape legend: B batch, T time, C channels (d_model), V vocabulary size, N = B * 
 Public names:
     chunked(fn, x, n_chunks, dim=1)                          fn applied piece by piece along dim
     ChunkedFeedForward(d_model, d_ff, n_chunks, dropout, activation)      (B, T, C) -> (B, T, C)
-    chunked_cross_entropy(hidden, weight, targets, n_chunks, bias=None)   mean loss, a scalar
+    chunked_cross_entropy(hidden, weight, targets, n_chunks, bias=None, label_smoothing=0.0)
+                                                                          mean loss, a scalar
 
 Bad n_chunks: a count below 1 (or not an integer) is a ValueError. A count above the length falls
 back to one position per piece, so a model configured for long training sequences can still
@@ -109,12 +110,15 @@ class ChunkedFeedForward(nn.Module):
         return f"n_chunks={self.n_chunks}, activation={self.activation!r}"
 
 
-def chunked_cross_entropy(hidden, weight, targets, n_chunks, bias=None, ignore_index=-100):
+def chunked_cross_entropy(hidden, weight, targets, n_chunks, bias=None, ignore_index=-100,
+                          label_smoothing=0.0):
     """Mean cross-entropy of the logits hidden @ weight.T + bias, n_chunks rows at a time.
 
     hidden: (B, T, C) or (N, C); weight: (V, C); bias: (V,) or None; targets: (B, T) or (N,)
-    class indices. Equals F.cross_entropy(hidden @ weight.T + bias, targets, ignore_index=-100)
-    in value and gradients: the mean over targets that are not ignore_index. If every target is
+    class indices. Equals F.cross_entropy(hidden @ weight.T + bias, targets, ignore_index=-100,
+    label_smoothing=label_smoothing) in value and gradients: the mean over targets that are not
+    ignore_index. (Label smoothing eps, used for translation, mixes the one-hot target with the
+    uniform distribution: loss_i = (1 - eps) CE(z_i, t_i) + eps mean_v -log softmax(z_i)_v.) If every target is
     ignored the result is NaN (0 / 0), exactly as F.cross_entropy. With gradients on, each piece's
     logits are recomputed in backward (see top), so no more than one piece's (N / n_chunks, V)
     logits exist at a time, in forward or backward.
@@ -128,11 +132,13 @@ def chunked_cross_entropy(hidden, weight, targets, n_chunks, bias=None, ignore_i
                          f"{tuple(hidden.shape)} but {t.size(0)} targets {tuple(targets.shape)}")
     n = _n_pieces(n_chunks, h.size(0))
     if n == 1:
-        return F.cross_entropy(F.linear(h, weight, bias), t, ignore_index=ignore_index)
+        return F.cross_entropy(F.linear(h, weight, bias), t, ignore_index=ignore_index,
+                               label_smoothing=label_smoothing)
 
     def piece_loss(h_piece, t_piece):
         logits = F.linear(h_piece, weight, bias)               # (N / n, V): one piece only
-        return F.cross_entropy(logits, t_piece, ignore_index=ignore_index, reduction="sum")
+        return F.cross_entropy(logits, t_piece, ignore_index=ignore_index, reduction="sum",
+                               label_smoothing=label_smoothing)
 
     fn = _checkpointed(piece_loss) if torch.is_grad_enabled() else piece_loss
     # Sum the pieces, then divide once by the global count: the mean of per-piece means would

@@ -13,7 +13,9 @@ import os
 import shlex
 
 from data import ByteTokenizer
+from encdec import EncDecConfig
 from model import POS_EMBS, ModelConfig
+from translation_data import TRANSLATION_DATASETS
 
 DESCRIPTION = ("Train a Reformer language model (Kitaev, Kaiser, Levskaya, ICLR 2020) on the "
                "duplication task of Table 2, on enwik8, or on any text file.")
@@ -29,6 +31,22 @@ DEFAULT_MODEL = dict(vocab_size=16, n_layers=2, d_model=64, n_heads=4, d_ff=128,
                      bucket_size=8, pos_emb='absolute')
 DEFAULT_RUN = dict(seq_len=64, batch_size=32, lr=6e-3, warmup=20, max_steps=800, eval_interval=100)
 
+# Translation (encdec.py): flags left out take EncDecConfig's defaults (the paper's base model),
+# then these. reverse: the synthetic task, small enough for a 2-core CPU in a few minutes
+# (measured: README); learned positions and no dropout or smoothing (the task is noiseless).
+# wmt14: the authors' reformer_wmt_ende.gin schedule, Adam with 8K warmup and rsqrt decay
+# (their 0.088 * rsqrt(8000) is --lr=9.8e-4), length 256, 128 x 256 padded tokens per step.
+TRANSLATION_RUN = {
+    'reverse': dict(vocab_size=20, n_enc_layers=2, n_dec_layers=2, d_model=64, n_heads=4,
+                    d_ff=128, dropout=0.0, label_smoothing=0.0, seq_len=17, batch_size=32,
+                    lr=3e-3, warmup=100, lr_schedule='cosine', max_steps=1500,
+                    eval_interval=250, valid_size=500),
+    'parallel': dict(vocab_size=8000, seq_len=128, batch_size=64, lr=9.8e-4, warmup=4000,
+                     lr_schedule='rsqrt', max_steps=50000, eval_interval=1000),
+    'wmt14': dict(vocab_size=32000, seq_len=256, batch_size=128, lr=9.8e-4, warmup=8000,
+                  lr_schedule='rsqrt', max_steps=100000, eval_interval=2000),
+}
+
 
 def str2bool(s):
     """--flag=True / --flag=False (also 1/0, yes/no, any case); a bare --flag means True (const)."""
@@ -43,9 +61,12 @@ def resume_flag(s):
     return 'auto' if s.lower() == 'auto' else str2bool(s)
 
 
-def add_config_flags(group, config_class, defaults):
-    """One flag per field of the config dataclass: the same name, the field's help text."""
+def add_config_flags(group, config_class, defaults, skip=()):
+    """One flag per field of the config dataclass (but those in skip): the same name, the
+    field's help text."""
     for f in dataclasses.fields(config_class):
+        if f.name in skip:
+            continue
         if type(f.default) is bool:
             kw = dict(type=str2bool, nargs='?', const=True)
         else:
@@ -61,17 +82,28 @@ def build_parser():
     p.convert_arg_line_to_args = lambda line: shlex.split(line, comments=True)  # '#' in @FILE
     boolean = dict(type=str2bool, nargs='?', const=True, default=False)
     g = p.add_argument_group('data')
-    g.add_argument('--dataset', choices=['duplication', 'enwik8', 'text'], default='duplication',
-                   help='duplication: the synthetic task of Table 2; enwik8 or a text file: bytes')
+    g.add_argument('--dataset', choices=['duplication', 'enwik8', 'text', *TRANSLATION_DATASETS],
+                   default='duplication',
+                   help='duplication: the synthetic task of Table 2; enwik8 or a text file: bytes; '
+                        'translation (encdec.py): reverse (synthetic), parallel (--data_path='
+                        'FILE.tsv or SRC,TGT), wmt14 (en-de, paper Table 4)')
     g.add_argument('--data_dir', default='data', help='where enwik8.zip and the splits live')
     g.add_argument('--data_path', default=None, help='the file for --dataset=text')
     g.add_argument('--enwik8_split', choices=['byte', 't2t'], default='byte',
                    help="byte: 90M/5M/5M bytes; t2t: the paper's Tensor2Tensor split by characters")
     g.add_argument('--seq_len', type=int, default=DEFAULT_RUN['seq_len'],
-                   help='tokens per sequence, T')
+                   help='tokens per sequence, T (translation: the longest sentence; longer '
+                        'training pairs are skipped, held-out ones truncated)')
+    g.add_argument('--tokenizer', choices=['sentencepiece', 'bytes'], default='sentencepiece',
+                   help='translation: a sentencepiece vocabulary of --vocab_size trained on the '
+                        'training text (cached in --data_dir), or bytes (259 ids)')
+    g.add_argument('--heldout', type=int, default=1000,
+                   help='--dataset=parallel: pairs split off at random for valid and for test')
     g = p.add_argument_group('model (flag = ModelConfig field; each one is an ablation)')
     # vocab_size and max_seq_len: None here, set by parse_args from --dataset and --seq_len
     add_config_flags(g, ModelConfig, dict(DEFAULT_MODEL, vocab_size=None, max_seq_len=None))
+    g = p.add_argument_group('translation model (flag = EncDecConfig field; the rest as above)')
+    add_config_flags(g, EncDecConfig, {}, skip={f.name for f in dataclasses.fields(ModelConfig)})
     g = p.add_argument_group('optimisation')
     g.add_argument('--batch_size', type=int, default=DEFAULT_RUN['batch_size'],
                    help='global batch: sequences per optimizer step, all ranks and micro-steps')
@@ -122,6 +154,10 @@ def build_parser():
 def parse_args(argv=None):
     """Parse and check the flags; a bad value or combination is an argparse error naming it."""
     p = build_parser()
+    dataset = p.parse_known_args(argv)[0].dataset
+    if dataset in TRANSLATION_DATASETS:   # other defaults: EncDecConfig's, then the task's
+        p.set_defaults(**{**{f.name: f.default for f in dataclasses.fields(EncDecConfig)},
+                          'max_seq_len': None, **TRANSLATION_RUN[dataset]})
     a = p.parse_args(argv)
     for name in ('seq_len', 'batch_size', 'grad_accum', 'max_steps', 'eval_interval', 'eval_iters',
                  'valid_size', 'log_interval'):
@@ -133,7 +169,9 @@ def parse_args(argv=None):
     if a.batch_size % (world * a.grad_accum):
         p.error(f"--batch_size={a.batch_size} must be divisible by world_size x --grad_accum = "
                 f"{world} x {a.grad_accum}, so that every micro-batch has the same size")
-    if a.dataset == 'duplication':
+    if a.dataset in TRANSLATION_DATASETS:
+        check_translation(p, a)
+    elif a.dataset == 'duplication':
         a.vocab_size = a.vocab_size or DEFAULT_MODEL['vocab_size']
         if a.seq_len < 4 or a.seq_len % 2:
             p.error(f"--dataset=duplication needs an even --seq_len >= 4 ('0 w 0 w'), "
@@ -162,5 +200,19 @@ def parse_args(argv=None):
     return a
 
 
+def check_translation(p, a):
+    if a.dataset == 'reverse':
+        if a.seq_len < 5:
+            p.error(f"--dataset=reverse needs --seq_len >= 5 (strings of 4 .. seq_len - 1 "
+                    f"symbols, then EOS), got {a.seq_len}")
+        if a.eval_split == 'test':
+            p.error("--eval_split=test: the reverse task has one held-out set")
+    if a.dataset == 'parallel' and not a.data_path:
+        p.error("--dataset=parallel needs --data_path=FILE.tsv (source<TAB>target lines) or "
+                "--data_path=SRC,TGT (two line-aligned files)")
+
+
 def model_config(args):
-    return ModelConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig)})
+    """The model's config from the flags: EncDecConfig for translation, else ModelConfig."""
+    cls = EncDecConfig if args.dataset in TRANSLATION_DATASETS else ModelConfig
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})

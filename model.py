@@ -179,18 +179,27 @@ class AbsolutePositionalEmbedding(nn.Module):
         return self.emb.weight[:T]                                           # (T, C)
 
 
+def positional_embedding(cfg):
+    """The embedding cfg.pos_emb names, covering cfg.max_seq_len positions: forward(T) -> (T, C)."""
+    if cfg.pos_emb == "axial":
+        return AxialPositionalEmbedding(cfg.d_model, cfg.axial_dims())
+    if cfg.pos_emb == "absolute":
+        return AbsolutePositionalEmbedding(cfg.d_model, cfg.max_seq_len)
+    return SinusoidalPositionalEmbedding(cfg.d_model, cfg.max_seq_len)
+
+
 # -----------------------------------------------------------------------------------------------
 # The two sub-layers, pre-LayerNorm
 # -----------------------------------------------------------------------------------------------
 
 class AttentionSublayer(nn.Module):
-    """F(x) = dropout(Attention(LayerNorm(x)))."""
+    """F(x) = dropout(Attention(LayerNorm(x))). Causal in the LM; encdec.py's encoder is not."""
 
-    def __init__(self, cfg, kind):
+    def __init__(self, cfg, kind, causal=True):
         super().__init__()
         self.ln = nn.LayerNorm(cfg.d_model)
         self.attn = LSHSelfAttention(cfg.d_model, cfg.n_heads, bucket_size=cfg.bucket_size,
-                                     n_hashes=cfg.n_hashes, causal=True, attn=kind,
+                                     n_hashes=cfg.n_hashes, causal=causal, attn=kind,
                                      shared_qk=cfg.shared_qk, dropout=cfg.dropout,
                                      dedup=cfg.dedup, impl=cfg.impl)
         self.drop = nn.Dropout(cfg.dropout)
@@ -213,15 +222,58 @@ class FeedForwardSublayer(nn.Module):
 
 
 class ResidualLayer(nn.Module):
-    """The ordinary (non-reversible) Transformer layer: x + F(x), then + G(.)."""
+    """The ordinary (non-reversible) Transformer layer: x + F(x), then + G(.). F gets the keyword
+    arguments (a padding mask; in encdec.py's decoder also the encoder output)."""
 
     def __init__(self, f, g):
         super().__init__()
         self.f, self.g = f, g
 
-    def forward(self, x, padding_mask=None):
-        x = x + self.f(x, padding_mask=padding_mask)
+    def forward(self, x, **kwargs):
+        x = x + self.f(x, **kwargs)
         return x + self.g(x)
+
+
+def run_layers(layers, x, reversible, **kwargs):
+    """x (B, T, C) through a stack of layers; the keyword arguments go to every F."""
+    if not reversible:
+        for layer in layers:
+            x = layer(x, **kwargs)
+        return x
+    # Two streams, both starting as the embedding (the authors duplicate the input).
+    y1, y2 = layers(x, x, **kwargs)
+    # Join them by their mean: it keeps width C, so the output layer can stay tied to the (V, C)
+    # embedding (trax concatenates to 2C and uses an untied output layer). Since
+    # y2 = x2 + G(y1) and y1 = x1 + F(x2), the mean carries both sub-layers' work.
+    return 0.5 * (y1 + y2)
+
+
+def logits_and_loss(h, head, targets, ff_chunks, label_smoothing=0.0):
+    """Output layer and mean cross-entropy of the hidden states h (B, T, C); see forward()."""
+    if targets is None:
+        return head(h), None
+    if ff_chunks > 1:
+        n = min(ff_chunks, h.shape[0] * h.shape[1])
+        return None, chunked_cross_entropy(h, head.weight, targets, n,
+                                           label_smoothing=label_smoothing)
+    logits = head(h)                                                     # (B, T, V)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
+                           label_smoothing=label_smoothing)
+    return logits, loss
+
+
+def check_token_ids(idx, vocab_size, max_seq_len, name="idx"):
+    """ValueError unless idx is (B, T) with T <= max_seq_len and ids in [0, vocab_size)."""
+    if idx.dim() != 2:
+        raise ValueError(f"{name} must be (B, T) token ids, got shape {tuple(idx.shape)}")
+    T, V = idx.shape[1], vocab_size
+    if T > max_seq_len:
+        raise ValueError(f"{name}: sequence length T={T} exceeds max_seq_len={max_seq_len}; "
+                         f"use T <= max_seq_len")
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= V:
+        raise ValueError(f"{name}: token ids must be in [0, vocab_size={V}), got values in "
+                         f"[{lo}, {hi}]")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -235,12 +287,7 @@ class ReformerLM(nn.Module):
         config.validate()
         self.config = cfg = config
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        if cfg.pos_emb == "axial":
-            self.pos_emb = AxialPositionalEmbedding(cfg.d_model, cfg.axial_dims())
-        elif cfg.pos_emb == "absolute":
-            self.pos_emb = AbsolutePositionalEmbedding(cfg.d_model, cfg.max_seq_len)
-        else:
-            self.pos_emb = SinusoidalPositionalEmbedding(cfg.d_model, cfg.max_seq_len)
+        self.pos_emb = positional_embedding(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         pairs = [(AttentionSublayer(cfg, kind), FeedForwardSublayer(cfg))
                  for kind in cfg.layer_attn()]
@@ -263,34 +310,13 @@ class ReformerLM(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
 
-    def _check_input(self, idx):
-        if idx.dim() != 2:
-            raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
-        T, V = idx.shape[1], self.config.vocab_size
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence length T={T} exceeds max_seq_len="
-                             f"{self.config.max_seq_len}; use T <= max_seq_len")
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= V:
-            raise ValueError(f"token ids must be in [0, vocab_size={V}), got values in "
-                             f"[{lo}, {hi}]")
-
     def hidden_states(self, idx, padding_mask=None):
         """The final-LayerNorm output (B, T, C), before the output layer."""
-        self._check_input(idx)
+        check_token_ids(idx, self.config.vocab_size, self.config.max_seq_len)
         T = idx.shape[1]
         x = self.drop(self.tok_emb(idx) + self.pos_emb(T))                  # (B, T, C)
-        if self.config.reversible:
-            # Two streams, both starting as the embedding (the authors duplicate the input).
-            y1, y2 = self.layers(x, x, padding_mask=padding_mask)
-            # Join them by their mean: it keeps width C, so the output layer can stay tied to
-            # the (V, C) embedding (trax concatenates to 2C and uses an untied output layer).
-            # Since y2 = x2 + G(y1) and y1 = x1 + F(x2), the mean carries both sub-layers' work.
-            x = 0.5 * (y1 + y2)
-        else:
-            for layer in self.layers:
-                x = layer(x, padding_mask=padding_mask)
-        return self.ln_f(x)
+        return self.ln_f(run_layers(self.layers, x, self.config.reversible,
+                                    padding_mask=padding_mask))
 
     def forward(self, idx, targets=None, padding_mask=None):
         """idx: (B, T) int64. targets: (B, T) with -100 for positions that do not count.
@@ -300,14 +326,7 @@ class ReformerLM(nn.Module):
         tensor never exists. Without targets loss is None.
         """
         h = self.hidden_states(idx, padding_mask)                            # (B, T, C)
-        if targets is None:
-            return self.lm_head(h), None
-        if self.config.ff_chunks > 1:
-            n = min(self.config.ff_chunks, h.shape[0] * h.shape[1])
-            return None, chunked_cross_entropy(h, self.lm_head.weight, targets, n)
-        logits = self.lm_head(h)                                             # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
-        return logits, loss
+        return logits_and_loss(h, self.lm_head, targets, self.config.ff_chunks)
 
     def set_attention(self, attn=None, n_hashes=None):
         """Switch every layer's attention after training (paper Table 2: train with LSH-4,

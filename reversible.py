@@ -20,7 +20,10 @@ whose inputs can be computed back from its outputs:
 So backprop needs only the last layer's outputs. Walking down from the top, each layer rebuilds its
 inputs, recomputes F and G on them, and backpropagates through that one layer. Activation memory
 no longer grows with depth (paper Table 3); the price is one more forward pass of every F and G.
-In the Reformer F is attention (it gets the padding mask) and G the feed-forward layer.
+In the Reformer F is attention (it gets the padding mask) and G the feed-forward layer. In an
+encoder-decoder, the decoder's F also gets the encoder output (cross-attention): a keyword argument
+that requires grad is an input of the stack like x1 and x2, and gets its gradient, summed over
+the blocks that read it.
 
 Shape legend: B batch, T time, C channels (d_model). x1, x2, y1, y2 are all (B, T, C).
 
@@ -103,12 +106,13 @@ class ReversibleSequence(nn.Module):
             for block in self.blocks:
                 x1, x2 = block(x1, x2, **kwargs)
             return x1, x2
-        for name, value in kwargs.items():
-            if torch.is_tensor(value) and value.requires_grad:
-                raise ValueError(f"ReversibleSequence: keyword argument {name!r} requires grad; "
-                                 f"keyword arguments (masks) are treated as constants")
-        # The parameters go in as inputs, so autograd routes their gradients through this node.
-        return _ReversibleFunction.apply(self.blocks, kwargs, x1, x2, *params)
+        # Keyword tensors that require grad (the encoder output read by cross-attention) go in
+        # as inputs, like the parameters, so autograd routes their gradients through this node;
+        # the rest (masks) are constants.
+        names = [k for k, v in kwargs.items() if torch.is_tensor(v) and v.requires_grad]
+        consts = {k: v for k, v in kwargs.items() if k not in names}
+        return _ReversibleFunction.apply(self.blocks, consts, names, x1, x2,
+                                         *[kwargs[k] for k in names], *params)
 
 
 def _trainable_params(blocks):
@@ -117,15 +121,20 @@ def _trainable_params(blocks):
 
 
 class _ReversibleFunction(torch.autograd.Function):
-    """apply(blocks, kwargs, x1, x2, *params) -> (y1, y2), saving only (y1, y2) for backward.
+    """apply(blocks, consts, names, x1, x2, *inputs, *params) -> (y1, y2), saving only (y1, y2)
+    and the keyword inputs for backward.
 
-    params must be _trainable_params(blocks), in that order: forward runs the blocks, which use
-    them, and backward returns their gradients.
+    The blocks get the keyword arguments consts plus dict(zip(names, inputs)); inputs are the
+    keyword tensors that need gradients. params must be _trainable_params(blocks), in that order:
+    forward runs the blocks, which use them, and backward returns their gradients.
     """
 
     @staticmethod
-    def forward(ctx, blocks, kwargs, x1, x2, *params):
-        ctx.blocks, ctx.kwargs = blocks, kwargs
+    def forward(ctx, blocks, consts, names, x1, x2, *inputs_and_params):
+        inputs = inputs_and_params[:len(names)]
+        params = inputs_and_params[len(names):]
+        kwargs = {**consts, **dict(zip(names, inputs))}
+        ctx.blocks, ctx.consts, ctx.names = blocks, consts, names
         ctx.devices = sorted({t.get_device() for t in (x1, x2) if t.is_cuda})
         ctx.autocast = _autocast_state({"cpu", x1.device.type})
         # Parameters stay reachable through ctx.blocks; they are not activations, so they are not
@@ -136,7 +145,7 @@ class _ReversibleFunction(torch.autograd.Function):
             y1, y2, rng = _forward_recording(block, x1, x2, kwargs, ctx.devices)
             ctx.rng.append(rng)
             x1, x2 = y1, y2
-        ctx.save_for_backward(y1, y2)                  # (B, T, C) each: all we keep
+        ctx.save_for_backward(y1, y2, *inputs)         # (B, T, C) each: all we keep
         return y1, y2
 
     @staticmethod
@@ -150,15 +159,19 @@ class _ReversibleFunction(torch.autograd.Function):
         grads = [None] * len(params)
         # Detached: the saved outputs still point at this node, and a graph through it would make
         # the recomputation below call this backward again.
-        y1, y2 = (t.detach() for t in ctx.saved_tensors)
+        y1, y2, *inputs = (t.detach() for t in ctx.saved_tensors)
+        inputs = [t.requires_grad_() for t in inputs]  # fresh leaves, to collect their gradients
+        kwargs = {**ctx.consts, **dict(zip(ctx.names, inputs))}
+        d_inputs = [None] * len(inputs)
         with torch.enable_grad(), _autocast(ctx.autocast):
             for block, rng in zip(reversed(ctx.blocks), reversed(ctx.rng)):
                 own = _trainable_params(block)
-                y1, y2, dy1, dy2, own_grads = _backward_one(block, y1, y2, dy1, dy2, ctx.kwargs,
-                                                            rng, ctx.devices, own)
-                for p, g in zip(own, own_grads):       # sum over blocks that share a parameter
+                y1, y2, dy1, dy2, own_grads = _backward_one(block, y1, y2, dy1, dy2, kwargs,
+                                                            rng, ctx.devices, inputs + own)
+                d_inputs = [_add(a, g) for a, g in zip(d_inputs, own_grads)]  # sum over blocks
+                for p, g in zip(own, own_grads[len(inputs):]):  # ... and over shared parameters
                     grads[index[id(p)]] = _add(grads[index[id(p)]], g)
-        return (None, None, dy1, dy2, *grads)
+        return (None, None, None, dy1, dy2, *d_inputs, *grads)
 
 
 def _forward_recording(block, x1, x2, kwargs, devices):
@@ -171,6 +184,7 @@ def _forward_recording(block, x1, x2, kwargs, devices):
 
 
 def _backward_one(block, y1, y2, dy1, dy2, kwargs, rng, devices, params):
+    # params: the leaves whose gradients are wanted (keyword inputs, then the block's parameters)
     """Rebuild one block's inputs from its outputs and backprop through it (RevNet Algorithm 1).
 
         x2 = y2 - G(y1)        dL/dy1 <- dL/dy1 + (dG/dy1)^T dL/dy2

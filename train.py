@@ -45,6 +45,9 @@ from data import (IGNORE_INDEX, ByteStream, DownloadError, DuplicationTask, bits
                   masked_accuracy, prepare_dataset)
 from flags import model_config, parse_args   # the command line: python train.py -h
 from model import ModelConfig, ReformerLM
+from encdec import EncDecConfig, ReformerEncDec
+from translation_data import (TRANSLATION_DATASETS, setup_translation, translation_eval_batches,
+                              translation_metrics)
 
 
 # ----------------------------------------------------------------------------- where it runs
@@ -173,11 +176,12 @@ def forward_backward(model, train_data, scaler, ctx, args, run):
     """The gradients of one optimizer step; returns the loss averaged over micro-steps and ranks."""
     loss_sum = torch.zeros((), device=run.device)
     for i in range(args.grad_accum):
-        x, y = train_data.batch(run.micro, run.device)   # every rank its own batches
+        # every rank its own batch: (x, y) for a language model, (src, tgt_in, y) for translation
+        batch = train_data.batch(run.micro, run.device)
         # DDP all-reduces gradients in backward; no_sync skips that on all but the last micro-step
         with model.no_sync() if run.ddp and i < args.grad_accum - 1 else nullcontext():
             with ctx:
-                _, loss = model(x, y)
+                _, loss = model(*batch)
             # each micro-batch loss is a mean, so dividing by grad_accum makes the accumulated
             # gradient the mean over the rank's batch; DDP then averages over the ranks
             scaler.scale(loss / args.grad_accum).backward()
@@ -212,18 +216,18 @@ def evaluate(model, batches, device, ctx, seed, accuracy):
     cuda = [torch.device(device).index or 0] if device.startswith('cuda') else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
-        for x, y in batches:
-            x, y = x.to(device), y.to(device)
+        for batch in batches:   # (x, y), or (src, tgt_in, y) for translation
+            *x, y = [t.to(device) for t in batch]
             n = int((y != IGNORE_INDEX).sum())
             if n == 0:   # only padding (the tail of iter_eval): nothing to score
                 continue
             with ctx:
-                logits, loss = model(x, y)   # loss: the mean over the n counted targets
+                logits, loss = model(*x, y)   # loss: the mean over the n counted targets
             nats, count = nats + loss.item() * n, count + n
             if accuracy:
                 if logits is None:   # ff_chunks > 1 computes the loss in chunks, without logits
                     with ctx:
-                        logits, _ = model(x)
+                        logits, _ = model(*x)
                 correct += masked_accuracy(logits, y)[0]
     model.train()
     return nats, correct, count
@@ -232,8 +236,13 @@ def evaluate(model, batches, device, ctx, seed, accuracy):
 def validate(fam, model, batches, args, run, ctx):
     """The metrics over all ranks' share of `batches`."""
     sums = fam.evaluate(model, batches, run.device, ctx, args.seed + run.rank,
-                    accuracy=args.dataset == 'duplication')
+                        accuracy=has_accuracy(args))
     return fam.metrics(args, *all_reduce_sum(sums, run))
+
+
+def has_accuracy(args):
+    """Argmax accuracy is scored for the duplication task and (teacher-forced) for translation."""
+    return args.dataset not in ('enwik8', 'text')
 
 
 def describe(m):
@@ -256,14 +265,30 @@ class Family:
     eval_batches: object   # (args, paths, split, run, full) -> iterable of (x, y)
     evaluate: object       # (model, batches, device, ctx, seed, accuracy) -> sums to all-reduce
     metrics: object        # (args, *those sums) -> {'loss': ..., ...}
+    report: object = None  # (model, args, data, run) -> final metrics beyond the loss, or None
+
+
+def translation_report(model, args, data, run):
+    """The end of a translation run: exact match on the reverse task's held-out strings, or
+    greedy sacreBLEU on the first valid_size valid pairs (translate.py --eval: beam, test)."""
+    from translate import evaluate as bleu, exact_match   # sacrebleu only now
+    if args.dataset == 'reverse':
+        return {'exact_match': exact_match(model, data['task'].heldout_set(args.valid_size),
+                                           device=run.device)}
+    r = bleu(model, data['tokenizer'], data['text']['valid'][:args.valid_size], beam_size=1,
+             device=run.device)
+    return {'valid_bleu_greedy': r['bleu'], 'bleu_signature': r['bleu_signature']}
 
 
 LANGUAGE_MODEL = Family(ModelConfig, ReformerLM, setup_data, eval_batches, evaluate, metrics)
+TRANSLATION = Family(EncDecConfig, ReformerEncDec, setup_translation, translation_eval_batches,
+                     evaluate, translation_metrics, translation_report)
 
 
 def family(args):
-    """The family that --dataset asks for: duplication, enwik8 and text train a language model."""
-    return LANGUAGE_MODEL
+    """The family that --dataset asks for: duplication, enwik8 and text train a language model;
+    reverse, parallel and wmt14 the encoder-decoder."""
+    return TRANSLATION if args.dataset in TRANSLATION_DATASETS else LANGUAGE_MODEL
 
 
 # ----------------------------------------------------------------------------- checkpoints and logs
@@ -348,10 +373,14 @@ def log(args, run, record):
 def print_setup(args, config, model, run, step):
     sees = {'lsh': f"{config.n_hashes} rounds x 2 x {config.bucket_size}",
             'full': f"all {args.seq_len}", 'local': f"2 x {config.bucket_size}"}
-    kinds = dict.fromkeys(config.layer_attn())   # each kind once, in order
+    translation = isinstance(config, EncDecConfig)
+    lm = config.encoder_config() if translation else config
+    kinds = dict.fromkeys(lm.layer_attn())   # each kind once, in order
     attn = ', '.join(f"{a} (a query sees {sees[a]} keys)" for a in kinds)
-    print(f"model: {model.num_params():,} parameters, {config.n_layers} layers of {attn}, "
-          f"reversible={config.reversible}")
+    layers = (f"{config.n_enc_layers} encoder layers of {attn} + {config.n_dec_layers} decoder "
+              f"layers (causal full, cross-attention)" if translation
+              else f"{config.n_layers} layers of {attn}")
+    print(f"model: {model.num_params():,} parameters, {layers}, reversible={config.reversible}")
     print(f"data: {args.dataset}, vocab {config.vocab_size}, seq_len {args.seq_len}")
     print(f"tokens per step: {args.batch_size * args.seq_len:,} = {args.batch_size} sequences x "
           f"{args.seq_len} = {run.world} rank(s) x {args.grad_accum} grad-accumulation step(s) x "
@@ -365,12 +394,12 @@ def print_setup(args, config, model, run, step):
 
 def train(args, run):
     fam = family(args)
+    train_data, paths = fam.setup_data(args, run)   # first: a tokenizer sets --vocab_size
     config = model_config(args)
     ckpt = resume_from(args, config)
     torch.manual_seed(args.seed + run.rank)   # DDP then copies rank 0's initial weights to all
     if run.device.startswith('cuda'):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    train_data, paths = fam.setup_data(args, run)
     raw_model = build_model(fam, config, run.device)
     optimizer = make_optimizer(args, raw_model)
     scaler = torch.amp.GradScaler(torch.device(run.device).type, enabled=args.precision == 'fp16')
@@ -435,6 +464,9 @@ def train(args, run):
     last = last or validate(fam, raw_model, valid, args, run, ctx)   # resumed at max_steps
     if run.ddp:
         check_in_sync(raw_model, run)
+    if fam.report and run.master:
+        last = {**last, **fam.report(raw_model, args, paths, run)}
+        log(args, run, {'kind': 'final', 'step': step, **last})
     if run.master:
         print_end(args, step, last, time.time() - t_start)
     return last
@@ -453,7 +485,15 @@ def print_end(args, step, last, seconds):
     plot.loss_curves([json.loads(line) for line in open(log_path)],
                      os.path.join(args.out_dir, 'loss.png'))
     print(f"step {step} after {seconds:.1f} s; ckpt.pt, log.jsonl and loss.png in {args.out_dir}")
-    if 'accuracy' in last:
+    if 'exact_match' in last:
+        print(f"final held-out exact match: {100 * last['exact_match']:.2f}% (teacher-forced "
+              f"token accuracy {100 * last['accuracy']:.2f}%, loss {last['loss']:.4f})")
+    elif 'valid_bleu_greedy' in last:
+        print(f"final valid sacreBLEU (greedy, first {args.valid_size} pairs): "
+              f"{last['valid_bleu_greedy']:.2f} ({last['bleu_signature']}); teacher-forced "
+              f"token accuracy {100 * last['accuracy']:.2f}%. Test set, beam search: python "
+              f"translate.py --out_dir={args.out_dir} --eval")
+    elif 'accuracy' in last:
         print(f"final valid accuracy: {100 * last['accuracy']:.2f}% (loss {last['loss']:.4f})")
     else:
         print(f"final valid bpc: {last['bpc']:.4f} on {args.eval_iters} batches "
@@ -487,7 +527,7 @@ def evaluate_checkpoint(args, run):
     _, paths = fam.setup_data(args, run)
     batches = fam.eval_batches(args, paths, args.eval_split, run, full=True)
     sums = fam.evaluate(model, batches, run.device, autocast_context(args.precision, run.device),
-                    args.seed + run.rank, accuracy=args.dataset == 'duplication')
+                        args.seed + run.rank, accuracy=has_accuracy(args))
     nats, correct, count = all_reduce_sum(sums, run)
     m = fam.metrics(args, nats, correct, count)
     if run.master:

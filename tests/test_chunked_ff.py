@@ -120,8 +120,9 @@ def test_chunked_ff_dropout_is_replayed_in_backward(n_chunks):
 @settings(max_examples=25)
 @given(shape=st.sampled_from([(7,), (2, 5), (3, 4), (1, 9)]), C=st.integers(1, 5),
        V=st.integers(2, 12), n_chunks=st.integers(1, 12), bias=st.booleans(),
-       p_ignore=st.sampled_from([0.0, 0.3, 1.0]), seed=st.integers(0, 2**16))
-def test_chunked_cross_entropy_equals_unchunked(shape, C, V, n_chunks, bias, p_ignore, seed):
+       p_ignore=st.sampled_from([0.0, 0.3, 1.0]), eps=st.sampled_from([0.0, 0.1]),
+       seed=st.integers(0, 2**16))
+def test_chunked_cross_entropy_equals_unchunked(shape, C, V, n_chunks, bias, p_ignore, eps, seed):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(*shape, C, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(V, C, generator=g, dtype=torch.float64, requires_grad=True)
@@ -130,9 +131,9 @@ def test_chunked_cross_entropy_equals_unchunked(shape, C, V, n_chunks, bias, p_i
     targets[torch.rand(shape, generator=g) < p_ignore] = -100
     inputs = [t for t in (hidden, weight, b) if t is not None]
 
-    loss = chunked_cross_entropy(hidden, weight, targets, n_chunks, bias=b)
+    loss = chunked_cross_entropy(hidden, weight, targets, n_chunks, bias=b, label_smoothing=eps)
     logits = F.linear(hidden, weight, b).reshape(-1, V)
-    want = F.cross_entropy(logits, targets.reshape(-1), ignore_index=-100)
+    want = F.cross_entropy(logits, targets.reshape(-1), ignore_index=-100, label_smoothing=eps)
     # all targets ignored: NaN, like F.cross_entropy (0 / 0); the gradients are then zero
     torch.testing.assert_close(loss, want, rtol=0, atol=1e-12, equal_nan=True)
     assert_all_close(grads_of(loss, inputs), grads_of(want, inputs))

@@ -32,8 +32,10 @@ class Branch(nn.Module):
         super().__init__()
         self.lin, self.drop = nn.Linear(C, C), nn.Dropout(p)
 
-    def forward(self, x, padding_mask=None):
-        h = self.drop(torch.tanh(self.lin(x)))                  # (B, T, C)
+    def forward(self, x, padding_mask=None, memory=None):
+        # memory (B, S, C) stands in for the encoder output that cross-attention reads
+        context = 0 if memory is None else torch.sin(memory).sum(1, keepdim=True)   # (B, 1, C)
+        h = self.drop(torch.tanh(self.lin(x) + context))       # (B, T, C)
         return h if padding_mask is None else h * padding_mask.unsqueeze(-1)
 
 
@@ -251,11 +253,27 @@ def test_no_grad_eval_and_frozen_are_a_plain_forward(monkeypatch):
     assert y1.grad_fn is not None and torch.equal(y1, want[1][0])
 
 
+def test_keyword_input_that_requires_grad_gets_its_gradient():
+    """The encoder output of an encoder-decoder enters every decoder block's F as a keyword
+    argument; its gradient (summed over blocks) must equal ordinary backprop's, dropout on."""
+    seq = make_seq(3, 4, p=0.3)
+    x1, x2, mask = make_inputs(2, 3, 4, mask=True)
+    memory = torch.randn(2, 5, 4, dtype=torch.float64)
+
+    def run(reversible):
+        seq.reversible = reversible
+        m = memory.clone().requires_grad_()
+        got = outputs_and_grads(seq, x1, x2, 7, padding_mask=mask, memory=m)
+        return got + [m.grad]
+
+    want, got = run(False), run(True)
+    assert want[-1] is not None and want[-1].abs().sum() > 0
+    assert_all_close(got, want, atol=1e-10)
+
+
 def test_misuse_is_reported():
     seq = make_seq(2, 4)
     x1, x2, mask = make_inputs(2, 3, 4, mask=True)
-    with pytest.raises(ValueError, match="padding_mask"):
-        seq(x1.requires_grad_(), x2, padding_mask=mask.requires_grad_())
     y1, y2 = seq(x1, x2)
     with torch.no_grad():
         seq.blocks[0].f.lin.weight.add_(1.0)   # e.g. optimizer.step() before backward

@@ -1,0 +1,477 @@
+"""
+The encoder-decoder Reformer for machine translation (Kitaev, Kaiser, Levskaya, ICLR 2020,
+Section 5 and Table 4: WMT14 English-German), built from the same three concept files as the
+language model in model.py, and fast exact decoding for it: greedy and beam search with a
+key/value cache.
+
+    encoder   non-causal self-attention (full, LSH or local: the `attn` / `attn_pattern` flags,
+              padding masked), then the feed-forward; reversible when `reversible`
+    decoder   causal self-attention, then cross-attention to the encoder output, then the
+              feed-forward; reversible when `reversible`
+
+Cross-attention (and the decoder's self-attention) is full attention: sentences are shorter than
+an LSH chunk, which is also why the paper ran WMT without LSH. Documents could still use LSH or
+local self-attention in the encoder.
+
+Reversible decoder. The authors' trax decoder chains three reversible half-residuals per layer
+(self-attention, cross-attention, feed-forward, each adding into the other stream). We keep
+model.py's two-sub-layer block y1 = x1 + F(x2), y2 = x2 + G(y1) and put both attention steps in
+F, as one function of x2 (each step pre-LayerNorm with its own residual inside F):
+
+    a = SelfAttn(LN(x))        F(x) = a + CrossAttn(LN(x + a), memory)        G = FeedForward
+
+F also reads the encoder output `memory`; reversible.py treats it as an input of the stack and
+returns its gradient, so the decoder's activation memory stays flat in depth, as in the LM.
+
+Decoding. The encoder runs once per batch. Each decoder layer keeps the keys and values of the
+positions decoded so far (a cache, one new position per step) and the cross-attention keys and
+values of the sentence (computed once); a step costs O(t) attention instead of rerunning the
+decoder over the whole prefix, O(t^2). tests/test_encdec.py checks that the cached logits equal
+the full recomputation, that beam size 1 equals greedy, that extra source padding changes
+nothing (full or local encoder attention; with LSH the number of buckets follows the padded
+length, so padding can move the chunk boundaries) and that the decoder is causal.
+
+Shape legend: B batch (sentences; B * k rows in beam search), S source length, T target length,
+C d_model, V vocab_size, nh heads, hs head size, k beam size.
+
+    from encdec import EncDecConfig, ReformerEncDec, beam_search, greedy_decode
+    model = ReformerEncDec(EncDecConfig(vocab_size=8000, n_enc_layers=6, n_dec_layers=6))
+    logits, loss = model(src, tgt_in, targets)     # (B, S), (B, T), (B, T): -100 = not scored
+    hyps = beam_search(model, src, beam_size=4, alpha=0.6)   # list of B token-id lists
+"""
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lsh_attention import MASKED_LOGIT, SELF_LOGIT
+from model import (AttentionSublayer, FeedForwardSublayer, ModelConfig, ReformerLM, ResidualLayer,
+                   check_token_ids, logits_and_loss, positional_embedding, run_layers)
+from reversible import ReversibleBlock, ReversibleSequence
+
+# Token ids every tokenizer of translation_data.py reserves: padding, start and end of sentence.
+PAD, BOS, EOS = 0, 1, 2
+
+
+def _help(text, default):
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class EncDecConfig:
+    """The translation model. Field names are train.py flags; fields shared with ModelConfig mean
+    the same there (they configure the encoder's self-attention exactly as they do the LM's).
+    Defaults: the paper's base model for WMT14 (6 + 6 layers, d 512, d_ff 2048, length 256)."""
+    vocab_size: int = _help("joint source/target vocabulary (sentencepiece: --vocab_size flag "
+                            "of the tokenizer; bytes: 259)", 32000)
+    max_seq_len: int = _help("longest source or target sentence, in tokens (paper: 256)", 256)
+    n_enc_layers: int = _help("encoder layers (paper Table 4: 6)", 6)
+    n_dec_layers: int = _help("decoder layers (paper Table 4: 6)", 6)
+    d_model: int = _help("model width C", 512)
+    n_heads: int = _help("attention heads nh", 8)
+    d_ff: int = _help("feed-forward hidden width", 2048)
+    dropout: float = _help("dropout on embeddings, attention weights and sub-layer outputs", 0.1)
+    attn: str = _help("encoder self-attention: 'full' | 'lsh' | 'local' (Section 2); the "
+                      "decoder and cross-attention are always full", "full")
+    attn_pattern: str = _help("encoder attention per layer, cycled, e.g. 'local,lsh'", "")
+    shared_qk: bool = _help("one projection for queries and keys in both self-attentions "
+                            "(Section 2.1; required by LSH)", False)
+    n_hashes: int = _help("LSH rounds in the encoder (Section 2)", 4)
+    bucket_size: int = _help("LSH / local chunk length in the encoder", 64)
+    dedup: bool = _help("count a key seen in several LSH rounds once", False)
+    impl: str = _help("LSH attention in the encoder: 'fast' (Part 2 of lsh_attention.py) or "
+                      "'reference' (Part 1)", "fast")
+    reversible: bool = _help("reversible residual layers in encoder and decoder (Section 3)", True)
+    ff_chunks: int = _help("chunk the feed-forward and the output loss along T (Section 3)", 1)
+    pos_emb: str = _help("'absolute' | 'sinusoidal' | 'axial', shared by encoder and decoder",
+                         "absolute")
+    axial_shape: str = _help("axial embedding shape 'a,b' with a * b = max_seq_len", "")
+    tie_weights: bool = _help("one (V, C) matrix for source embedding, target embedding and "
+                              "output layer (the paper's longer runs untie them)", True)
+    label_smoothing: float = _help("label smoothing of the training loss (Vaswani et al.: 0.1)",
+                                   0.1)
+
+    def encoder_config(self):
+        """The encoder's settings as a ModelConfig: the LM's checks and attention pattern apply."""
+        shared = {f.name for f in fields(ModelConfig)} & {f.name for f in fields(self)}
+        return ModelConfig(n_layers=self.n_enc_layers, **{k: getattr(self, k) for k in shared})
+
+    def validate(self):
+        """Raise ValueError naming the bad value and what would be valid."""
+        self.encoder_config().validate()
+        if self.n_dec_layers < 1:
+            raise ValueError(f"n_dec_layers={self.n_dec_layers} must be >= 1")
+        if self.vocab_size <= EOS:
+            raise ValueError(f"vocab_size={self.vocab_size} must exceed the reserved ids "
+                             f"PAD={PAD}, BOS={BOS}, EOS={EOS}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
+
+
+# -----------------------------------------------------------------------------------------------
+# Attention with a cache: the decoder's self-attention one position at a time, cross-attention
+# -----------------------------------------------------------------------------------------------
+
+def _split_heads(x, nh):
+    B, T, C = x.shape
+    return x.view(B, T, nh, C // nh).transpose(1, 2)                     # (B, nh, T, hs)
+
+
+def _merge_heads(y):
+    B, nh, T, hs = y.shape
+    return y.transpose(1, 2).reshape(B, T, nh * hs)                      # (B, T, C)
+
+
+def self_attention_step(attn, x, cache, t):
+    """Position t of lsh_attention.LSHSelfAttention(attn='full', causal=True) from a cache.
+
+    x: (B, 1, C), the layer input at position t. cache['k'], cache['v']: (B, nh, T_max, hs),
+    positions < t filled by earlier steps; this step writes position t. The softmax over keys
+    0..t is the row t of full_attention's causal softmax, with its conventions: shared QK keys
+    are q / |q| with no 1/sqrt(hs) and a query's own logit replaced by -1e5; separate keys are
+    scaled by 1/sqrt(hs). Returns (B, 1, C).
+    """
+    nh = attn.n_heads
+    q = _split_heads(attn.qk(x), nh)                                    # (B, nh, 1, hs)
+    k = F.normalize(q, dim=-1) if attn.shared_qk else _split_heads(attn.k(x), nh)
+    cache["k"][:, :, t:t + 1] = k
+    cache["v"][:, :, t:t + 1] = _split_heads(attn.v(x), nh)
+    keys, values = cache["k"][:, :, :t + 1], cache["v"][:, :, :t + 1]  # (B, nh, t + 1, hs)
+    scale = 1.0 if attn.shared_qk else 1.0 / math.sqrt(attn.hs)
+    logits = torch.matmul(q, keys.transpose(-1, -2)) * scale           # (B, nh, 1, t + 1)
+    if attn.shared_qk:
+        logits[..., t] = SELF_LOGIT
+    y = torch.matmul(torch.softmax(logits, dim=-1), values)             # (B, nh, 1, hs)
+    return attn.out(_merge_heads(y))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from decoder positions (queries) to the encoder output (keys, values):
+
+        CrossAttn(x, m) = W_o [softmax(Q_i K_i^T / sqrt(hs)) V_i]_i,   Q = x W_q, [K; V] = m W_kv
+
+    Source padding is masked. kv(memory) is what decoding computes once per sentence.
+    """
+
+    def __init__(self, d_model, n_heads, dropout=0.0):
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.q = nn.Linear(d_model, d_model, bias=False)
+        self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model)
+
+    def memory_kv(self, memory):
+        """memory (B, S, C) -> keys, values (B, nh, S, hs) each."""
+        k, v = self.kv(memory).chunk(2, dim=-1)
+        return _split_heads(k, self.n_heads), _split_heads(v, self.n_heads)
+
+    def forward(self, x, memory_mask, memory=None, kv=None):
+        """x (B, T, C); memory (B, S, C) or its kv; memory_mask (B, S), True at real tokens."""
+        k, v = kv if kv is not None else self.memory_kv(memory)
+        q = _split_heads(self.q(x), self.n_heads)                       # (B, nh, T, hs)
+        # Masked keys get a finite -1e9, as in lsh_attention: exp() of it is exactly 0 in float32,
+        # so extra padding changes nothing, and no row is NaN.
+        bias = torch.zeros(memory_mask.shape, dtype=q.dtype, device=q.device)
+        bias = bias.masked_fill(~memory_mask, MASKED_LOGIT)[:, None, None, :]   # (B, 1, 1, S)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+        return self.out(_merge_heads(y))                                 # (B, T, C)
+
+
+class DecoderAttentionSublayer(nn.Module):
+    """The decoder's F: causal self-attention, then cross-attention, one function of x:
+
+        a = SelfAttn(LN1(x))            F(x) = a + dropout(CrossAttn(LN2(x + a), memory))
+
+    With cache given, x is (B, 1, C) at position t and the self-attention reads the cache;
+    memory_kv holds this layer's cross-attention keys and values."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.self_attn = AttentionSublayer(cfg, "full", causal=True)
+        self.ln = nn.LayerNorm(cfg.d_model)
+        self.cross = CrossAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, memory_mask, memory=None, cache=None, t=None):
+        if cache is None:
+            a = self.self_attn(x)                                        # (B, T, C)
+            kv = None
+        else:
+            sa = self.self_attn
+            a = sa.drop(self_attention_step(sa.attn, sa.ln(x), cache, t))  # (B, 1, C)
+            kv = cache["memory_kv"]
+        c = self.cross(self.ln(x + a), memory_mask, memory=memory, kv=kv)
+        return a + self.drop(c)
+
+
+# -----------------------------------------------------------------------------------------------
+# The model
+# -----------------------------------------------------------------------------------------------
+
+def token_scale(cfg):
+    """The factor on token embeddings: sqrt(d_model) with sinusoidal positions (Vaswani et al.
+    3.4: the sinusoids have magnitude ~0.7 per channel, our embeddings start at std 0.02), else
+    1 (learned positions start at std 0.02 too).
+
+    Why learned ('absolute') positions are the default: on a copy-through-a-permutation task
+    (1 + 1 layers, d 64, 300 Adam steps at lr 1e-3) they reached loss 0.02, sinusoidal positions
+    were still at 2.49 (chance is 2.83), with or without this scale; nn.Transformer with
+    sinusoids and its xavier init got to 0.05. The std-0.02 initialisation we share with the
+    LM makes attention logits start near zero, and position-only alignment is slow to find
+    from sinusoids at that scale."""
+    return math.sqrt(cfg.d_model) if cfg.pos_emb == "sinusoidal" else 1.0
+
+
+def _stack(pairs, reversible):
+    if reversible:
+        return ReversibleSequence([ReversibleBlock(f, g) for f, g in pairs])
+    return nn.ModuleList([ResidualLayer(f, g) for f, g in pairs])
+
+
+class ReformerEncDec(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        config.validate()
+        self.config = cfg = config
+        self.src_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.tgt_emb = self.src_emb if cfg.tie_weights else nn.Embedding(cfg.vocab_size,
+                                                                         cfg.d_model)
+        self.pos_emb = positional_embedding(cfg.encoder_config())        # shared: (T, C)
+        self.drop = nn.Dropout(cfg.dropout)
+        kinds = cfg.encoder_config().layer_attn()
+        self.encoder = _stack([(AttentionSublayer(cfg, kind, causal=False),
+                                FeedForwardSublayer(cfg)) for kind in kinds], cfg.reversible)
+        self.ln_enc = nn.LayerNorm(cfg.d_model)
+        self.decoder = _stack([(DecoderAttentionSublayer(cfg), FeedForwardSublayer(cfg))
+                               for _ in range(cfg.n_dec_layers)], cfg.reversible)
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(ReformerLM._init_weights)
+        if cfg.tie_weights:
+            self.lm_head.weight = self.tgt_emb.weight   # one (V, C) matrix, in and out
+
+    def _embed(self, emb, idx, name):
+        check_token_ids(idx, self.config.vocab_size, self.config.max_seq_len, name)
+        return self.drop(token_scale(self.config) * emb(idx) + self.pos_emb(idx.shape[1]))
+
+    def encode(self, src):
+        """src (B, S) with PAD after each sentence -> memory (B, S, C), memory_mask (B, S)."""
+        memory_mask = src != PAD
+        x = self._embed(self.src_emb, src, "src")
+        x = run_layers(self.encoder, x, self.config.reversible, padding_mask=memory_mask)
+        return self.ln_enc(x), memory_mask
+
+    def decode(self, tgt_in, memory, memory_mask):
+        """tgt_in (B, T), BOS first -> the final-LayerNorm hidden states (B, T, C)."""
+        x = self._embed(self.tgt_emb, tgt_in, "tgt_in")
+        x = run_layers(self.decoder, x, self.config.reversible, memory=memory,
+                       memory_mask=memory_mask)
+        return self.ln_f(x)
+
+    def forward(self, src, tgt_in, targets=None):
+        """src (B, S), tgt_in (B, T) = [BOS, y_1 .. y_{T-1}], targets (B, T) = [y_1 .. y_T] with
+        -100 at padding. Returns (logits (B, T, V) or None with ff_chunks > 1, loss or None);
+        the loss is label-smoothed (config.label_smoothing)."""
+        memory, memory_mask = self.encode(src)
+        h = self.decode(tgt_in, memory, memory_mask)                     # (B, T, C)
+        return logits_and_loss(h, self.lm_head, targets, self.config.ff_chunks,
+                               self.config.label_smoothing)
+
+    # -- incremental decoding ------------------------------------------------------------------
+
+    def _decoder_layers(self):
+        return self.decoder.blocks if self.config.reversible else self.decoder
+
+    def start_cache(self, memory, memory_mask, max_len, repeat=1):
+        """A decoding cache for max_len target positions: per decoder layer, empty self-attention
+        keys/values (B * repeat, nh, max_len, hs) and the cross-attention keys/values of memory,
+        computed once per sentence and repeated for the `repeat` beams of each."""
+        B, C, nh = memory.shape[0], self.config.d_model, self.config.n_heads
+        shape = (B * repeat, nh, max_len, C // nh)
+        layers = []
+        for layer in self._decoder_layers():
+            k, v = layer.f.cross.memory_kv(memory)                       # (B, nh, S, hs) each
+            layers.append({"k": memory.new_zeros(shape), "v": memory.new_zeros(shape),
+                           "memory_kv": (k.repeat_interleave(repeat, 0),
+                                         v.repeat_interleave(repeat, 0))})
+        return {"layers": layers, "memory_mask": memory_mask.repeat_interleave(repeat, 0)}
+
+    def step(self, token, t, cache):
+        """Logits (B, V) of the token after position t, given token (B,) at position t and the
+        cache filled for positions < t (this call fills position t). Exactly the logits at t of
+        forward() run on the whole prefix (tests/test_encdec.py)."""
+        cfg = self.config
+        x = self.tgt_emb(token[:, None]) * token_scale(cfg) + self.pos_emb(t + 1)[t:t + 1]
+        x = self.drop(x)                                                 # (B, 1, C)
+        kw = dict(memory_mask=cache["memory_mask"], t=t)
+        if cfg.reversible:
+            x1 = x2 = x
+            for block, layer_cache in zip(self._decoder_layers(), cache["layers"]):
+                x1 = x1 + block.f(x2, cache=layer_cache, **kw)           # y1 = x1 + F(x2)
+                x2 = x2 + block.g(x1)                                    # y2 = x2 + G(y1)
+            x = 0.5 * (x1 + x2)
+        else:
+            for layer, layer_cache in zip(self._decoder_layers(), cache["layers"]):
+                x = layer(x, cache=layer_cache, **kw)
+        return self.lm_head(self.ln_f(x))[:, 0]                          # (B, V)
+
+    @staticmethod
+    def reorder_cache(cache, rows):
+        """Keep the self-attention cache of the given rows (beam search: each new beam continues
+        an old one). The cross-attention keys/values are the same for every beam of a sentence
+        and beams never leave their sentence, so they stay."""
+        for layer in cache["layers"]:
+            layer["k"], layer["v"] = layer["k"][rows], layer["v"][rows]
+
+    def set_attention(self, attn=None, n_hashes=None):
+        """Switch the encoder's self-attention after training (paper Table 2); the decoder's
+        self-attention stays full (its cache needs it)."""
+        ReformerLM.set_attention(self.encoder, attn, n_hashes)   # it walks .modules() only
+
+    def num_params(self):
+        """Parameter count, each shared tensor once (tied embeddings counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def config_dict(self):
+        return asdict(self.config)
+
+    @classmethod
+    def from_checkpoint(cls, path, map_location="cpu"):
+        """Rebuild a model from a train.py checkpoint: {'model_args': ..., 'model': state_dict}."""
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        names = {f.name for f in fields(EncDecConfig)}
+        model = cls(EncDecConfig(**{k: v for k, v in ckpt["model_args"].items() if k in names}))
+        model.load_state_dict(ckpt["model"])
+        return model
+
+
+# -----------------------------------------------------------------------------------------------
+# Decoding: greedy and beam search, batched, the encoder run once
+# -----------------------------------------------------------------------------------------------
+
+def _max_len(model, src, max_len):
+    """Target positions to decode: S + 50 by default (tensor2tensor's decode_length), at most
+    max_seq_len (the positional embedding's reach)."""
+    return min(model.config.max_seq_len, max_len or src.shape[1] + 50)
+
+
+def _next_token_logp(model, tokens, t, memory, memory_mask, cache):
+    """log P (B, V) of the token at position t + 1 given tokens (B, t + 1), from the cache, or
+    (cache None) by rerunning the decoder over the whole prefix. PAD and BOS are never a next
+    token (no target is either): they get -inf, after the softmax, so the other tokens keep the
+    model's log-probabilities."""
+    if cache is not None:
+        logits = model.step(tokens[:, -1], t, cache)                     # (B, V)
+    else:
+        logits = model.lm_head(model.decode(tokens, memory, memory_mask)[:, -1])
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return logp.index_fill(1, torch.tensor([PAD, BOS], device=logp.device), -math.inf)
+
+
+def _strip(ids):
+    """A decoded row without its leading BOS, cut at the first EOS (or PAD): the token ids to
+    detokenise."""
+    out = []
+    for i in ids[1:]:
+        if i in (EOS, PAD):
+            break
+        out.append(i)
+    return out
+
+
+@torch.no_grad()
+def greedy_decode(model, src, max_len=None, use_cache=True):
+    """The argmax token at every step, for a batch src (B, S). use_cache=False reruns the decoder
+    over the whole prefix at every step (the reference, and bench.py's baseline).
+    Returns B lists of token ids, EOS and padding removed."""
+    model.eval()
+    memory, memory_mask = model.encode(src)
+    B, L = src.shape[0], _max_len(model, src, max_len)
+    tokens = torch.full((B, 1), BOS, dtype=torch.long, device=src.device)
+    done = torch.zeros(B, dtype=torch.bool, device=src.device)
+    cache = model.start_cache(memory, memory_mask, L) if use_cache else None
+    for t in range(L):
+        logp = _next_token_logp(model, tokens, t, memory, memory_mask, cache)
+        nxt = logp.argmax(-1).masked_fill(done, PAD)                     # (B,)
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        done |= nxt == EOS
+        if done.all():
+            break
+    return [_strip(row) for row in tokens.tolist()]
+
+
+def length_penalty(length, alpha):
+    """GNMT's (Wu et al. 2016, eq. 14) lp(Y) = ((5 + |Y|) / 6)^alpha; a hypothesis is ranked by
+    log P(Y | X) / lp(Y). alpha = 0: plain log-probability, which favours short outputs."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+@torch.no_grad()
+def beam_search(model, src, beam_size=4, alpha=0.6, max_len=None, return_scores=False):
+    """Beam search for a batch src (B, S): beam_size hypotheses per sentence, ranked by
+    log P(Y | X) / length_penalty(|Y|) (defaults: Vaswani et al.'s beam 4, alpha 0.6).
+
+    Each step extends the k live hypotheses of every sentence by every token and takes the 2k
+    best extensions (by log-probability). An extension ending in EOS that ranks among the first
+    k is finished; the k best that do not end stay alive (there are at least k of the 2k, since
+    each live hypothesis has one EOS extension). A sentence is done when it has k finished
+    hypotheses, and its answer is the best of them by the length-penalised score; after max_len
+    steps the live ones compete too. These are fairseq's rules; with k = 1 they make beam search
+    exactly greedy decoding, for any alpha (tests/test_encdec.py). (tensor2tensor instead keeps
+    searching while a live hypothesis could still beat a finished one.)
+    Returns B lists of token ids, EOS and padding removed (and, with return_scores, a (B,)
+    tensor of their scores: log P / length_penalty, EOS included in both when it was reached).
+    """
+    V, k = model.config.vocab_size, beam_size
+    if k < 1 or 2 * k > V - 2:
+        raise ValueError(f"beam_size={beam_size} must be >= 1 and at most (vocab_size - 2) / 2 "
+                         f"= {(V - 2) // 2}: each step keeps 2k of the V - 2 possible tokens")
+    model.eval()
+    memory, memory_mask = model.encode(src)
+    B, L, dev = src.shape[0], _max_len(model, src, max_len), src.device
+    cache = model.start_cache(memory, memory_mask, L, repeat=k)
+    seqs = torch.full((B, k, 1), BOS, dtype=torch.long, device=dev)     # live hypotheses
+    # Only beam 0 starts alive: k copies of the same start would fill the beam with duplicates.
+    alive = torch.full((B, k), -1e9, device=dev)
+    alive[:, 0] = 0.0                                                    # log P of each live one
+    done_seqs = torch.full((B * k, L + 1), PAD, dtype=torch.long, device=dev)
+    done_score = torch.full((B * k,), -math.inf, device=dev)            # k slots per sentence
+    n_done = torch.zeros(B, dtype=torch.long, device=dev)
+    first_k = torch.arange(2 * k, device=dev) < k
+    for t in range(L):
+        logp = _next_token_logp(model, seqs.view(B * k, -1), t, None, None, cache)  # (B k, V)
+        cand = (alive[:, :, None] + logp.view(B, k, V)).view(B, k * V)  # (B, k V)
+        top, idx = cand.topk(2 * k, dim=-1)                              # (B, 2k), best first
+        origin, token = idx // V, idx % V
+        ext = torch.cat([seqs.gather(1, origin[:, :, None].expand(-1, -1, t + 1)),
+                         token[:, :, None]], dim=2)                      # (B, 2k, t + 2)
+        is_eos = token == EOS
+        # 1) finish the EOS extensions among the first k, into the sentence's free slots
+        finish = is_eos & first_k                                        # (B, 2k)
+        slot = n_done[:, None] + finish.cumsum(1) - 1
+        finish &= slot < k                                               # a done sentence: none
+        b, c = finish.nonzero(as_tuple=True)
+        rows = b * k + slot[b, c]
+        done_score[rows] = top[b, c] / length_penalty(t + 1, alpha)
+        done_seqs[rows, :t + 2] = ext[b, c]
+        n_done += finish.sum(1)
+        if (n_done >= k).all():
+            break
+        # 2) alive: the k best extensions that did not end
+        alive, j = torch.where(is_eos, -math.inf, top).topk(k, dim=-1)   # (B, k)
+        seqs = ext.gather(1, j[:, :, None].expand(-1, -1, t + 2))
+        model.reorder_cache(cache, (torch.arange(B, device=dev)[:, None] * k
+                                    + origin.gather(1, j)).view(-1))
+    # Sentences not done after max_len steps: their live hypotheses compete as they are.
+    open_ = (n_done < k)[:, None] & (alive > -1e8)
+    live_score = torch.where(open_, alive / length_penalty(seqs.shape[2] - 1, alpha), -math.inf)
+    scores = torch.cat([done_score.view(B, k), live_score], 1)           # (B, 2k)
+    best_score, best = scores.max(1)
+    done_seqs, seqs = done_seqs.view(B, k, -1), seqs.tolist()
+    hyps = [_strip(done_seqs[b, i].tolist() if i < k else seqs[b][i - k])
+            for b, i in enumerate(best.tolist())]
+    return (hyps, best_score) if return_scores else hyps

@@ -1,0 +1,231 @@
+"""Tests for encdec.py: the encoder-decoder and its decoding.
+
+Cached incremental decoding equals recomputing the whole prefix (logits to 1e-5, float32); beam
+size 1 equals greedy; extra source padding changes nothing; the decoder is causal and reads the
+source; reversible gradients equal ordinary backprop (float64, dropout on); chunked loss equals
+unchunked. Models are tiny with weights drawn large (std 0.3 instead of 0.02), so outputs depend
+strongly on every input and a broken path shows.
+
+Run: python -m pytest tests/test_encdec.py        (a few seconds on two CPU cores)
+"""
+import pytest
+import torch
+
+from encdec import (BOS, EOS, PAD, EncDecConfig, ReformerEncDec, beam_search, greedy_decode,
+                    length_penalty)
+
+V = 13
+
+
+def make_model(seed=0, std=0.3, eos_gain=1.0, **kw):
+    """A tiny model with large random weights; eos_gain > 1 (untied weights only) scales the
+    EOS output row, so that decoding stops at varied lengths."""
+    cfg = dict(vocab_size=V, max_seq_len=32, n_enc_layers=2, n_dec_layers=2, d_model=16,
+               n_heads=2, d_ff=32, dropout=0.0, bucket_size=4, n_hashes=2, label_smoothing=0.1)
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    model = ReformerEncDec(EncDecConfig(**cfg))
+    with torch.no_grad():
+        for p in model.parameters():   # matrices redrawn, LayerNorm gains and biases jittered
+            p.normal_(0, std) if p.dim() > 1 else p.add_(torch.randn_like(p), alpha=0.1)
+        model.lm_head.weight[EOS] *= eos_gain
+    return model.eval()
+
+
+def batch(B=3, S=7, T=6, seed=0):
+    """Random source and target-input ids; source rows have 0..2 trailing pads."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(3, V, (B, S), generator=g)
+    for b in range(B):
+        src[b, S - b % 3:] = PAD if b % 3 else src[b, S - 1]
+    tgt_in = torch.randint(3, V, (B, T), generator=g)
+    tgt_in[:, 0] = BOS
+    return src, tgt_in
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(reversible=False), dict(shared_qk=True),
+                                dict(tie_weights=False, pos_emb="sinusoidal"),
+                                dict(pos_emb="axial", ff_chunks=3, attn="local"),
+                                dict(attn="lsh", shared_qk=True, reversible=False),
+                                dict(attn="lsh", shared_qk=True, impl="reference")])
+def test_cached_step_equals_full_recompute(kw):
+    model = make_model(**kw)
+    src, tgt_in = batch()
+    with torch.no_grad():
+        memory, mask = model.encode(src)
+        want = model.lm_head(model.decode(tgt_in, memory, mask))        # (B, T, V)
+        cache = model.start_cache(memory, mask, max_len=tgt_in.shape[1])
+        got = torch.stack([model.step(tgt_in[:, t], t, cache) for t in range(tgt_in.shape[1])],
+                          dim=1)
+    assert want.std() > 0.5            # logits far from constant: the comparison has teeth
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_beam_size_one_is_greedy(alpha):
+    lengths = set()
+    for seed in range(6):
+        model = make_model(seed, shared_qk=seed % 2 == 1, reversible=seed < 3,
+                           tie_weights=False, eos_gain=2.0)
+        src, _ = batch(B=6, seed=seed)
+        greedy = greedy_decode(model, src, max_len=12)
+        assert greedy == beam_search(model, src, beam_size=1, alpha=alpha, max_len=12)
+        assert greedy == greedy_decode(model, src, max_len=12, use_cache=False)
+        lengths |= {len(h) for h in greedy}
+    assert len(lengths) > 2            # some stopped at EOS, at different lengths
+
+
+@pytest.mark.parametrize("seed, eos_gain", [(3, 1.0), (0, 2.0), (4, 2.0)])
+def test_batched_beam_search_equals_one_sentence_at_a_time(seed, eos_gain):
+    """Sentences of one batch finish at different steps (eos_gain 2: many early EOS)."""
+    model = make_model(seed, eos_gain=eos_gain, tie_weights=eos_gain == 1.0)
+    src, _ = batch(B=6, seed=seed)
+    together = beam_search(model, src, beam_size=4, alpha=0.6, max_len=20)
+    alone = [beam_search(model, src[b:b + 1], beam_size=4, alpha=0.6, max_len=20)[0]
+             for b in range(len(src))]
+    assert together == alone
+    assert together != greedy_decode(model, src, max_len=20)    # the beam made a difference
+
+
+@pytest.mark.parametrize("reversible", [True, False])
+def test_beam_scores_are_the_models_log_probabilities(reversible):
+    """The score beam search reports for its answer equals log P(answer) / lp(|answer|),
+    recomputed by a teacher-forced forward pass: the cache was reordered with the beams."""
+    model = make_model(3, reversible=reversible, eos_gain=1.5, tie_weights=False)
+    src, _ = batch(B=6, seed=3)
+    hyps, scores = beam_search(model, src, beam_size=3, alpha=0.6, max_len=20,
+                               return_scores=True)
+    for b, hyp in enumerate(hyps):
+        ended = len(hyp) < 20
+        tgt = torch.tensor([[BOS] + hyp + [EOS] * ended])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(src[b:b + 1], tgt[:, :-1])[0][0], -1)
+        total = logp.gather(1, tgt[0, 1:, None]).sum()
+        torch.testing.assert_close(scores[b], total / length_penalty(tgt.shape[1] - 1, 0.6),
+                                   rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(attn="local", pos_emb="sinusoidal"),
+                                dict(reversible=False, shared_qk=True)])
+def test_extra_source_padding_changes_nothing(kw):
+    model = make_model(1, **kw)
+    src, tgt_in = batch()
+    longer = torch.cat([src, torch.full((src.shape[0], 5), PAD)], dim=1)
+    with torch.no_grad():
+        m1, mask1 = model.encode(src)
+        m2, mask2 = model.encode(longer)
+        torch.testing.assert_close(m2[:, :src.shape[1]][mask1], m1[mask1], rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(longer, tgt_in)[0], model(src, tgt_in)[0], rtol=0,
+                                   atol=1e-5)
+    assert beam_search(model, longer, max_len=10) == beam_search(model, src, max_len=10)
+
+
+@pytest.mark.parametrize("reversible", [True, False])
+def test_decoder_is_causal_and_reads_the_source(reversible):
+    model = make_model(2, reversible=reversible)
+    src, tgt_in = batch()
+    with torch.no_grad():
+        base = model(src, tgt_in)[0]
+        for j in range(1, tgt_in.shape[1]):
+            changed = tgt_in.clone()
+            changed[:, j] = (changed[:, j] + 1 - 3) % (V - 3) + 3
+            out = model(src, changed)[0]
+            torch.testing.assert_close(out[:, :j], base[:, :j], rtol=0, atol=1e-6)
+            assert (out[:, j:] - base[:, j:]).abs().max() > 1e-3
+        other = src.clone()
+        other[:, 0] = (other[:, 0] + 1 - 3) % (V - 3) + 3
+        assert (model(other, tgt_in)[0] - base).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(attn="lsh", shared_qk=True, ff_chunks=2)])
+def test_reversible_gradients_equal_plain_autograd(kw):
+    """float64, dropout 0.2 everywhere (embeddings, attention weights, sub-layers, FF)."""
+    model = make_model(4, dropout=0.2, **kw).double().train()
+    src, tgt_in = batch()
+    targets = torch.randint(3, V, tgt_in.shape)
+    targets[0, -2:] = -100
+
+    def grads(reversible):
+        model.encoder.reversible = model.decoder.reversible = reversible
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(11)
+        loss = model(src, tgt_in, targets)[1]
+        loss.backward()
+        return [loss.detach()] + [p.grad for p in model.parameters()]
+
+    want, got = grads(False), grads(True)
+    assert all(g is not None for g in want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    torch.manual_seed(12)
+    assert (model(src, tgt_in, targets)[1] - want[0]).abs() > 1e-6   # dropout really is on
+
+
+def test_chunked_loss_equals_unchunked_with_label_smoothing():
+    a, b = make_model(5), make_model(5, ff_chunks=4)
+    b.load_state_dict(a.state_dict())
+    src, tgt_in = batch()
+    targets = torch.randint(3, V, tgt_in.shape)
+    torch.testing.assert_close(a(src, tgt_in, targets)[1], b(src, tgt_in, targets)[1],
+                               rtol=0, atol=1e-6)
+    plain = make_model(5, label_smoothing=0.0)
+    plain.load_state_dict(a.state_dict())
+    assert (plain(src, tgt_in, targets)[1] - a(src, tgt_in, targets)[1]).abs() > 1e-3
+
+
+def test_tied_and_untied_parameters():
+    tied, untied = make_model(tie_weights=True), make_model(tie_weights=False)
+    assert tied.lm_head.weight is tied.src_emb.weight is tied.tgt_emb.weight
+    assert untied.num_params() - tied.num_params() == 2 * V * 16
+
+
+@pytest.mark.parametrize("kw, match", [(dict(n_dec_layers=0), "n_dec_layers=0"),
+                                       (dict(vocab_size=2), "vocab_size=2"),
+                                       (dict(label_smoothing=1.0), "label_smoothing"),
+                                       (dict(attn="lsh", shared_qk=False), "shared_qk"),
+                                       (dict(d_model=15), "divisible")])
+def test_bad_config_is_a_value_error(kw, match):
+    with pytest.raises(ValueError, match=match):
+        make_model(**kw)
+
+
+def test_bad_input_is_a_value_error():
+    model = make_model()
+    src, tgt_in = batch()
+    with pytest.raises(ValueError, match="src: token ids"):
+        model(src + V, tgt_in)
+    with pytest.raises(ValueError, match="tgt_in: sequence length T=33"):
+        model(src, torch.full((1, 33), BOS))
+    with pytest.raises(ValueError, match="beam_size=7"):
+        beam_search(model, src, beam_size=7)
+
+
+def saved_bytes(model, src, tgt_in, targets):
+    """Bytes of the distinct non-parameter storages autograd saves during a training forward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(src, tgt_in, targets)[1]
+    del loss
+    return sum(saved.values())
+
+
+def test_saved_memory_is_flat_in_depth_when_reversible():
+    """Encoder and decoder depth 1 vs 4: reversible saves the same bytes (the stacks keep their
+    outputs and the encoder output only), plain autograd saves more with every layer."""
+    src, tgt_in = batch()
+    targets = torch.randint(3, V, tgt_in.shape)
+    got = {}
+    for reversible in (True, False):
+        for depth in (1, 4):
+            model = make_model(dropout=0.1, reversible=reversible, n_enc_layers=depth,
+                               n_dec_layers=depth).train()
+            got[reversible, depth] = saved_bytes(model, src, tgt_in, targets)
+    assert got[True, 1] == got[True, 4]
+    assert got[False, 4] > 2 * got[False, 1] > 2 * got[True, 1]

@@ -1,0 +1,112 @@
+"""Tests for translate.py: the BLEU pipeline (tokenise, detokenise, sacreBLEU against raw
+references) gives sacreBLEU's own scores; the teacher-forced accuracy; translating a file and
+--eval from a checkpoint, end to end on a tiny model.
+
+    python -m pytest tests/test_translate.py -q        (a few seconds)
+"""
+import json
+import os
+
+import pytest
+import sacrebleu
+import torch
+
+import translate
+import translation_data as td
+from data import masked_accuracy
+from encdec import EncDecConfig, ReformerEncDec
+
+REFS = ["The cat sat on a mat.", "Das ist ein kleines Haus, nicht wahr?", "Zwei Wörter."]
+HYPS = ["The cat sat on the mat.", "Das ist ein kleines Haus?", "Zwei Wörter."]
+
+
+@pytest.mark.parametrize("kind", ["bytes", "sentencepiece"])
+def test_bleu_pipeline_gives_sacrebleus_own_score(tmp_path, kind):
+    pairs = [(h, r) for h, r in zip(HYPS, REFS)] * 20
+    tok = td.build_tokenizer(kind, pairs, str(tmp_path), "toy", vocab_size=60)
+    detok = [tok.decode(tok.encode(h) + [2]) for h in HYPS]          # through token ids
+    assert detok == HYPS
+    got = translate.sacrebleu_scores(detok, REFS)
+    assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(HYPS, [REFS]).score, abs=1e-9)
+    assert got["chrf"] == pytest.approx(sacrebleu.corpus_chrf(HYPS, [REFS]).score, abs=1e-9)
+    assert got["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp")
+    # known strings, numbers printed by sacreBLEU 2.x (`sacrebleu ref.txt < hyp.txt`)
+    one = translate.sacrebleu_scores(["the cat sat on the mat"], ["the cat sat on a mat"])
+    assert round(one["bleu"], 2) == 53.73 and round(one["chrf"], 2) == 72.08
+    assert translate.sacrebleu_scores(REFS, REFS)["bleu"] == pytest.approx(100.0)
+
+
+def tiny_model(vocab_size):
+    torch.manual_seed(0)
+    return ReformerEncDec(EncDecConfig(vocab_size=vocab_size, max_seq_len=64, n_enc_layers=1,
+                                       n_dec_layers=1, d_model=16, n_heads=2, d_ff=32))
+
+
+def test_teacher_forced_accuracy_is_masked_argmax_accuracy():
+    tok = td.TranslationByteTokenizer()
+    examples, _ = td.encode_pairs(list(zip(HYPS, REFS)), tok, 64)
+    model = tiny_model(tok.vocab_size)
+    src, tgt_in, targets = td.collate(examples)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(30):                     # a few steps, so that some predictions are right
+        opt.zero_grad()
+        model(src, tgt_in, targets)[1].backward()
+        opt.step()
+    model.eval()
+    correct, count = translate.teacher_forced_accuracy(model, examples, max_tokens=60)
+    assert (correct, count) == masked_accuracy(model(src, tgt_in)[0], targets)
+    assert count == sum(len(t) for _, t in examples) and correct > 0
+
+
+def test_translate_file_and_eval_from_a_checkpoint(tmp_path, capsys):
+    corpus = tmp_path / "c.tsv"
+    corpus.write_text("".join(f"{s} {i}\t{t} {i}\n" for i in range(10)
+                              for s, t in zip(HYPS, REFS)), encoding="utf-8")
+    tok = td.TranslationByteTokenizer()
+    model = tiny_model(tok.vocab_size)
+    out = tmp_path / "run"
+    out.mkdir()
+    args = dict(dataset="parallel", data_dir=str(tmp_path), data_path=str(corpus), heldout=4,
+                seed=0)
+    torch.save({"model_args": model.config_dict(), "model": model.state_dict(), "step": 7,
+                "data": {"tokenizer": tok.state()}, "args": args}, out / "ckpt.pt")
+    src = tmp_path / "in.txt"
+    src.write_text("Hello there.\n\nZwei.\n", encoding="utf-8")
+    translate.main([f"--out_dir={out}", f"--input={src}", "--beam_size=2"])
+    lines = capsys.readouterr().out.split("\n")
+    assert len(lines) == 4 and lines[-1] == ""        # one output line per input line
+    want = translate.translate(model, tok, ["Hello there.", "", "Zwei."], beam_size=2)
+    assert lines[:3] == want
+
+    result = translate.main([f"--out_dir={out}", "--eval", "--beam_size=1"])
+    printed = capsys.readouterr().out
+    assert "signature: nrefs:1|case:mixed" in printed and "teacher-forced token accuracy" in printed
+    assert result["n_sentences"] == 4 and 0 <= result["bleu"] <= 100
+    assert json.load(open(out / "eval_test.json"))["step"] == 7
+
+
+def test_missing_or_wrong_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        translate.load(str(tmp_path))
+    torch.save({"model_args": {}, "model": {}}, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match="not a checkpoint of a translation corpus"):
+        translate.load(str(tmp_path))
+
+
+def test_decoding_speed_runs_and_cache_agrees(tmp_path):
+    rows = translate.decoding_speed(["--layers=1", "--d_model=16", "--vocab_size=50",
+                                     "--batch=2", "--src_len=5", "--tgt_len=6",
+                                     f"--out={tmp_path}"])
+    assert [r["tokens"] for r in rows] == [12, 12, 12]     # EOS never wins: every row runs to L
+    assert os.path.exists(tmp_path / "decode.json")
+
+
+def test_exact_match_counts_whole_sequences(monkeypatch):
+    task = td.ReverseTask(vocab_size=20, min_len=2, max_len=5)
+    held = task.heldout_set(6)
+    answers = [t.tolist()[:-1] for _, t in held]            # the targets without EOS
+    monkeypatch.setattr(translate, "translate_examples", lambda *a, **k: answers)
+    assert translate.exact_match(None, held) == 1.0
+    answers[2] = answers[2][:-1]                            # one token short
+    answers[4] = answers[4] + [5]                           # one token long
+    assert translate.exact_match(None, held) == pytest.approx(4 / 6)

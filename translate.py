@@ -1,0 +1,233 @@
+"""
+Translate with a trained encoder-decoder Reformer (encdec.py), and score translations the way the
+paper's Table 4 does: decode with beam search, detokenise, and compare with sacreBLEU against the
+raw (untokenised) references.
+
+    python translate.py --out_dir=out-wmt14 --input=news.en > news.de     # one sentence per line
+    echo "The house is very old." | python translate.py --out_dir=out-ding   # stdin by default
+    python translate.py --out_dir=out-wmt14 --eval                        # sacreBLEU on the test set
+    python translate.py --out_dir=out-wmt14 --eval --split=valid --beam_size=1
+
+--eval prints sacreBLEU's signature, BLEU and chrF of the beam-search translations of the
+held-out split, and the teacher-forced token accuracy (argmax of the next token given the true
+prefix, labelled as such): the number the seed reproduction reported as "BLEU", which is not a
+translation and not comparable with published BLEU.
+
+The checkpoint (DIR/ckpt.pt, written by train.py --dataset=parallel or wmt14) holds the model
+('model_args', 'model'), the tokenizer (in 'data': its kind and, for sentencepiece, the serialized
+model) and the training flags ('args': dataset, data_dir, data_path, heldout, seed), from which
+--eval finds the test set.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from encdec import EOS, ReformerEncDec, beam_search, greedy_decode
+from translation_data import (collate, encode_pairs, encode_splits, length_batches,
+                              load_parallel, tokenizer_from_state)
+
+
+def _import_sacrebleu():
+    try:
+        import sacrebleu
+    except ImportError:
+        raise ImportError("BLEU needs the sacrebleu package: pip install sacrebleu (see "
+                          "requirements.txt)") from None
+    return sacrebleu
+
+
+def load(out_dir, device="cpu"):
+    """(model in eval mode, tokenizer, checkpoint dict) from out_dir/ckpt.pt."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}; train one with train.py "
+                                f"--out_dir={out_dir}")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    tokenizer = (ckpt.get("data") or {}).get("tokenizer")   # train.py keeps it with the data
+    if tokenizer is None:
+        raise ValueError(f"{path} is not a checkpoint of a translation corpus (it has no "
+                         f"tokenizer: a language model, or the reverse task? use train.py "
+                         f"--eval_only for those)")
+    model = ReformerEncDec.from_checkpoint(path, map_location=device).to(device).eval()
+    return model, tokenizer_from_state(tokenizer), ckpt
+
+
+@torch.no_grad()
+def translate_examples(model, examples, beam_size=4, alpha=0.6, max_tokens=4096, device="cpu"):
+    """Decode tokenised examples [(src_ids, _)] in length-sorted batches of at most max_tokens
+    source tokens; returns the hypotheses' token ids in the input order."""
+    out = [None] * len(examples)
+    for batch in length_batches(examples, max_tokens):
+        src = collate([examples[i] for i in batch], device)[0]             # (B, S)
+        if beam_size == 1:
+            hyps = greedy_decode(model, src)                               # the same, faster
+        else:
+            hyps = beam_search(model, src, beam_size=beam_size, alpha=alpha)
+        for i, h in zip(batch, hyps):
+            out[i] = h
+    return out
+
+
+def translate(model, tokenizer, lines, beam_size=4, alpha=0.6, max_tokens=4096, device="cpu"):
+    """Translations of raw sentences (sources longer than max_seq_len are truncated)."""
+    examples, _ = encode_pairs([(s, "") for s in lines], tokenizer, model.config.max_seq_len,
+                               long="truncate")
+    ids = translate_examples(model, examples, beam_size, alpha, max_tokens, device)
+    return [tokenizer.decode(h) for h in ids]
+
+
+def sacrebleu_scores(hypotheses, references):
+    """sacreBLEU's corpus BLEU and chrF of detokenised hypotheses against raw references, with
+    its default settings (13a tokenisation, mixed case: what the paper's 'sacreBLEU cased'
+    column uses) and their signatures."""
+    metrics = _import_sacrebleu().metrics
+    bleu, chrf = metrics.BLEU(), metrics.CHRF()
+    b = bleu.corpus_score(hypotheses, [references])
+    c = chrf.corpus_score(hypotheses, [references])
+    return {"bleu": b.score, "chrf": c.score, "bleu_detail": str(b),
+            "bleu_signature": str(bleu.get_signature()),
+            "chrf_signature": str(chrf.get_signature())}
+
+
+@torch.no_grad()
+def teacher_forced_accuracy(model, examples, max_tokens=4096, device="cpu"):
+    """(correct, counted): argmax next-token predictions given the true target prefix, over
+    the real target tokens (EOS included). Not a translation: no decoding happens."""
+    model.eval()
+    correct = count = 0
+    for batch in length_batches(examples, max_tokens):
+        src, tgt_in, targets = collate([examples[i] for i in batch], device)
+        logits = model.lm_head(model.decode(tgt_in, *model.encode(src)))  # (B, T, V)
+        mask = targets != -100
+        correct += int(((logits.argmax(-1) == targets) & mask).sum())
+        count += int(mask.sum())
+    return correct, count
+
+
+def exact_match(model, examples, beam_size=1, max_tokens=4096, device="cpu"):
+    """Fraction of examples [(src_ids, tgt_ids)] whose decoded output equals the target exactly
+    (the synthetic tasks' metric; greedy by default)."""
+    hyps = translate_examples(model, examples, beam_size, 0.6, max_tokens, device)
+    return sum(h == t[:-1].tolist() for h, (_, t) in zip(hyps, examples)) / len(examples)
+
+
+def evaluate(model, tokenizer, pairs, beam_size=4, alpha=0.6, max_tokens=4096, device="cpu"):
+    """Translate the sources of raw pairs [(source, reference)], score with sacreBLEU against
+    the raw references, and add the teacher-forced token accuracy. Returns a dict."""
+    examples = encode_splits({"eval": pairs}, tokenizer, model.config.max_seq_len)["eval"]
+    t0 = time.time()
+    ids = translate_examples(model, examples, beam_size, alpha, max_tokens, device)
+    hyps = [tokenizer.decode(h) for h in ids]
+    seconds = time.time() - t0
+    result = sacrebleu_scores(hyps, [r for _, r in pairs])
+    correct, count = teacher_forced_accuracy(model, examples, max_tokens, device)
+    result.update(teacher_forced_token_accuracy=correct / count, n_sentences=len(pairs),
+                  beam_size=beam_size, alpha=alpha, decode_seconds=seconds,
+                  examples=[{"source": s, "reference": r, "hypothesis": h}
+                            for (s, r), h in list(zip(pairs, hyps))[:5]])
+    return result
+
+
+def print_scores(result):
+    print(f"sacreBLEU {result['bleu']:.2f}  ({result['bleu_detail']})")
+    print(f"  signature: {result['bleu_signature']}")
+    print(f"chrF {result['chrf']:.2f}  signature: {result['chrf_signature']}")
+    print(f"teacher-forced token accuracy (not a translation metric): "
+          f"{100 * result['teacher_forced_token_accuracy']:.2f}%")
+    print(f"{result['n_sentences']:,} sentences, beam {result['beam_size']}, alpha "
+          f"{result['alpha']}, decoded in {result['decode_seconds']:.1f} s")
+
+
+# -----------------------------------------------------------------------------------------------
+# Decoding speed (bench.py decode): sentences/s and tokens/s, cache versus recompute
+# -----------------------------------------------------------------------------------------------
+
+def decoding_speed(argv=None):
+    """`python bench.py decode`: time greedy decoding with and without the key/value cache, and
+    beam search, on a random model of the given size, B sentences of S source tokens, L target
+    tokens each (the EOS output row is zeroed so every hypothesis runs to L)."""
+    from encdec import EncDecConfig
+    p = argparse.ArgumentParser(prog="bench.py decode", description=decoding_speed.__doc__)
+    p.add_argument("--layers", type=int, default=3, help="encoder and decoder layers each")
+    p.add_argument("--d_model", type=int, default=256)
+    p.add_argument("--vocab_size", type=int, default=8000)
+    p.add_argument("--batch", type=int, default=16, help="sentences per batch B")
+    p.add_argument("--src_len", type=int, default=32)
+    p.add_argument("--tgt_len", type=int, default=48, help="target tokens decoded L")
+    p.add_argument("--beam_size", type=int, default=4)
+    p.add_argument("--reversible", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="bench_results")
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    cfg = EncDecConfig(vocab_size=a.vocab_size, n_enc_layers=a.layers, n_dec_layers=a.layers,
+                       d_model=a.d_model, n_heads=max(1, a.d_model // 64), d_ff=4 * a.d_model,
+                       reversible=bool(a.reversible), tie_weights=False, dropout=0.0)
+    model = ReformerEncDec(cfg).to(a.device).eval()
+    with torch.no_grad():
+        model.lm_head.weight[EOS] = 0.0
+    src = torch.randint(3, a.vocab_size, (a.batch, a.src_len), device=a.device)
+    rows = []
+    for name, fn in [("greedy, cache", lambda: greedy_decode(model, src, a.tgt_len)),
+                     ("greedy, recompute", lambda: greedy_decode(model, src, a.tgt_len,
+                                                                 use_cache=False)),
+                     (f"beam {a.beam_size}, cache", lambda: beam_search(
+                         model, src, a.beam_size, 0.6, a.tgt_len))]:
+        fn()                                                   # warm-up
+        t0 = time.perf_counter()
+        hyps = fn()
+        dt = time.perf_counter() - t0
+        tokens = sum(len(h) for h in hyps)
+        rows.append({"decoder": name, "seconds": dt, "sentences_per_s": len(hyps) / dt,
+                     "tokens_per_s": tokens / dt, "tokens": tokens})
+        print(f"{name:22s} {dt:7.3f} s  {len(hyps) / dt:8.1f} sentences/s  "
+              f"{tokens / dt:9.1f} tokens/s")
+    speedup = rows[1]["seconds"] / rows[0]["seconds"]
+    print(f"cache speed-up over recompute at L={a.tgt_len}: {speedup:.1f}x")
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "decode.json"), "w") as f:
+        json.dump({"args": vars(a), "rows": rows, "cache_speedup": speedup,
+                   "torch": torch.__version__, "threads": torch.get_num_threads()}, f, indent=1)
+    return rows
+
+
+# -----------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Translate one sentence per line, or score a "
+                                            "checkpoint with sacreBLEU (--eval).")
+    p.add_argument("--out_dir", required=True, help="folder with ckpt.pt from train.py")
+    p.add_argument("--input", default=None, help="file of source sentences (default: stdin)")
+    p.add_argument("--eval", action="store_true", help="sacreBLEU + chrF on a held-out split")
+    p.add_argument("--split", choices=("test", "valid"), default="test", help="for --eval")
+    p.add_argument("--beam_size", type=int, default=4, help="beam width (Vaswani et al.: 4; "
+                   "1 = greedy)")
+    p.add_argument("--alpha", type=float, default=0.6, help="GNMT length penalty exponent")
+    p.add_argument("--max_tokens", type=int, default=4096, help="source tokens per batch")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    model, tokenizer, ckpt = load(a.out_dir, a.device)
+    opts = dict(beam_size=a.beam_size, alpha=a.alpha, max_tokens=a.max_tokens, device=a.device)
+    if a.eval:
+        args = ckpt["args"]
+        splits, _ = load_parallel(args["dataset"], args["data_dir"], args.get("data_path"),
+                                  args.get("heldout", 1000), args.get("seed", 0))
+        result = evaluate(model, tokenizer, splits[a.split], **opts)
+        print_scores(result)
+        result.update(step=ckpt.get("step"), split=a.split)
+        with open(os.path.join(a.out_dir, f"eval_{a.split}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        return result
+    lines = (open(a.input, encoding="utf-8") if a.input else sys.stdin).read().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    for line in translate(model, tokenizer, lines, **opts):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
