@@ -121,7 +121,7 @@ def lsh_attention(qk, v, bucket_size, n_hashes, causal=False, padding_mask=None,
     B * nh). dedup: count a key found in several rounds once (step 6). dropout: on the attention
     weights, when training. Rounds are kept apart: each is sorted and chunked on its own.
     Memory is linear in T (the largest tensors are the logits, (B, n_hashes, n_chunks, m, 2m)),
-    so it trains; lsh_attention_fast (Part 2) computes the same function 1.3-2x faster.
+    so it trains; lsh_attention_fast (Part 2) computes the same function 1.3-2.5x faster.
     """
     _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask, rotations)
     if qk.dim() == 4:   # heads side by side: move them into the batch, (B nh, T, hs)
@@ -359,9 +359,9 @@ def _autocast_off(x):
 # ===============================================================================================
 #
 # Part 1 is the whole algorithm. This part computes the same function (tests/test_lsh_attention.py
-# checks values and gradients to 1e-10 in float64), 1.3x (one hash round) to 2x (four rounds)
-# faster than Part 1 on a CPU (python bench.py speed, the ours-reference rows: 1.29 / 2.17x at
-# 1K, 1.34 / 1.94x at 4K for LSH-1 / LSH-4). On a CPU the time of attention over (m, 2m)
+# checks values and gradients to 1e-10 in float64), 1.3x to 2.5x faster than Part 1 on a CPU
+# (python bench.py speed, the ours-reference rows, two runs on a shared 2-core VM: 1.29-2.17x
+# at 1K and 1.34-2.25x at 4K for LSH-1, 1.88-2.49x for LSH-4; bench_results/reference). On a CPU the time of attention over (m, 2m)
 # blocks goes less into the matmuls than into the passes over the logits and the copies of q, k
 # and v, so every change below removes a pass or a copy. What it does differently, and what each
 # change bought (README, Benchmarks; measured with python bench.py speed / profile, one commit
