@@ -48,7 +48,8 @@ import torch.nn.functional as F
 
 from lsh_attention import MASKED_LOGIT, SELF_LOGIT
 from model import (AttentionSublayer, FeedForwardSublayer, ModelConfig, ReformerLM, ResidualLayer,
-                   check_token_ids, logits_and_loss, positional_embedding, run_layers)
+                   check_token_ids, logits_and_loss, positional_embedding, run_layers,
+                   token_scale)
 from reversible import ReversibleBlock, ReversibleSequence
 
 # Token ids every tokenizer of translation_data.py reserves: padding, start and end of sentence.
@@ -210,20 +211,6 @@ class DecoderAttentionSublayer(nn.Module):
 # -----------------------------------------------------------------------------------------------
 # The model
 # -----------------------------------------------------------------------------------------------
-
-def token_scale(cfg):
-    """The factor on token embeddings: sqrt(d_model) with sinusoidal positions (Vaswani et al.
-    3.4: the sinusoids have magnitude ~0.7 per channel, our embeddings start at std 0.02), else
-    1 (learned positions start at std 0.02 too).
-
-    Why learned ('absolute') positions are the default: on a copy-through-a-permutation task
-    (1 + 1 layers, d 64, 300 Adam steps at lr 1e-3) they reached loss 0.02, sinusoidal positions
-    were still at 2.49 (chance is 2.83), with or without this scale; nn.Transformer with
-    sinusoids and its xavier init got to 0.05. The std-0.02 initialisation we share with the
-    LM makes attention logits start near zero, and position-only alignment is slow to find
-    from sinusoids at that scale."""
-    return math.sqrt(cfg.d_model) if cfg.pos_emb == "sinusoidal" else 1.0
-
 
 def _stack(pairs, reversible):
     if reversible:

@@ -188,6 +188,21 @@ def positional_embedding(cfg):
     return SinusoidalPositionalEmbedding(cfg.d_model, cfg.max_seq_len)
 
 
+def token_scale(cfg):
+    """The factor on token embeddings: sqrt(d_model) with sinusoidal positions (Vaswani et al.
+    3.4: the sinusoids have magnitude ~0.7 per channel, our embeddings start at std 0.02), else
+    1 (learned positions start at std 0.02 too). Without it the sinusoids drown the tokens: an
+    LSH-4 LM with sinusoidal positions stayed at the unigram level (reproduce.py plateau).
+
+    Why encdec.py defaults to learned ('absolute') positions: on a copy-through-a-permutation task
+    (1 + 1 layers, d 64, 300 Adam steps at lr 1e-3) they reached loss 0.02, sinusoidal positions
+    were still at 2.49 (chance is 2.83), with or without this scale; nn.Transformer with
+    sinusoids and its xavier init got to 0.05. The std-0.02 initialisation we share with the
+    LM makes attention logits start near zero, and position-only alignment is slow to find
+    from sinusoids at that scale."""
+    return math.sqrt(cfg.d_model) if cfg.pos_emb == "sinusoidal" else 1.0
+
+
 # -----------------------------------------------------------------------------------------------
 # The two sub-layers, pre-LayerNorm
 # -----------------------------------------------------------------------------------------------
@@ -314,7 +329,8 @@ class ReformerLM(nn.Module):
         """The final-LayerNorm output (B, T, C), before the output layer."""
         check_token_ids(idx, self.config.vocab_size, self.config.max_seq_len)
         T = idx.shape[1]
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(T))                  # (B, T, C)
+        x = token_scale(self.config) * self.tok_emb(idx) + self.pos_emb(T)  # (B, T, C)
+        x = self.drop(x)
         return self.ln_f(run_layers(self.layers, x, self.config.reversible,
                                     padding_mask=padding_mask))
 

@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from model import ModelConfig, ReformerLM
+from model import ModelConfig, ReformerLM, token_scale
 
 V = 16
 
@@ -299,3 +299,19 @@ def test_bad_input():
         model.set_attention(attn="nope")
     with pytest.raises(ValueError, match="n_hashes=0"):
         model.set_attention(n_hashes=0)
+
+
+def test_sinusoidal_positions_do_not_drown_the_tokens():
+    """Sinusoids have an RMS of 0.7 per channel; token embeddings start at std 0.02. Scaled by
+    sqrt(d_model), as in Vaswani et al., the tokens are about a third of the input instead of 3 %
+    (without the scale an LSH-4 LM stayed at the unigram level: reproduce.py plateau)."""
+    torch.manual_seed(0)
+    model = ReformerLM(tiny(pos_emb="sinusoidal", d_model=64))
+    x, _ = batch()
+    tokens = model.tok_emb(x) * token_scale(model.config)
+    positions = model.pos_emb(x.shape[1])
+    ratio = (tokens.pow(2).mean() / positions.pow(2).mean()).sqrt().item()
+    assert 0.1 < ratio < 1.0, ratio
+    for pos_emb in ("axial", "absolute"):   # learned positions start at the tokens' scale
+        m = ReformerLM(tiny(pos_emb=pos_emb))
+        assert (m.tok_emb(x) * token_scale(m.config)).std() < 0.05
