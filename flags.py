@@ -58,7 +58,12 @@ def str2bool(s):
 
 
 def resume_flag(s):
-    return 'auto' if s.lower() == 'auto' else str2bool(s)
+    if s.lower() == 'auto':
+        return 'auto'
+    try:
+        return str2bool(s)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected True, False or auto, got {s!r}") from None
 
 
 def add_config_flags(group, config_class, defaults, skip=()):
