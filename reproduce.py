@@ -846,7 +846,9 @@ def table2_notes(result):
         f"Each LSH-trained model evaluated with its own attention: {own}; the same weights "
         f"evaluated with full attention: {to_full} (paper: 0.8 % for every row; seed: "
         f"46.5-75.9 %). The fully trained model evaluated with LSH-1: "
-        f"{pct(result, 'full', 'LSH-1')} (paper 52.5 %, seed 4.6 %).", '',
+        f"{pct(result, 'full', 'LSH-1')} (paper 52.5 %, seed 4.6 %). Our full attention "
+        f"with shared QK normalises keys exactly as LSH does (the seed's did not, the likely "
+        f"cause of its reversed cross results, REFERENCE.md), so the weights carry over.", '',
         "Why these sizes: at T = 64 with bucket 8 (the default run) a query sees half of the "
         "keys in every round, so LSH is hardly sparse and the table shows no effect (LSH-4 "
         "trained scored 100 % under full attention). At T = 128 with bucket 16 an LSH-1 query "
@@ -942,9 +944,9 @@ def qk_notes(result):
     return [f"Shared QK here: {bpc(result, 'full, shared QK')} bpc against separate QK's "
             f"{bpc(result, 'full, separate QK')}, and it left the plateau no later "
             f"({leaves(result, 'full, shared QK')} against {leaves(result, 'full, separate QK')}"
-            f"). The seed reported shared QK doing worse; the paper, no worse. Both models here "
-            f"use the authors' shared-QK logits (keys normalised, no 1/sqrt(d)), the fix for "
-            f"the mismatch REFERENCE.md names in the seed.", '']
+            f"). The seed reported shared QK doing worse; the paper, no worse. Shared QK here "
+            f"is the authors' form: keys normalised to unit length, no 1/sqrt(d) on the "
+            f"logits, a query never attends to itself unless nothing else is there.", '']
 
 
 def reversible_notes(result):
