@@ -989,7 +989,10 @@ def write_readme(readme='README.md', results='results'):
     if a < 0 or b < a:
         raise SystemExit(f"error: {readme} has no '{MARK_START}' ... '{MARK_END}' markers; add "
                          f"them where the Results section goes")
-    new = text[:a + len(MARK_START)] + '\n' + readme_section(load_results(results)) + text[b:]
+    loaded = load_results(results)
+    for name, result in loaded.items():   # the plots, redrawn from the same files
+        plot(result, os.path.join(results, f'{name}.png'))
+    new = text[:a + len(MARK_START)] + '\n' + readme_section(loaded) + text[b:]
     with open(readme + '.tmp', 'w') as f:
         f.write(new)
     os.replace(readme + '.tmp', readme)

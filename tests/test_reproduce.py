@@ -155,6 +155,7 @@ def test_readme_section_is_generated_between_the_markers(tmp_path):
     assert '**Reversible layers do not hurt**: confirmed' in inside
     assert 'LSH matches full attention as hashes grow**: not measured yet' in inside
     assert 'python reproduce.py qk' in inside and 'results/qk.png' in inside
+    assert os.path.getsize(tmp_path / 'results' / 'qk.png') > 1000   # redrawn from the file
     # running it again changes nothing: the section replaces itself
     reproduce.write_readme(str(readme), str(tmp_path / 'results'))
     assert readme.read_text() == text
