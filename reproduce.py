@@ -1013,8 +1013,22 @@ def qk_notes(result):
 def reversible_notes(result):
     return [f"Reversible: {bpc(result, 'reversible')} bpc against ordinary layers' "
             f"{bpc(result, 'ordinary')} (the seed: a 0.11 bpc gap; the paper: 'nearly the "
-            f"same'). The reversible model joins its two streams by their mean before the tied "
-            f"output layer (model.py); trax concatenates them and unties the output.", '']
+            f"same'). The reversible models left the plateau at steps "
+            f"{leaves(result, 'reversible')} against {leaves(result, 'ordinary')}: most of the "
+            f"gap opens at the exit and stays, so it is of the size of the seed-to-seed spread "
+            f"of the exit, and 600 steps cannot tell a slower start from a worse model. "
+            f"Differences that may matter and were not tested here: in a reversible stack a "
+            f"layer's attention sees the previous attention only through a feed-forward "
+            f"(y2 = x2 + G(y1) feeds the next F), and the two streams are joined by their mean "
+            f"before the tied output layer (model.py), where trax concatenates them and unties "
+            f"the output.", '']
+
+
+def pattern_notes(result):
+    return [f"4 layers each, shared QK; " + '; '.join(
+        f"{l}: {bpc(result, l)} bpc, leaves {PLATEAU_BPC} at {leaves(result, l)}"
+        for l in by_label(result)) + ". Local layers give every query its previous bytes "
+            "from the first step (see `plateau`).", '']
 
 
 def depth_notes(result):
@@ -1023,7 +1037,8 @@ def depth_notes(result):
 
 
 NOTES = {'table2': table2_notes, 'hashes': hashes_notes, 'plateau': plateau_notes,
-         'qk': qk_notes, 'reversible': reversible_notes, 'depth': depth_notes}
+         'qk': qk_notes, 'reversible': reversible_notes, 'depth': depth_notes,
+         'pattern': pattern_notes}
 
 
 def write_readme(readme='README.md', results='results'):
