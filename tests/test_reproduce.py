@@ -140,6 +140,8 @@ def test_readme_section_is_generated_between_the_markers(tmp_path):
     rev = lm_result('reversible', {'ordinary': [2.50, 2.52], 'reversible': [2.51, 2.53]})
     for r in (qk, rev):
         json.dump(r, open(tmp_path / 'results' / f"{r['experiment']}.json", 'w'))
+    # another tool's results beside them (compare_translation.py) are left out, not an error
+    json.dump({'bleu': 1.0}, open(tmp_path / 'results' / 'translation.json', 'w'))
     readme = tmp_path / 'README.md'
     readme.write_text('# title\nbefore\n## Results (reproduced at CPU scale)\n'
                       f'{reproduce.MARK_START}\nold text\n{reproduce.MARK_END}\nafter\n')
