@@ -12,6 +12,7 @@ kills the process when it reads that line.
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -95,8 +96,15 @@ def test_kills_and_resumes_end_bit_identical(tmp_path):
     kills += 1
     assert (cut / 'ckpt.pt.tmp').exists() and ckpt_step(cut) == before
     p = start(cut)   # SIGTERM: the step in flight finishes, a checkpoint, a message, exit 143
-    read_until(p, f'step {ckpt_step(cut) + 4}: valid')
-    time.sleep(rng.uniform(0, 0.05))
+    eval_step = ckpt_step(cut) + 4
+    read_until(p, f'step {eval_step}: valid')
+    # Signal once the step after that eval is in log.jsonl: the stop then falls on step
+    # eval_step + 1 or + 2, never on an eval step (whose own checkpoint would hide a missing one).
+    # A fixed sleep after the eval line raced with the eval's own checkpoint under load.
+    deadline = time.time() + 60
+    logged = re.compile(rf'"step": {eval_step + 1}[,}}]')   # text: a last line may be half written
+    while not logged.search((cut / 'log.jsonl').read_text()) and time.time() < deadline:
+        time.sleep(0.005)
     p.send_signal(signal.SIGTERM)
     out = p.stdout.read()
     assert p.wait(timeout=60) == 128 + signal.SIGTERM, out
