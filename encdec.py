@@ -48,8 +48,8 @@ import torch.nn.functional as F
 
 from lsh_attention import MASKED_LOGIT, SELF_LOGIT
 from model import (AttentionSublayer, FeedForwardSublayer, ModelConfig, ReformerLM, ResidualLayer,
-                   check_token_ids, logits_and_loss, positional_embedding, run_layers,
-                   token_scale)
+                   check_token_ids, logits_and_loss, model_from_checkpoint, positional_embedding,
+                   run_layers, token_scale)
 from reversible import ReversibleBlock, ReversibleSequence
 
 # Token ids every tokenizer of translation_data.py reserves: padding, start and end of sentence.
@@ -328,12 +328,7 @@ class ReformerEncDec(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu"):
-        """Rebuild a model from a train.py checkpoint: {'model_args': ..., 'model': state_dict}."""
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        names = {f.name for f in fields(EncDecConfig)}
-        model = cls(EncDecConfig(**{k: v for k, v in ckpt["model_args"].items() if k in names}))
-        model.load_state_dict(ckpt["model"])
-        return model
+        return model_from_checkpoint(cls, EncDecConfig, path, map_location)
 
 
 # -----------------------------------------------------------------------------------------------

@@ -134,12 +134,12 @@ def lsh_attention(qk, v, bucket_size, n_hashes, causal=False, padding_mask=None,
     out_dtype = v.dtype
     qk, v = _float32(qk, v)
     with _autocast_off(qk):
-        out = _lsh_steps(qk, v, bucket_size, n_hashes, causal, padding_mask, rotations, dedup,
+        out = _reference_steps(qk, v, bucket_size, n_hashes, causal, padding_mask, rotations, dedup,
                          dropout if training else 0.0)
     return out.to(out_dtype)
 
 
-def _lsh_steps(qk, v, m, n_hashes, causal, padding_mask, rotations, dedup, p_drop):
+def _reference_steps(qk, v, m, n_hashes, causal, padding_mask, rotations, dedup, p_drop):
     """The nine steps of LSH attention, in the paper's order. qk: (B, T, hs), v: (B, T, hs_v)."""
     B, T, hs = qk.shape
     n_chunks = T // m                    # and n_buckets = n_chunks: a chunk per bucket on average

@@ -381,12 +381,18 @@ class ReformerLM(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu"):
-        """Rebuild a model from a train.py checkpoint: {'model_args': ..., 'model': state_dict}."""
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        names = {f.name for f in fields(ModelConfig)}
-        model = cls(ModelConfig(**{k: v for k, v in ckpt["model_args"].items() if k in names}))
-        model.load_state_dict(ckpt["model"])
-        return model
+        return model_from_checkpoint(cls, ModelConfig, path, map_location)
 
     def config_dict(self):
         return asdict(self.config)
+
+
+def model_from_checkpoint(model_class, config_class, path, map_location="cpu"):
+    """Rebuild a model from a train.py checkpoint: {'model_args': ..., 'model': state_dict}. The
+    config takes the checkpoint's arguments that are its fields (the others are train.py's)."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    names = {f.name for f in fields(config_class)}
+    model = model_class(config_class(**{k: v for k, v in ckpt["model_args"].items()
+                                        if k in names}))
+    model.load_state_dict(ckpt["model"])
+    return model
