@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from data import (_VALID, IGNORE_INDEX, ByteTokenizer, DownloadError, _generator, _Stream, _to,
-                  _verify, download)
+                  _verify, download, file_digest)
 from encdec import BOS, EOS, PAD
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -246,14 +246,6 @@ WMT14 = [
 TRAIN_PARTS = ("europarl", "commoncrawl", "nc")
 
 
-def _sha256(path, chunk=1 << 22):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fetch_archive(url, md5, raw_dir, record, **kw):
     """The archive at raw_dir/<basename>: downloaded if absent, then checked against its md5 or
     the size/SHA-256 recorded at first download (record: url -> {size, sha256}, updated)."""
@@ -263,7 +255,7 @@ def _fetch_archive(url, md5, raw_dir, record, **kw):
     elif _verify(path, md5=md5):                         # placed by hand, or left from before
         raise ValueError(f"{_verify(path, md5=md5)}. Delete it to download it again, or place a "
                          f"good copy there by hand from {url}")
-    size, sha = os.path.getsize(path), _sha256(path)
+    size, sha = os.path.getsize(path), file_digest(path, "sha256")
     known = record.get(url)
     if known and (known["size"], known["sha256"]) != (size, sha):
         raise ValueError(f"{path} ({size:,} bytes, sha256 {sha}) differs from the file first "
