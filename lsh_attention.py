@@ -75,9 +75,9 @@ def hash_vectors(x, n_buckets, n_hashes, rotations=None):
     number never changes its bucket, and x and -x land n_buckets / 2 apart.
 
     x: (B, T, hs). rotations: (hs, n_hashes, n_buckets // 2) shared by every row of B, or
-    (B, hs, n_hashes, n_buckets // 2), one per row (per head). When None they are drawn fresh
-    from the current RNG (torch.randn), so each forward pass uses new hash functions, as the
-    paper does. Returns buckets (B, n_hashes, T), int64 in [0, n_buckets).
+    (B, hs, n_hashes, n_buckets // 2), one per row (per head). When None, torch.randn draws them
+    afresh with the current RNG, so each forward pass uses new hash functions, as the paper
+    does. Returns buckets (B, n_hashes, T), int64 in [0, n_buckets).
     """
     if x.dim() != 3:
         raise ValueError(f"hash_vectors: x must be (B, T, hs), got shape {tuple(x.shape)}")
