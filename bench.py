@@ -754,7 +754,7 @@ def get_parser():
                              "(speed, throughput, profile; memory rows run in their own processes)")
     common.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's choice)")
-    common.add_argument("--out", default="bench_results", help="folder for the JSON and PNG")
+    common.add_argument("--out", default="experiments/bench_results", help="folder for the JSON and PNG")
     common.add_argument("--top", type=int, default=15, help="profile: how many ops to list")
     sub = parser.add_subparsers(dest="command", metavar="{all,speed,memory-depth,"
                                                         "memory-hashes,throughput,profile}")
@@ -807,7 +807,7 @@ def main(argv=None):
         print(json.dumps(mem_worker(spec)))
         return
     if argv[:1] == ["decode"]:        # translation decoding speed, cache vs recompute: translate.py
-        from translate import decoding_speed
+        from translation.translate import decoding_speed
         decoding_speed(argv[1:])
         return
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):

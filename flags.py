@@ -13,9 +13,9 @@ import os
 import shlex
 
 from data import ByteTokenizer
-from encdec import EncDecConfig
+from translation.encdec import EncDecConfig
 from model import POS_EMBS, ModelConfig
-from translation_data import TRANSLATION_DATASETS
+from translation.translation_data import TRANSLATION_DATASETS
 
 DESCRIPTION = ("Train a Reformer language model (Kitaev, Kaiser, Levskaya, ICLR 2020) on the "
                "duplication task of Table 2, on enwik8, or on any text file.")

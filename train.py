@@ -45,8 +45,8 @@ from data import (IGNORE_INDEX, ByteStream, DownloadError, DuplicationTask, bits
                   masked_accuracy, prepare_dataset)
 from flags import model_config, parse_args   # the command line: python train.py -h
 from model import ModelConfig, ReformerLM
-from encdec import EncDecConfig, ReformerEncDec
-from translation_data import (TRANSLATION_DATASETS, setup_translation, translation_eval_batches,
+from translation.encdec import EncDecConfig, ReformerEncDec
+from translation.translation_data import (TRANSLATION_DATASETS, setup_translation, translation_eval_batches,
                               translation_metrics)
 
 
@@ -271,7 +271,7 @@ class Family:
 def translation_report(model, args, data, run):
     """The end of a translation run: exact match on the reverse task's held-out strings, or
     greedy sacreBLEU on the first valid_size valid pairs (translate.py --eval: beam, test)."""
-    from translate import evaluate as bleu, exact_match   # sacrebleu only now
+    from translation.translate import evaluate as bleu, exact_match   # sacrebleu only now
     if args.dataset == 'reverse':
         return {'exact_match': exact_match(model, data['task'].heldout_set(args.valid_size),
                                            device=run.device)}

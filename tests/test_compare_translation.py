@@ -8,8 +8,8 @@ import json
 
 import torch
 
-import compare_translation as ct
-from encdec import BOS, EncDecConfig, beam_search, greedy_decode
+import translation.compare_translation as ct
+from translation.encdec import BOS, EncDecConfig, beam_search, greedy_decode
 
 CFG = dict(vocab_size=20, max_seq_len=32, n_enc_layers=1, n_dec_layers=2, d_model=16, n_heads=2,
            d_ff=32, dropout=0.0)

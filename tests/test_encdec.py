@@ -11,7 +11,7 @@ Run: python -m pytest tests/test_encdec.py        (a few seconds on two CPU core
 import pytest
 import torch
 
-from encdec import (BOS, EOS, PAD, EncDecConfig, ReformerEncDec, beam_search, greedy_decode,
+from translation.encdec import (BOS, EOS, PAD, EncDecConfig, ReformerEncDec, beam_search, greedy_decode,
                     length_penalty)
 
 V = 13

@@ -7,7 +7,7 @@ first failure, and the archive that the device tool brings back holds every step
 import json
 import tarfile
 
-import gpu_check
+import experiments.gpu_check as gpu_check
 
 
 def test_longest_doubles_until_the_limit():

@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-import reproduce
+import experiments.reproduce as reproduce
 import train
 
 TINY = ['--dataset=duplication', '--device=cpu', '--seq_len=16', '--vocab_size=8',
@@ -57,7 +57,7 @@ def tiny(tmp_path, monkeypatch):
 
 def test_results_hold_every_run_with_config_command_metrics_and_curve(tiny):
     out = reproduce.run_experiment('tiny')
-    saved = json.load(open('results/tiny.json'))
+    saved = json.load(open('experiments/results/tiny.json'))
     assert saved == json.loads(json.dumps(out))
     assert [(r['label'], r['seed']) for r in saved['runs']] == [
         ('full', 0), ('LSH-2', 0), ('broken', 0), ('full', 1), ('LSH-2', 1), ('broken', 1)]
@@ -78,7 +78,7 @@ def test_results_hold_every_run_with_config_command_metrics_and_curve(tiny):
     broken = [r for r in saved['runs'] if r['label'] == 'broken']
     assert all(r['status'] == 'failed' and 'shared_qk' in r['error'] and r['evals'] == {}
                for r in broken)
-    assert os.path.getsize('results/tiny.png') > 1000
+    assert os.path.getsize('experiments/results/tiny.png') > 1000
     # the same seed and flags give the same out_dir; another seed another
     assert ok[0]['out_dir'] != ok[2]['out_dir']
 
@@ -87,21 +87,21 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resumed(tiny):
     reproduce.run_experiment('tiny', seeds=[0])
     n = len(tiny)
     assert n == 2 * 3 + 1   # two trainings with two evals each, one failed training
-    first = json.load(open('results/tiny.json'))
+    first = json.load(open('experiments/results/tiny.json'))
     reproduce.run_experiment('tiny', seeds=[0])
     assert len(tiny) == n   # nothing re-run, not even the evals or the failed run
-    assert json.load(open('results/tiny.json'))['runs'][0]['evals'] == first['runs'][0]['evals']
+    assert json.load(open('experiments/results/tiny.json'))['runs'][0]['evals'] == first['runs'][0]['evals']
     # an interrupted run: its checkpoint is there, its run.json (written last) is not
     lsh = first['runs'][1]
     os.remove(os.path.join(lsh['out_dir'], 'run.json'))
     reproduce.run_experiment('tiny', seeds=[0])
     assert len(tiny) == n + 1 and '--resume' in tiny[-1]
-    again = json.load(open('results/tiny.json'))['runs'][1]
+    again = json.load(open('experiments/results/tiny.json'))['runs'][1]
     assert again['resumed'] and again['status'] == 'ok'
     assert again['evals'] == lsh['evals']   # the cached evals of the same checkpoint
     # another seed in another call (or process) adds to the file, in (seed, variant) order
     reproduce.run_experiment('tiny', seeds=[1])
-    runs = json.load(open('results/tiny.json'))['runs']
+    runs = json.load(open('experiments/results/tiny.json'))['runs']
     assert [(r['label'], r['seed']) for r in runs] == [
         ('full', 0), ('LSH-2', 0), ('broken', 0), ('full', 1), ('LSH-2', 1), ('broken', 1)]
     assert runs[1] == again
@@ -156,7 +156,7 @@ def test_readme_section_is_generated_between_the_markers(tmp_path):
             'against full, separate QK 2.510 (difference +0.710, tolerance 0.040; seeds 0, 1)') in inside
     assert '**Reversible layers do not hurt**: confirmed' in inside
     assert 'LSH matches full attention as hashes grow**: not measured yet' in inside
-    assert 'python reproduce.py qk' in inside and 'results/qk.png' in inside
+    assert 'python -m experiments.reproduce qk' in inside and 'results/qk.png' in inside
     assert os.path.getsize(tmp_path / 'results' / 'qk.png') > 1000   # redrawn from the file
     # running it again changes nothing: the section replaces itself
     reproduce.write_readme(str(readme), str(tmp_path / 'results'))

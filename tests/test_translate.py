@@ -11,10 +11,10 @@ import pytest
 import sacrebleu
 import torch
 
-import translate
-import translation_data as td
+import translation.translate as translate
+import translation.translation_data as td
 from data import masked_accuracy
-from encdec import EncDecConfig, ReformerEncDec
+from translation.encdec import EncDecConfig, ReformerEncDec
 
 REFS = ["The cat sat on a mat.", "Das ist ein kleines Haus, nicht wahr?", "Zwei Wörter."]
 HYPS = ["The cat sat on the mat.", "Das ist ein kleines Haus?", "Zwei Wörter."]

@@ -15,9 +15,9 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-import translation_data as td
+import translation.translation_data as td
 from data import DownloadError
-from encdec import BOS, EOS, PAD
+from translation.encdec import BOS, EOS, PAD
 from test_data import FAST, _Server, _unreachable_url
 
 PAIRS = [(f"The {w} house number {i} is small.", f"Das {w} Haus Nummer {i} ist klein.")

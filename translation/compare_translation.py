@@ -5,8 +5,8 @@ parallel corpus, then both scored with sacreBLEU on its held-out test part (beam
 same decoding code for both).
 
     apt-get install trans-de-en        # or: apt-get download trans-de-en && dpkg-deb -x ... ding
-    python translation_data.py --dataset=ding --data_dir=data          # -> data/ding_en_de.tsv
-    OMP_NUM_THREADS=1 python compare_translation.py --data_path=data/ding_en_de.tsv --budget_s=600
+    python -m translation.translation_data --dataset=ding --data_dir=data          # -> data/ding_en_de.tsv
+    OMP_NUM_THREADS=1 python -m translation.compare_translation --data_path=data/ding_en_de.tsv --budget_s=600
 
 Fair time. The two models take turns: each iteration trains whichever has used less of its
 budget, so a busy moment on a shared machine slows both alike, and each stops after budget_s
@@ -28,10 +28,10 @@ import warnings
 import torch
 import torch.nn as nn
 
-from encdec import EncDecConfig, ReformerEncDec, token_scale
+from translation.encdec import EncDecConfig, ReformerEncDec, token_scale
 from model import ReformerLM, logits_and_loss, positional_embedding
-from translate import evaluate
-from translation_data import (ParallelStream, build_tokenizer, collate, encode_splits,
+from translation.translate import evaluate
+from translation.translation_data import (ParallelStream, build_tokenizer, collate, encode_splits,
                               length_batches, load_parallel)
 
 
@@ -164,7 +164,7 @@ def main(argv=None):
     p.add_argument("--alpha", type=float, default=0.6)
     p.add_argument("--log_interval", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="results/translation.json")
+    p.add_argument("--out", default="experiments/results/translation.json")
     a = p.parse_args(argv)
     splits, name = load_parallel("parallel", a.data_dir, a.data_path, a.heldout, a.seed)
     tok = build_tokenizer("sentencepiece", splits["train"], a.data_dir, name, a.vocab_size)
@@ -180,7 +180,7 @@ def main(argv=None):
         print(f"{k}: {m.num_params():,} parameters")
     t0 = time.time()
     steps, used, log = train_side_by_side(models, data["train"], a)
-    results = {"command": " ".join(["python compare_translation.py"] + (sys.argv[1:] if argv is None
+    results = {"command": " ".join(["python -m translation.compare_translation"] + (sys.argv[1:] if argv is None
                                                                        else argv)),
                "args": vars(a), "config": cfg.__dict__, "n_train": len(data["train"]),
                "n_test": len(data["test"]), "vocab_size": tok.vocab_size,

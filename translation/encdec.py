@@ -34,7 +34,7 @@ length, so padding can move the chunk boundaries) and that the decoder is causal
 Shape legend: B batch (sentences; B * k rows in beam search), S source length, T target length,
 C d_model, V vocab_size, nh heads, hs head size, k beam size.
 
-    from encdec import EncDecConfig, ReformerEncDec, beam_search, greedy_decode
+    from translation.encdec import EncDecConfig, ReformerEncDec, beam_search, greedy_decode
     model = ReformerEncDec(EncDecConfig(vocab_size=8000, n_enc_layers=6, n_dec_layers=6))
     logits, loss = model(src, tgt_in, targets)     # (B, S), (B, T), (B, T): -100 = not scored
     hyps = beam_search(model, src, beam_size=4, alpha=0.6)   # list of B token-id lists

@@ -2,9 +2,9 @@
 corpus a user brings, a real small English-German corpus from a Debian package, tokenizers, and a
 synthetic transduction task.
 
-    python translation_data.py --dataset=wmt14 --data_dir=data      # download + prepare (~1.5 GB)
-    python translation_data.py --dataset=ding --data_dir=data       # 16K en-de sentence pairs
-    python translation_data.py --dataset=parallel --data_path=pairs.tsv   # check a corpus
+    python -m translation.translation_data --dataset=wmt14 --data_dir=data      # download + prepare (~1.5 GB)
+    python -m translation.translation_data --dataset=ding --data_dir=data       # 16K en-de sentence pairs
+    python -m translation.translation_data --dataset=parallel --data_path=pairs.tsv   # check a corpus
     python train.py --dataset=parallel --data_path=pairs.tsv             # train on it (train.py
                                                                          # uses the functions at
                                                                          # the end of this file)
@@ -45,7 +45,7 @@ import torch
 
 from data import (_VALID, IGNORE_INDEX, ByteTokenizer, DownloadError, _generator, _Stream, _to,
                   _verify, download, file_digest)
-from encdec import BOS, EOS, PAD
+from translation.encdec import BOS, EOS, PAD
 
 # ----------------------------------------------------------------------------- tokenizers
 

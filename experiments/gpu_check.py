@@ -1,9 +1,9 @@
 """
 Everything that needs a GPU, checked and measured in one call (about 8 minutes on one H200):
 
-    python gpu_check.py                        # on a CUDA machine: logs + JSON under $OUT (or gpu_out/)
-    python gpu_check.py --device cpu --tiny    # the rehearsal on a CPU: every step, tiny sizes
-    python gpu_check.py --wheels               # beforehand, with network: the peers as wheels in .whl/
+    python -m experiments.gpu_check                        # on a CUDA machine: logs + JSON under $OUT (or gpu_out/)
+    python -m experiments.gpu_check --device cpu --tiny    # the rehearsal on a CPU: every step, tiny sizes
+    python -m experiments.gpu_check --wheels               # beforehand, with network: the peers as wheels in .whl/
 
 The device tool's machine has no network, so the peers (reformer-pytorch and what it needs) travel
 as wheels: run `--wheels` here, carry `.whl`, and this script installs them into /tmp/site first.
@@ -35,7 +35,7 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository root
 PEERS = ["reformer-pytorch==1.4.4"]     # as requirements-bench.txt; transformers is on the device
 ON_DEVICE = {"torch", "numpy", "packaging", "transformers", "triton", "typing-extensions",
              "filelock", "sympy", "networkx", "jinja2", "fsspec"}   # the device image has these
@@ -298,7 +298,7 @@ def main(argv=None):
         "memory": bench[:2] + ["memory-depth"] + bench[2:] + ["--lengths",
                                                               str(size["depth_length"]),
                                                               "--layers", "2,12"],
-        "longest": [py, "gpu_check.py", "--_longest", args.device, "bfloat16",
+        "longest": [py, "-m", "experiments.gpu_check", "--_longest", args.device, "bfloat16",
                     str(size["longest_from"]), str(size["longest_to"])],
         "train": [py, "train.py", "--device", args.device, "--precision", dtype, "--max_steps",
                   str(size["train_steps"]), "--eval_interval", str(size["train_steps"] // 2),

@@ -5,17 +5,17 @@ command per experiment. Each experiment trains and evaluates a few small models 
 command, device, machine load, wall time, final metrics and curves) and results/NAME.png (the
 curves against steps and against wall time).
 
-    python reproduce.py corpus        # prepare the text corpus (needs: apt-get install python3.11-doc)
-    python reproduce.py table2        # paper Table 2: duplication, train x eval attention matrix
-    python reproduce.py hashes        # paper Figure 4: LSH-1/2/4/8 against full attention
-    python reproduce.py qk            # paper Figure 3 left: shared against separate QK
-    python reproduce.py reversible    # paper Figure 3 right: reversible against ordinary layers
-    python reproduce.py depth         # the seed's Section 4.8: 1 / 2 / 4 layers
-    python reproduce.py pattern       # the authors' local,local,lsh,local against all-LSH, all-local
-    python reproduce.py plateau       # diagnostic: why LSH leaves the bigram plateau late
-    python reproduce.py all           # all of the above, in that order
-    python reproduce.py readme        # regenerate README.md's Results section from results/*.json
-    python reproduce.py hashes --paper --device=cuda   # the paper's sizes (configs/*.args), a GPU
+    python -m experiments.reproduce corpus        # prepare the text corpus (needs: apt-get install python3.11-doc)
+    python -m experiments.reproduce table2        # paper Table 2: duplication, train x eval attention matrix
+    python -m experiments.reproduce hashes        # paper Figure 4: LSH-1/2/4/8 against full attention
+    python -m experiments.reproduce qk            # paper Figure 3 left: shared against separate QK
+    python -m experiments.reproduce reversible    # paper Figure 3 right: reversible against ordinary layers
+    python -m experiments.reproduce depth         # the seed's Section 4.8: 1 / 2 / 4 layers
+    python -m experiments.reproduce pattern       # the authors' local,local,lsh,local against all-LSH, all-local
+    python -m experiments.reproduce plateau       # diagnostic: why LSH leaves the bigram plateau late
+    python -m experiments.reproduce all           # all of the above, in that order
+    python -m experiments.reproduce readme        # regenerate README.md's Results section from results/*.json
+    python -m experiments.reproduce hashes --paper --device=cuda   # the paper's sizes (configs/*.args), a GPU
 
 Resumable: a finished run is never redone (its out_dir holds run.json, written last); an
 interrupted one continues from its checkpoint with train.py --resume; results/NAME.json is
@@ -44,7 +44,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository root
 CORPUS = os.path.join('data', 'python_docs.txt')
 CORPUS_SOURCES = '/usr/share/doc/python3*/html/_sources'
 CORPUS_INSTALL = 'apt-get install python3.11-doc'
@@ -353,7 +353,7 @@ def final_metric(task):
 
 
 def run_experiment(name, seeds=None, paper=False, steps=None, device=None, root='out/reproduce',
-                   results='results', extra=(), only=None):
+                   results='experiments/results', extra=(), only=None):
     """Run (or continue) every run of an experiment; writes results/NAME.json after each."""
     exp = EXPERIMENTS[name]
     if exp['task'] == 'text' and not paper:
@@ -586,10 +586,10 @@ PLATEAU_BPC = 3.0   # below this a model has left the bigram plateau (~3.35 bpc 
 
 
 def command(name):
-    return f"python reproduce.py {name}"
+    return f"python -m experiments.reproduce {name}"
 
 
-def load_results(results='results'):
+def load_results(results='experiments/results'):
     """This module's experiments in results/ (other tools write there too: translation.json)."""
     out = {}
     for path in sorted(glob.glob(os.path.join(results, '*.json'))):
@@ -751,7 +751,7 @@ def hashes_verdict(result):
             f"evaluated with 2 / 8, and did not match its Transformer.")
 
 
-def bench_verdicts(bench='bench_results'):
+def bench_verdicts(bench='experiments/bench_results'):
     """The speed and memory claims, from bench.py's saved runs (not redone here)."""
     lines = []
     try:
@@ -1052,7 +1052,7 @@ NOTES = {'table2': table2_notes, 'hashes': hashes_notes, 'plateau': plateau_note
          'pattern': pattern_notes}
 
 
-def write_readme(readme='README.md', results='results'):
+def write_readme(readme='README.md', results='experiments/results'):
     """Replace the text between the markers in readme with readme_section; error if none."""
     with open(readme) as f:
         text = f.read()
@@ -1084,7 +1084,7 @@ def main(argv=None):
     p.add_argument('--max_steps', type=int, default=None, help='override every run\'s steps')
     p.add_argument('--device', default=None, help="train.py --device (default: train.py's)")
     p.add_argument('--out_root', default='out/reproduce', help='the runs\' out_dirs go here')
-    p.add_argument('--results', default='results', help='results/NAME.json and NAME.png go here')
+    p.add_argument('--results', default='experiments/results', help='results/NAME.json and NAME.png go here')
     p.add_argument('--readme', default='README.md', help='the README that `readme` rewrites')
     p.add_argument('--corpus_sources', default=CORPUS_SOURCES,
                    help='the folder(s) of .rst.txt files for `corpus` (a glob)')

@@ -3,10 +3,10 @@ Translate with a trained encoder-decoder Reformer (encdec.py), and score transla
 paper's Table 4 does: decode with beam search, detokenise, and compare with sacreBLEU against the
 raw (untokenised) references.
 
-    python translate.py --out_dir=out-wmt14 --input=news.en > news.de     # one sentence per line
-    echo "The house is very old." | python translate.py --out_dir=out-ding   # stdin by default
-    python translate.py --out_dir=out-wmt14 --eval                        # sacreBLEU on the test set
-    python translate.py --out_dir=out-wmt14 --eval --split=valid --beam_size=1
+    python -m translation.translate --out_dir=out-wmt14 --input=news.en > news.de     # one sentence per line
+    echo "The house is very old." | python -m translation.translate --out_dir=out-ding   # stdin by default
+    python -m translation.translate --out_dir=out-wmt14 --eval                        # sacreBLEU on the test set
+    python -m translation.translate --out_dir=out-wmt14 --eval --split=valid --beam_size=1
 
 --eval prints sacreBLEU's signature, BLEU and chrF of the beam-search translations of the
 held-out split, and the teacher-forced token accuracy (argmax of the next token given the true
@@ -26,8 +26,8 @@ import time
 
 import torch
 
-from encdec import EOS, ReformerEncDec, beam_search, greedy_decode
-from translation_data import (collate, encode_pairs, encode_splits, length_batches,
+from translation.encdec import EOS, ReformerEncDec, beam_search, greedy_decode
+from translation.translation_data import (collate, encode_pairs, encode_splits, length_batches,
                               load_parallel, tokenizer_from_state)
 
 
@@ -150,7 +150,7 @@ def decoding_speed(argv=None):
     """`python bench.py decode`: time greedy decoding with and without the key/value cache, and
     beam search, on a random model of the given size, B sentences of S source tokens, L target
     tokens each (the EOS output row is zeroed so every hypothesis runs to L)."""
-    from encdec import EncDecConfig
+    from translation.encdec import EncDecConfig
     p = argparse.ArgumentParser(prog="bench.py decode", description=decoding_speed.__doc__)
     p.add_argument("--layers", type=int, default=3, help="encoder and decoder layers each")
     p.add_argument("--d_model", type=int, default=256)
@@ -161,7 +161,7 @@ def decoding_speed(argv=None):
     p.add_argument("--beam_size", type=int, default=4)
     p.add_argument("--reversible", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="bench_results")
+    p.add_argument("--out", default="experiments/bench_results")
     a = p.parse_args(argv)
     torch.manual_seed(0)
     cfg = EncDecConfig(vocab_size=a.vocab_size, n_enc_layers=a.layers, n_dec_layers=a.layers,
