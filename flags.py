@@ -14,35 +14,29 @@ import shlex
 
 from data import ByteTokenizer
 from translation.encdec import EncDecConfig
-from model import POS_EMBS, ModelConfig
+from model import IMPLS, POS_EMBS, ModelConfig
 from translation.translation_data import TRANSLATION_DATASETS
 
 DESCRIPTION = ("Train a Reformer language model (Kitaev, Kaiser, Levskaya, ICLR 2020) on the "
                "duplication task of Table 2, on enwik8, or on any text file.")
 
-# The default run, `python train.py`: an LSH Reformer small enough to learn the duplication task
-# on a 2-core CPU in a few minutes (measured: README). Model fields not listed keep ModelConfig's
-# defaults (the paper's Table 2 model). Why absolute positions: the copy sits T/2 - 1 positions
-# back, and with axial positions (8 x 8 for T = 64) that offset wraps a row for 1 position in 8,
-# which a row term plus a column term cannot express (1 layer stalled at 87%: every 8th position
-# wrong). Why 2 layers: they left the chance plateau sooner and more reliably than 1; seeds 0-6
-# all passed 98.5% by step 800.
-DEFAULT_MODEL = dict(vocab_size=16, n_layers=2, d_model=64, n_heads=4, d_ff=128, n_hashes=4,
-                     bucket_size=8, pos_emb='absolute')
+# The default run, `python train.py`: ModelConfig's model on the duplication task, learnt on a
+# 2-core CPU in a few minutes (README). The run's own defaults:
 DEFAULT_RUN = dict(seq_len=64, batch_size=32, lr=6e-3, warmup=20, max_steps=800, eval_interval=100)
 
-# Translation (encdec.py): flags left out take EncDecConfig's defaults (the paper's base model),
-# then these. reverse: the synthetic task, small enough for a 2-core CPU in a few minutes
-# (measured: README); learned positions and no dropout or smoothing (the task is noiseless).
-# wmt14: the authors' reformer_wmt_ende.gin schedule, Adam with 8K warmup and rsqrt decay
-# (their 0.088 * rsqrt(8000) is --lr=9.8e-4), length 256, 128 x 256 padded tokens per step.
+# Translation (translation/encdec.py): EncDecConfig's model, then these. reverse: the synthetic
+# task, small enough for a 2-core CPU in a few minutes (README); no dropout or smoothing (the task
+# is noiseless). parallel: a small corpus (~30K pairs) on a 2-core CPU in about an hour, about
+# 4K padded tokens a step. wmt14: the authors' reformer_wmt_ende.gin schedule, Adam with 8K
+# warmup and rsqrt decay (their 0.088 * rsqrt(8000) is --lr=9.8e-4), length 256, 128 x 256
+# padded tokens per step; the paper's model sizes are in configs/wmt14_*.args.
 TRANSLATION_RUN = {
-    'reverse': dict(vocab_size=20, n_enc_layers=2, n_dec_layers=2, d_model=64, n_heads=4,
+    'reverse': dict(vocab_size=20, n_layers=2, n_dec_layers=2, d_model=64, n_heads=4,
                     d_ff=128, dropout=0.0, label_smoothing=0.0, seq_len=17, batch_size=32,
                     lr=3e-3, warmup=100, lr_schedule='cosine', max_steps=1500,
                     eval_interval=250, valid_size=500),
-    'parallel': dict(vocab_size=8000, seq_len=128, batch_size=64, lr=9.8e-4, warmup=4000,
-                     lr_schedule='rsqrt', max_steps=50000, eval_interval=1000),
+    'parallel': dict(seq_len=128, batch_size=32, lr=1.5e-3, warmup=60, lr_schedule='rsqrt',
+                     max_steps=1500, eval_interval=250),
     'wmt14': dict(vocab_size=32000, seq_len=256, batch_size=128, lr=9.8e-4, warmup=8000,
                   lr_schedule='rsqrt', max_steps=100000, eval_interval=2000),
 }
@@ -76,7 +70,7 @@ def add_config_flags(group, config_class, defaults, skip=()):
             kw = dict(type=str2bool, nargs='?', const=True)
         else:
             kw = dict(type=type(f.default), choices={'pos_emb': POS_EMBS,
-                                                     'impl': ('fast', 'reference')}.get(f.name))
+                                                     'impl': IMPLS}.get(f.name))
         group.add_argument(f'--{f.name}', default=defaults.get(f.name, f.default),
                            help=f.metadata['help'], **kw)
 
@@ -106,7 +100,7 @@ def build_parser():
                    help='--dataset=parallel: pairs split off at random for valid and for test')
     g = p.add_argument_group('model (flag = ModelConfig field; each one is an ablation)')
     # vocab_size and max_seq_len: None here, set by parse_args from --dataset and --seq_len
-    add_config_flags(g, ModelConfig, dict(DEFAULT_MODEL, vocab_size=None, max_seq_len=None))
+    add_config_flags(g, ModelConfig, dict(vocab_size=None, max_seq_len=None))
     g = p.add_argument_group('translation model (flag = EncDecConfig field; the rest as above)')
     add_config_flags(g, EncDecConfig, {}, skip={f.name for f in dataclasses.fields(ModelConfig)})
     g = p.add_argument_group('optimisation')
@@ -177,7 +171,7 @@ def parse_args(argv=None):
     if a.dataset in TRANSLATION_DATASETS:
         check_translation(p, a)
     elif a.dataset == 'duplication':
-        a.vocab_size = a.vocab_size or DEFAULT_MODEL['vocab_size']
+        a.vocab_size = a.vocab_size or ModelConfig.vocab_size
         if a.seq_len < 4 or a.seq_len % 2:
             p.error(f"--dataset=duplication needs an even --seq_len >= 4 ('0 w 0 w'), "
                     f"got {a.seq_len}")
@@ -195,11 +189,9 @@ def parse_args(argv=None):
         p.error(f"--max_seq_len={a.max_seq_len} is shorter than --seq_len={a.seq_len}")
     if (a.eval_attn or a.eval_n_hashes is not None) and not a.eval_only:
         p.error("--eval_attn and --eval_n_hashes change a trained checkpoint: add --eval_only")
-    config = model_config(a)
-    try:   # the model's own checks, the one place that knows the attention kinds
-        config.validate()
-        dataclasses.replace(config, attn=a.eval_attn or a.attn, attn_pattern='',
-                            n_hashes=a.eval_n_hashes or a.n_hashes).validate()
+    try:   # a config checks itself when made (ModelConfig.validate): the one home of the checks
+        dataclasses.replace(model_config(a), attn=a.eval_attn or a.attn, attn_pattern='',
+                            n_hashes=a.eval_n_hashes or a.n_hashes)
     except ValueError as e:
         p.error(str(e))
     return a

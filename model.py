@@ -19,7 +19,7 @@ Shape legend: B batch, T time, C d_model, V vocab_size.
     logits, loss = model(idx, targets)            # idx, targets: (B, T) int64
 """
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -35,18 +35,20 @@ POS_EMBS = ("axial", "absolute", "sinusoidal")
 @dataclass
 class ModelConfig:
     """One field per ablation of the paper; train.py makes each one a flag of the same name, with
-    the help text below. The defaults are the paper's Table 2 model."""
-    vocab_size: int = field(default=128, metadata={"help": (
+    the help text below. The defaults are `python train.py`'s run: an LSH Reformer that learns the
+    duplication task on a 2-core CPU in minutes. The paper's sizes are in configs/*.args (Table 2:
+    configs/duplication_*.args). A config checks itself when it is made (validate)."""
+    vocab_size: int = field(default=16, metadata={"help": (
         "vocabulary: symbols 0..V-1 of the duplication task (Table 2: 128; train.py's default "
         "run: 16), 258 for bytes (enwik8, text; 2 reserved ids)")})
     max_seq_len: int = field(default=1024, metadata={"help": (
         "longest sequence the position embedding covers; train.py: None = --seq_len")})
-    n_layers: int = field(default=1, metadata={"help": (
+    n_layers: int = field(default=2, metadata={"help": (
         "layers (Table 2: 1; enwik8 ablations, Figures 3-5: 3; Section 5: 12)")})
-    d_model: int = field(default=256, metadata={"help": (
+    d_model: int = field(default=64, metadata={"help": (
         "model width (Table 2: 256; enwik8 ablations: 1024)")})
     n_heads: int = field(default=4, metadata={"help": "attention heads (Table 2: 4; enwik8: 8)"})
-    d_ff: int = field(default=256, metadata={"help": (
+    d_ff: int = field(default=128, metadata={"help": (
         "feed-forward width (Table 2: 256; enwik8: 4096)")})
     dropout: float = field(default=0.0, metadata={"help": (
         "dropout; the reversible backward replays its masks exactly (enwik8: 0.1-0.2)")})
@@ -61,8 +63,8 @@ class ModelConfig:
         "only")})
     n_hashes: int = field(default=4, metadata={"help": (
         "LSH hash rounds (Section 2, multi-round LSH; Table 2, Figure 4)")})
-    bucket_size: int = field(default=64, metadata={"help": (
-        "LSH/local chunk length m: a query sees 2m keys per round (Section 2; 64)")})
+    bucket_size: int = field(default=8, metadata={"help": (
+        "LSH/local chunk length m: a query sees 2m keys per round (Section 2; paper: 64)")})
     dedup: bool = field(default=False, metadata={"help": (
         "count a key that several hash rounds find only once (Section 2, multi-round LSH)")})
     reversible: bool = field(default=True, metadata={"help": (
@@ -70,9 +72,10 @@ class ModelConfig:
         "False: ordinary ones")})
     ff_chunks: int = field(default=1, metadata={"help": (
         "feed-forward layer and output loss in chunks along T (Section 3; Table 3)")})
-    pos_emb: str = field(default="axial", metadata={"help": (
-        "position embedding: axial (the authors' trax code; not in the paper), absolute or "
-        "sinusoidal")})
+    pos_emb: str = field(default="absolute", metadata={"help": (
+        "position embedding: absolute (learned), axial (the authors' trax code; not in the "
+        "paper) or sinusoidal. Absolute by default: in the duplication task the copy sits T/2 "
+        "back, an offset that axial rows and columns cannot express for every position")})
     axial_shape: str = field(default="", metadata={"help": (
         "axial position factors, e.g. 32,32 for max_seq_len 1024; '' derives them")})
     tie_weights: bool = field(default=True, metadata={"help": (
@@ -80,6 +83,9 @@ class ModelConfig:
     impl: str = field(default="fast", metadata={"help": (
         "which implementation of LSH attention: 'fast' (Part 2 of lsh_attention.py) or "
         "'reference' (the readable Part 1), equal to 1e-10")})
+
+    def __post_init__(self):
+        self.validate()   # every way in (the flags, a checkpoint, dataclasses.replace) is checked
 
     def layer_attn(self):
         """The attention kind of every layer: attn_pattern cycled over n_layers, or attn."""
@@ -249,8 +255,16 @@ class ResidualLayer(nn.Module):
         return x + self.g(x)
 
 
+def build_stack(pairs, reversible):
+    """The layers of (F, G) pairs: reversible blocks (Section 3) or ordinary residual layers. The
+    LM and the encoder-decoder both build their stacks here."""
+    if reversible:
+        return ReversibleSequence([ReversibleBlock(f, g) for f, g in pairs])
+    return nn.ModuleList([ResidualLayer(f, g) for f, g in pairs])
+
+
 def run_layers(layers, x, reversible, **kwargs):
-    """x (B, T, C) through a stack of layers; the keyword arguments go to every F."""
+    """x (B, T, C) through a stack of build_stack; the keyword arguments go to every F."""
     if not reversible:
         for layer in layers:
             x = layer(x, **kwargs)
@@ -258,8 +272,9 @@ def run_layers(layers, x, reversible, **kwargs):
     # Two streams, both starting as the embedding (the authors duplicate the input).
     y1, y2 = layers(x, x, **kwargs)
     # Join them by their mean: it keeps width C, so the output layer can stay tied to the (V, C)
-    # embedding (trax concatenates to 2C and uses an untied output layer). Since
-    # y2 = x2 + G(y1) and y1 = x1 + F(x2), the mean carries both sub-layers' work.
+    # embedding (trax's ReformerLM concatenates to 2C and uses an untied output layer; trax's
+    # encoder-decoder averages, as here). Since y2 = x2 + G(y1) and y1 = x1 + F(x2), the mean
+    # carries both sub-layers' work.
     return 0.5 * (y1 + y2)
 
 
@@ -299,17 +314,12 @@ class ReformerLM(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        config.validate()
         self.config = cfg = config
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = positional_embedding(cfg)
         self.drop = nn.Dropout(cfg.dropout)
-        pairs = [(AttentionSublayer(cfg, kind), FeedForwardSublayer(cfg))
-                 for kind in cfg.layer_attn()]
-        if cfg.reversible:
-            self.layers = ReversibleSequence([ReversibleBlock(f, g) for f, g in pairs])
-        else:
-            self.layers = nn.ModuleList([ResidualLayer(f, g) for f, g in pairs])
+        self.layers = build_stack([(AttentionSublayer(cfg, kind), FeedForwardSublayer(cfg))
+                                   for kind in cfg.layer_attn()], cfg.reversible)
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
@@ -346,16 +356,16 @@ class ReformerLM(nn.Module):
 
     def set_attention(self, attn=None, n_hashes=None):
         """Switch every layer's attention after training (paper Table 2: train with LSH-4,
-        evaluate with full attention or LSH-8 on the same weights)."""
-        if attn is not None and attn not in ATTN_KINDS:
-            raise ValueError(f"attn={attn!r} is not one of {ATTN_KINDS}")
-        if n_hashes is not None and n_hashes < 1:
-            raise ValueError(f"n_hashes={n_hashes} must be >= 1")
+        evaluate with full attention or LSH-8 on the same weights). The config checks the values
+        first, so a bad one changes nothing, and then describes the layers as they now are."""
+        change = dict(attn=attn, attn_pattern="") if attn is not None else {}
+        if n_hashes is not None:
+            change["n_hashes"] = n_hashes
+        self.config = replace(self.config, **change)
         for module in self.modules():
             if isinstance(module, LSHSelfAttention):
                 module.attn = attn or module.attn
-                module.n_hashes = n_hashes or module.n_hashes
-                module._check()
+                module.n_hashes = self.config.n_hashes
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):

@@ -3,7 +3,7 @@ Reversible residual layers: Section 3 ("Reversible Transformer") of the Reformer
 (Kitaev, Kaiser, Levskaya, "Reformer: The Efficient Transformer", ICLR 2020, arXiv 2001.04451),
 which takes them from RevNets (Gomez et al., "The Reversible Residual Network", NeurIPS 2017).
 
-Checked against ordinary backpropagation through the same blocks (reversible=False) in
+Checked against ordinary backpropagation through the same blocks (a plain loop over them) in
 tests/test_reversible.py: equal gradients to 1e-10 in float64 with dropout and multi-round LSH
 attention inside the blocks, under gradient accumulation, under autocast, and across two processes
 with DistributedDataParallel. Imports only torch and the standard library: paste it anywhere.
@@ -30,7 +30,7 @@ Shape legend: B batch, T time, C channels (d_model). x1, x2, y1, y2 are all (B, 
 Public names:
     ReversibleBlock(f, g)                      one layer: forward(x1, x2, **kw) -> (y1, y2),
                                                inverse(y1, y2, **kw) -> (x1, x2)
-    ReversibleSequence(blocks, reversible)     the stack: forward(x1, x2, **kw) -> (y1, y2)
+    ReversibleSequence(blocks)                 the stack: forward(x1, x2, **kw) -> (y1, y2)
 
 What a recomputing backward must get right, and how this file does it:
  1. Randomness. Dropout masks and LSH rotations are drawn from the global RNG. The recomputation
@@ -85,24 +85,22 @@ class ReversibleBlock(nn.Module):
 class ReversibleSequence(nn.Module):
     """A stack of ReversibleBlocks. forward(x1, x2, **kwargs) -> (y1, y2), all (B, T, C).
 
-    reversible=True keeps only the last block's outputs for backward and recomputes the rest.
-    reversible=False runs the same blocks under ordinary autograd: the reference in the tests and
-    the ablation (paper Figure 3, right).
-    In eval mode, and with nothing to backprop (torch.no_grad(), or no input or parameter
-    requiring grad), both are a plain loop: nothing is saved for a reversible backward. (In eval
-    mode with gradients on, ordinary autograd then gives exact gradients, at ordinary memory.)
+    In training it keeps only the last block's outputs for backward and recomputes the rest. In
+    eval mode, and with nothing to backprop (torch.no_grad(), or no input or parameter requiring
+    grad), it is a plain loop: nothing is saved for a reversible backward. (In eval mode with
+    gradients on, ordinary autograd then gives exact gradients, at ordinary memory.) The paper's
+    ablation against ordinary residual layers (Figure 3, right) is model.py's, not this class's.
     """
 
-    def __init__(self, blocks, reversible=True):
+    def __init__(self, blocks):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
-        self.reversible = reversible
 
     def forward(self, x1, x2, **kwargs):
         params = _trainable_params(self.blocks)
         needs_backward = torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad
                                                       or len(params) > 0)
-        if not (self.reversible and self.training and needs_backward and len(self.blocks) > 0):
+        if not (self.training and needs_backward and len(self.blocks) > 0):
             for block in self.blocks:
                 x1, x2 = block(x1, x2, **kwargs)
             return x1, x2

@@ -374,10 +374,9 @@ def print_setup(args, config, model, run, step):
     sees = {'lsh': f"{config.n_hashes} rounds x 2 x {config.bucket_size}",
             'full': f"all {args.seq_len}", 'local': f"2 x {config.bucket_size}"}
     translation = isinstance(config, EncDecConfig)
-    lm = config.encoder_config() if translation else config
-    kinds = dict.fromkeys(lm.layer_attn())   # each kind once, in order
+    kinds = dict.fromkeys(config.layer_attn())   # each kind once, in order
     attn = ', '.join(f"{a} (a query sees {sees[a]} keys)" for a in kinds)
-    layers = (f"{config.n_enc_layers} encoder layers of {attn} + {config.n_dec_layers} decoder "
+    layers = (f"{config.n_layers} encoder layers of {attn} + {config.n_dec_layers} decoder "
               f"layers (causal full, cross-attention)" if translation
               else f"{config.n_layers} layers of {attn}")
     print(f"model: {model.num_params():,} parameters, {layers}, reversible={config.reversible}")

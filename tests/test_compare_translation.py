@@ -11,7 +11,7 @@ import torch
 import translation.compare_translation as ct
 from translation.encdec import BOS, EncDecConfig, beam_search, greedy_decode
 
-CFG = dict(vocab_size=20, max_seq_len=32, n_enc_layers=1, n_dec_layers=2, d_model=16, n_heads=2,
+CFG = dict(vocab_size=20, max_seq_len=32, n_layers=1, n_dec_layers=2, d_model=16, n_heads=2,
            d_ff=32, dropout=0.0)
 
 

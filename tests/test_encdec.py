@@ -20,7 +20,7 @@ V = 13
 def make_model(seed=0, std=0.3, eos_gain=1.0, **kw):
     """A tiny model with large random weights; eos_gain > 1 (untied weights only) scales the
     EOS output row, so that decoding stops at varied lengths."""
-    cfg = dict(vocab_size=V, max_seq_len=32, n_enc_layers=2, n_dec_layers=2, d_model=16,
+    cfg = dict(vocab_size=V, max_seq_len=32, n_layers=2, n_dec_layers=2, d_model=16,
                n_heads=2, d_ff=32, dropout=0.0, bucket_size=4, n_hashes=2, label_smoothing=0.1)
     cfg.update(kw)
     torch.manual_seed(seed)
@@ -224,7 +224,7 @@ def test_saved_memory_is_flat_in_depth_when_reversible():
     got = {}
     for reversible in (True, False):
         for depth in (1, 4):
-            model = make_model(dropout=0.1, reversible=reversible, n_enc_layers=depth,
+            model = make_model(dropout=0.1, reversible=reversible, n_layers=depth,
                                n_dec_layers=depth).train()
             got[reversible, depth] = saved_bytes(model, src, tgt_in, targets)
     assert got[True, 1] == got[True, 4]

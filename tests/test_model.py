@@ -240,7 +240,7 @@ def test_axial_shape_derived_and_used():
     cfg = tiny(max_seq_len=64)
     assert cfg.axial_dims() == (8, 8)
     assert tiny(max_seq_len=48).axial_dims() == (6, 8)
-    model = ReformerLM(tiny(axial_shape="4,16"))
+    model = ReformerLM(tiny(pos_emb="axial", axial_shape="4,16"))
     assert model.pos_emb.e1.shape[0] == 4 and model.pos_emb.e2.shape[1] == 16
     # position p = i * 16 + j gets [E1_i ; E2_j]
     pe = model.pos_emb(64)
@@ -274,8 +274,8 @@ def test_padding_mask_reaches_attention():
     (dict(d_model=30, n_heads=4), "d_model=30 must be divisible by n_heads=4"),
     (dict(attn="sparse"), "'sparse'.*not one of"),
     (dict(attn_pattern="local,banana"), "'banana'.*not one of"),
-    (dict(axial_shape="5,5"), "axial_shape='5,5'.*max_seq_len=64"),
-    (dict(axial_shape="8"), "two integers"),
+    (dict(pos_emb="axial", axial_shape="5,5"), "axial_shape='5,5'.*max_seq_len=64"),
+    (dict(pos_emb="axial", axial_shape="8"), "two integers"),
     (dict(pos_emb="rotary"), "pos_emb='rotary'"),
     (dict(attn="lsh", shared_qk=False), "shared_qk=False"),
     (dict(ff_chunks=0), "ff_chunks=0"),
@@ -297,7 +297,7 @@ def test_bad_input():
         model(torch.full((1, 8), -1))
     with pytest.raises(ValueError, match="attn='nope'"):
         model.set_attention(attn="nope")
-    with pytest.raises(ValueError, match="n_hashes=0"):
+    with pytest.raises(ValueError, match="n_hashes=0 must be >= 1"):
         model.set_attention(n_hashes=0)
 
 

@@ -55,7 +55,7 @@ def test_model_flags_are_the_config_fields():
         assert f.metadata.get('help'), f"--{f.name} needs a help= naming what it ablates"
     assert all(a.help for a in flags.build_parser()._actions), 'every flag needs a help='
     assert train.model_config(args).attn == 'lsh'   # the default run is an LSH Reformer
-    assert args.max_seq_len == args.seq_len and args.vocab_size == flags.DEFAULT_MODEL['vocab_size']
+    assert args.max_seq_len == args.seq_len and args.vocab_size == flags.ModelConfig.vocab_size
 
 
 @pytest.mark.parametrize('flag, value', [('--reversible', True), ('--reversible=True', True),

@@ -13,7 +13,7 @@ import train
 import translation.translate as translate
 from translation.encdec import EncDecConfig
 
-TINY = ['--device=cpu', '--n_enc_layers=1', '--n_dec_layers=1', '--d_model=16', '--n_heads=2',
+TINY = ['--device=cpu', '--n_layers=1', '--n_dec_layers=1', '--d_model=16', '--n_heads=2',
         '--d_ff=32', '--batch_size=4', '--warmup=2', '--log_interval=1', '--eval_interval=2',
         '--valid_size=6', '--dropout=0.1']
 

@@ -38,7 +38,7 @@ def test_bleu_pipeline_gives_sacrebleus_own_score(tmp_path, kind):
 
 def tiny_model(vocab_size):
     torch.manual_seed(0)
-    return ReformerEncDec(EncDecConfig(vocab_size=vocab_size, max_seq_len=64, n_enc_layers=1,
+    return ReformerEncDec(EncDecConfig(vocab_size=vocab_size, max_seq_len=64, n_layers=1,
                                        n_dec_layers=1, d_model=16, n_heads=2, d_ff=32))
 
 

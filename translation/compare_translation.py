@@ -44,12 +44,12 @@ class TorchTransformerMT(nn.Module):
         super().__init__()
         self.config = cfg = config
         self.emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = positional_embedding(cfg.encoder_config())
+        self.pos_emb = positional_embedding(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         with warnings.catch_warnings():   # "nested tensors off with norm_first": as intended
             warnings.simplefilter("ignore", UserWarning)
             self.transformer = nn.Transformer(
-                cfg.d_model, cfg.n_heads, cfg.n_enc_layers, cfg.n_dec_layers, cfg.d_ff,
+                cfg.d_model, cfg.n_heads, cfg.n_layers, cfg.n_dec_layers, cfg.d_ff,
                 cfg.dropout, activation="gelu", batch_first=True, norm_first=True)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(ReformerLM._init_weights)
@@ -172,7 +172,7 @@ def main(argv=None):
     print(f"{len(data['train']):,} training pairs, {len(data['test']):,} test; vocab "
           f"{tok.vocab_size}; {torch.get_num_threads()} threads")
     cfg = EncDecConfig(vocab_size=tok.vocab_size, max_seq_len=a.max_seq_len,
-                       n_enc_layers=a.layers, n_dec_layers=a.layers, d_model=a.d_model,
+                       n_layers=a.layers, n_dec_layers=a.layers, d_model=a.d_model,
                        n_heads=a.n_heads, d_ff=a.d_ff, dropout=a.dropout)
     torch.manual_seed(a.seed)
     models = {"reformer": ReformerEncDec(cfg), "transformer": TorchTransformerMT(cfg)}

@@ -35,73 +35,57 @@ Shape legend: B batch (sentences; B * k rows in beam search), S source length, T
 C d_model, V vocab_size, nh heads, hs head size, k beam size.
 
     from translation.encdec import EncDecConfig, ReformerEncDec, beam_search, greedy_decode
-    model = ReformerEncDec(EncDecConfig(vocab_size=8000, n_enc_layers=6, n_dec_layers=6))
+    model = ReformerEncDec(EncDecConfig(vocab_size=8000))   # 3 + 3 layers, d 256
     logits, loss = model(src, tgt_in, targets)     # (B, S), (B, T), (B, T): -100 = not scored
     hyps = beam_search(model, src, beam_size=4, alpha=0.6)   # list of B token-id lists
 """
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lsh_attention import MASKED_LOGIT, SELF_LOGIT
-from model import (AttentionSublayer, FeedForwardSublayer, ModelConfig, ReformerLM, ResidualLayer,
+from model import (AttentionSublayer, FeedForwardSublayer, ModelConfig, ReformerLM, build_stack,
                    check_token_ids, logits_and_loss, model_from_checkpoint, positional_embedding,
                    run_layers, token_scale)
-from reversible import ReversibleBlock, ReversibleSequence
 
 # Token ids every tokenizer of translation_data.py reserves: padding, start and end of sentence.
 PAD, BOS, EOS = 0, 1, 2
 
 
-def _help(text, default):
-    return field(default=default, metadata={"help": text})
+def _default(name, value, help=None):
+    """ModelConfig's field `name` with the translation model's default (and its help text)."""
+    return field(default=value, metadata={"help": help or ModelConfig.__dataclass_fields__[name]
+                                          .metadata["help"]})
 
 
 @dataclass
-class EncDecConfig:
-    """The translation model. Field names are train.py flags; fields shared with ModelConfig mean
-    the same there (they configure the encoder's self-attention exactly as they do the LM's).
-    Defaults: the paper's base model for WMT14 (6 + 6 layers, d 512, d_ff 2048, length 256)."""
-    vocab_size: int = _help("joint source/target vocabulary (sentencepiece: --vocab_size flag "
-                            "of the tokenizer; bytes: 259)", 32000)
-    max_seq_len: int = _help("longest source or target sentence, in tokens (paper: 256)", 256)
-    n_enc_layers: int = _help("encoder layers (paper Table 4: 6)", 6)
-    n_dec_layers: int = _help("decoder layers (paper Table 4: 6)", 6)
-    d_model: int = _help("model width C", 512)
-    n_heads: int = _help("attention heads nh", 8)
-    d_ff: int = _help("feed-forward hidden width", 2048)
-    dropout: float = _help("dropout on embeddings, attention weights and sub-layer outputs", 0.1)
-    attn: str = _help("encoder self-attention: 'full' | 'lsh' | 'local' (Section 2); the "
-                      "decoder and cross-attention are always full", "full")
-    attn_pattern: str = _help("encoder attention per layer, cycled, e.g. 'local,lsh'", "")
-    shared_qk: bool = _help("one projection for queries and keys in both self-attentions "
-                            "(Section 2.1; required by LSH)", False)
-    n_hashes: int = _help("LSH rounds in the encoder (Section 2)", 4)
-    bucket_size: int = _help("LSH / local chunk length in the encoder", 64)
-    dedup: bool = _help("count a key seen in several LSH rounds once", False)
-    impl: str = _help("LSH attention in the encoder: 'fast' (Part 2 of lsh_attention.py) or "
-                      "'reference' (Part 1)", "fast")
-    reversible: bool = _help("reversible residual layers in encoder and decoder (Section 3)", True)
-    ff_chunks: int = _help("chunk the feed-forward and the output loss along T (Section 3)", 1)
-    pos_emb: str = _help("'absolute' | 'sinusoidal' | 'axial', shared by encoder and decoder",
-                         "absolute")
-    axial_shape: str = _help("axial embedding shape 'a,b' with a * b = max_seq_len", "")
-    tie_weights: bool = _help("one (V, C) matrix for source embedding, target embedding and "
-                              "output layer (the paper's longer runs untie them)", True)
-    label_smoothing: float = _help("label smoothing of the training loss (Vaswani et al.: 0.1)",
-                                   0.1)
-
-    def encoder_config(self):
-        """The encoder's settings as a ModelConfig: the LM's checks and attention pattern apply."""
-        shared = {f.name for f in fields(ModelConfig)} & {f.name for f in fields(self)}
-        return ModelConfig(n_layers=self.n_enc_layers, **{k: getattr(self, k) for k in shared})
+class EncDecConfig(ModelConfig):
+    """The translation model: a ModelConfig (the encoder's fields, which mean what they mean in
+    the LM: n_layers is the encoder's depth) plus the decoder's. The defaults are a model a small
+    corpus (~30K pairs) trains on a 2-core CPU in an hour: 3 + 3 layers, d 256; the paper's WMT14
+    base model (6 + 6 layers, d 512) is configs/wmt14_*.args. Cross-attention and the decoder's
+    self-attention are always full."""
+    vocab_size: int = _default("vocab_size", 8000, "joint source/target vocabulary (sentencepiece "
+                               "trains one of this size; bytes: 259)")
+    max_seq_len: int = _default("max_seq_len", 128, "longest source or target sentence, in tokens "
+                                "(paper: 256)")
+    n_layers: int = _default("n_layers", 3, "encoder layers (paper Table 4: 6)")
+    d_model: int = _default("d_model", 256)
+    d_ff: int = _default("d_ff", 1024)
+    dropout: float = _default("dropout", 0.1)
+    attn: str = _default("attn", "full", "encoder self-attention: full, lsh or local (Section 2; "
+                         "sentences are shorter than an LSH chunk, so the paper used full)")
+    shared_qk: bool = _default("shared_qk", False)
+    n_dec_layers: int = field(default=3, metadata={"help": "decoder layers (paper Table 4: 6)"})
+    label_smoothing: float = field(default=0.1, metadata={"help": (
+        "label smoothing of the training loss (Vaswani et al.: 0.1)")})
 
     def validate(self):
-        """Raise ValueError naming the bad value and what would be valid."""
-        self.encoder_config().validate()
+        """ModelConfig's checks for the encoder, then the decoder's."""
+        super().validate()
         if self.n_dec_layers < 1:
             raise ValueError(f"n_dec_layers={self.n_dec_layers} must be >= 1")
         if self.vocab_size <= EOS:
@@ -212,28 +196,21 @@ class DecoderAttentionSublayer(nn.Module):
 # The model
 # -----------------------------------------------------------------------------------------------
 
-def _stack(pairs, reversible):
-    if reversible:
-        return ReversibleSequence([ReversibleBlock(f, g) for f, g in pairs])
-    return nn.ModuleList([ResidualLayer(f, g) for f, g in pairs])
-
-
 class ReformerEncDec(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        config.validate()
         self.config = cfg = config
         self.src_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.tgt_emb = self.src_emb if cfg.tie_weights else nn.Embedding(cfg.vocab_size,
                                                                          cfg.d_model)
-        self.pos_emb = positional_embedding(cfg.encoder_config())        # shared: (T, C)
+        self.pos_emb = positional_embedding(cfg)                         # shared: (T, C)
         self.drop = nn.Dropout(cfg.dropout)
-        kinds = cfg.encoder_config().layer_attn()
-        self.encoder = _stack([(AttentionSublayer(cfg, kind, causal=False),
-                                FeedForwardSublayer(cfg)) for kind in kinds], cfg.reversible)
+        self.encoder = build_stack([(AttentionSublayer(cfg, kind, causal=False),
+                                     FeedForwardSublayer(cfg)) for kind in cfg.layer_attn()],
+                                   cfg.reversible)
         self.ln_enc = nn.LayerNorm(cfg.d_model)
-        self.decoder = _stack([(DecoderAttentionSublayer(cfg), FeedForwardSublayer(cfg))
+        self.decoder = build_stack([(DecoderAttentionSublayer(cfg), FeedForwardSublayer(cfg))
                                for _ in range(cfg.n_dec_layers)], cfg.reversible)
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

@@ -164,7 +164,7 @@ def decoding_speed(argv=None):
     p.add_argument("--out", default="experiments/bench_results")
     a = p.parse_args(argv)
     torch.manual_seed(0)
-    cfg = EncDecConfig(vocab_size=a.vocab_size, n_enc_layers=a.layers, n_dec_layers=a.layers,
+    cfg = EncDecConfig(vocab_size=a.vocab_size, n_layers=a.layers, n_dec_layers=a.layers,
                        d_model=a.d_model, n_heads=max(1, a.d_model // 64), d_ff=4 * a.d_model,
                        reversible=bool(a.reversible), tie_weights=False, dropout=0.0)
     model = ReformerEncDec(cfg).to(a.device).eval()
