@@ -356,16 +356,8 @@ class ReformerLM(nn.Module):
 
     def set_attention(self, attn=None, n_hashes=None):
         """Switch every layer's attention after training (paper Table 2: train with LSH-4,
-        evaluate with full attention or LSH-8 on the same weights). The config checks the values
-        first, so a bad one changes nothing, and then describes the layers as they now are."""
-        change = dict(attn=attn, attn_pattern="") if attn is not None else {}
-        if n_hashes is not None:
-            change["n_hashes"] = n_hashes
-        self.config = replace(self.config, **change)
-        for module in self.modules():
-            if isinstance(module, LSHSelfAttention):
-                module.attn = attn or module.attn
-                module.n_hashes = self.config.n_hashes
+        evaluate with full attention or LSH-8 on the same weights)."""
+        self.config = switch_attention(self, self.config, attn, n_hashes)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
@@ -395,6 +387,21 @@ class ReformerLM(nn.Module):
 
     def config_dict(self):
         return asdict(self.config)
+
+
+def switch_attention(module, config, attn=None, n_hashes=None):
+    """Set the attention kind and/or hash rounds of every LSHSelfAttention inside module; returns
+    the config that describes it now. The config checks the values first (ModelConfig.validate),
+    so a bad one changes nothing."""
+    change = dict(attn=attn, attn_pattern="") if attn is not None else {}
+    if n_hashes is not None:
+        change["n_hashes"] = n_hashes
+    config = replace(config, **change)
+    for m in module.modules():
+        if isinstance(m, LSHSelfAttention):
+            m.attn = attn or m.attn
+            m.n_hashes = config.n_hashes
+    return config
 
 
 def model_from_checkpoint(model_class, config_class, path, map_location="cpu"):

@@ -391,8 +391,25 @@ def print_setup(args, config, model, run, step):
 
 # ----------------------------------------------------------------------------- training
 
-def train(args, run):
-    fam = family(args)
+@dataclasses.dataclass
+class State:
+    """What the training loop carries from step to step."""
+    model: torch.nn.Module        # what forward runs: raw_model, compiled and/or DDP-wrapped
+    raw_model: torch.nn.Module    # what is saved and evaluated
+    config: object
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_data: object
+    valid: list
+    ctx: object                   # the autocast context of the forward pass
+    step: int = 0
+    best_val: float = float('inf')
+    saved_step: int = None        # the step of the last checkpoint written or resumed
+    overflows: int = 0            # fp16 steps skipped in a row
+
+
+def setup_training(args, run, fam):
+    """Data, model, optimizer and scaler; continued from the checkpoint under --resume."""
     train_data, paths = fam.setup_data(args, run)   # first: a tokenizer sets --vocab_size
     config = model_config(args)
     ckpt = resume_from(args, config)
@@ -402,73 +419,95 @@ def train(args, run):
     raw_model = build_model(fam, config, run.device)
     optimizer = make_optimizer(args, raw_model)
     scaler = torch.amp.GradScaler(torch.device(run.device).type, enabled=args.precision == 'fp16')
-    step, best_val = restore(ckpt, raw_model, optimizer, scaler, train_data, args, run) \
-        if ckpt else (0, float('inf'))
-    saved_step = step if ckpt else None
-    del ckpt
     model = torch.compile(raw_model) if args.compile else raw_model
     if run.ddp:
         model = DDP(model, device_ids=[run.local_rank] if run.device.startswith('cuda') else None)
-    ctx = autocast_context(args.precision, run.device)
-    valid = fam.eval_batches(args, paths, 'valid', run, full=False)
+    s = State(model, raw_model, config, optimizer, scaler, train_data,
+              fam.eval_batches(args, paths, 'valid', run, full=False),
+              autocast_context(args.precision, run.device))
+    if ckpt:
+        s.step, s.best_val = restore(ckpt, raw_model, optimizer, scaler, train_data, args, run)
+        s.saved_step = s.step
+    return s, paths
+
+
+def train_step(s, args, run):
+    """One optimizer step at s.step; returns (loss, lr, tokens/s). Stops on a NaN loss."""
+    t0 = time.time()
+    lr = get_lr(s.step, args)
+    for group in s.optimizer.param_groups:
+        group['lr'] = lr
+    loss = forward_backward(s.model, s.train_data, s.scaler, s.ctx, args, run)
+    if not math.isfinite(loss):   # the same on every rank: the loss was all-reduced
+        stop_on_nan(args, loss, s.step, s.saved_step)
+    skipped = optimizer_step(s.raw_model, s.optimizer, s.scaler, args.clip)
+    s.overflows = s.overflows + 1 if skipped else 0
+    if s.overflows >= 3 and run.master:
+        tqdm.write(f"warning: step {s.step}: fp16 gradients overflowed {s.overflows} steps in a "
+                   f"row; those updates were skipped (loss scale now {s.scaler.get_scale():g})")
+    return loss, lr, args.batch_size * args.seq_len / (time.time() - t0)
+
+
+def eval_and_log(s, fam, args, run, t_start):
+    last = validate(fam, s.raw_model, s.valid, args, run, s.ctx)
+    s.best_val = min(s.best_val, last['loss'])
+    log(args, run, {'kind': 'eval', 'step': s.step, **last, 'time_s': time.time() - t_start})
     if run.master:
-        start_log(args, step, resumed=saved_step is not None)
-        print_setup(args, config, raw_model, run, step)
-    bar = tqdm(total=args.max_steps, initial=step, disable=not run.master, dynamic_ncols=True)
-    t_start, skipped, last = time.time(), 0, None
+        tqdm.write(f"step {s.step}: valid {describe(last)}")
+    return last
+
+
+def save(s, args, run):
+    save_training_state(args, run, s.step, s.best_val, s.raw_model, s.optimizer, s.scaler,
+                        s.train_data, s.config)
+    s.saved_step = s.step
+
+
+def train(args, run):
+    fam = family(args)
+    s, paths = setup_training(args, run, fam)
+    if run.master:
+        start_log(args, s.step, resumed=s.saved_step is not None)
+        print_setup(args, s.config, s.raw_model, run, s.step)
+    bar = tqdm(total=args.max_steps, initial=s.step, disable=not run.master, dynamic_ncols=True)
+    t_start, last = time.time(), None
     with StopSignal() as stop:
-        while step < args.max_steps:
-            step += 1
-            t0 = time.time()
-            lr = get_lr(step, args)
-            for group in optimizer.param_groups:
-                group['lr'] = lr
-            loss = forward_backward(model, train_data, scaler, ctx, args, run)
-            if not math.isfinite(loss):   # the same on every rank: the loss was all-reduced
-                bar.close()
-                stop_on_nan(args, loss, step, saved_step)
-            skipped = skipped + 1 if optimizer_step(raw_model, optimizer, scaler, args.clip) else 0
-            if skipped >= 3 and run.master:
-                tqdm.write(f"warning: step {step}: fp16 gradients overflowed {skipped} steps in "
-                           f"a row; those updates were skipped (loss scale now "
-                           f"{scaler.get_scale():g})")
-            tokens_per_s = args.batch_size * args.seq_len / (time.time() - t0)
+        while s.step < args.max_steps:
+            s.step += 1
+            loss, lr, tokens_per_s = train_step(s, args, run)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-            if step % args.log_interval == 0:
-                log(args, run, {'kind': 'train', 'step': step, 'loss': loss, 'lr': lr,
+            if s.step % args.log_interval == 0:
+                log(args, run, {'kind': 'train', 'step': s.step, 'loss': loss, 'lr': lr,
                                 'tokens_per_s': tokens_per_s})
             # every rank stops at the same step: stop when any rank got a signal
-            stopping = all_reduce_sum([stop.requested], run)[0] > 0 and step < args.max_steps
-            if step % args.eval_interval == 0 or step == args.max_steps:
-                last = validate(fam, raw_model, valid, args, run, ctx)
-                best_val = min(best_val, last['loss'])
-                log(args, run, {'kind': 'eval', 'step': step, **last,
-                                'time_s': time.time() - t_start})
-                if run.master:
-                    tqdm.write(f"step {step}: valid {describe(last)}")
-            if step % args.eval_interval == 0 or step == args.max_steps or stopping:
-                save_training_state(args, run, step, best_val, raw_model, optimizer, scaler,
-                                    train_data, config)
-                saved_step = step
+            stopping = all_reduce_sum([stop.requested], run)[0] > 0 and s.step < args.max_steps
+            at_eval = s.step % args.eval_interval == 0 or s.step == args.max_steps
+            if at_eval:
+                last = eval_and_log(s, fam, args, run, t_start)
+            if at_eval or stopping:
+                save(s, args, run)
             if stopping:
                 bar.close()
-                if run.master:
-                    print(f"stopped by {signal.Signals(stop.signum or signal.SIGTERM).name} after "
-                          f"step {step} of {args.max_steps}; checkpoint: {ckpt_path(args)}. "
-                          f"To continue, run the same command with --resume (or --resume=auto).",
-                          flush=True)
-                raise SystemExit(128 + (stop.signum or signal.SIGTERM))
+                exit_on_signal(args, run, stop, s.step)
     bar.close()
-    last = last or validate(fam, raw_model, valid, args, run, ctx)   # resumed at max_steps
+    last = last or validate(fam, s.raw_model, s.valid, args, run, s.ctx)   # resumed at the end
     if run.ddp:
-        check_in_sync(raw_model, run)
+        check_in_sync(s.raw_model, run)
     if fam.report and run.master:
-        last = {**last, **fam.report(raw_model, args, paths, run)}
-        log(args, run, {'kind': 'final', 'step': step, **last})
+        last = {**last, **fam.report(s.raw_model, args, paths, run)}
+        log(args, run, {'kind': 'final', 'step': s.step, **last})
     if run.master:
-        print_end(args, step, last, time.time() - t_start)
+        print_end(args, s.step, last, time.time() - t_start)
     return last
+
+
+def exit_on_signal(args, run, stop, step):
+    if run.master:
+        print(f"stopped by {signal.Signals(stop.signum or signal.SIGTERM).name} after step {step} "
+              f"of {args.max_steps}; checkpoint: {ckpt_path(args)}. To continue, run the same "
+              f"command with --resume (or --resume=auto).", flush=True)
+    raise SystemExit(128 + (stop.signum or signal.SIGTERM))
 
 
 def stop_on_nan(args, loss, step, saved_step):
@@ -490,8 +529,8 @@ def print_end(args, step, last, seconds):
     elif 'valid_bleu_greedy' in last:
         print(f"final valid sacreBLEU (greedy, first {args.valid_size} pairs): "
               f"{last['valid_bleu_greedy']:.2f} ({last['bleu_signature']}); teacher-forced "
-              f"token accuracy {100 * last['accuracy']:.2f}%. Test set, beam search: python "
-              f"translate.py --out_dir={args.out_dir} --eval")
+              f"token accuracy {100 * last['accuracy']:.2f}%. Test set, beam search: python -m "
+              f"translation.translate --out_dir={args.out_dir} --eval")
     elif 'accuracy' in last:
         print(f"final valid accuracy: {100 * last['accuracy']:.2f}% (loss {last['loss']:.4f})")
     else:

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from lsh_attention import MASKED_LOGIT, SELF_LOGIT
 from model import (AttentionSublayer, FeedForwardSublayer, ModelConfig, ReformerLM, build_stack,
                    check_token_ids, logits_and_loss, model_from_checkpoint, positional_embedding,
-                   run_layers, token_scale)
+                   run_layers, switch_attention, token_scale)
 
 # Token ids every tokenizer of translation_data.py reserves: padding, start and end of sentence.
 PAD, BOS, EOS = 0, 1, 2
@@ -294,7 +294,7 @@ class ReformerEncDec(nn.Module):
     def set_attention(self, attn=None, n_hashes=None):
         """Switch the encoder's self-attention after training (paper Table 2); the decoder's
         self-attention stays full (its cache needs it)."""
-        ReformerLM.set_attention(self.encoder, attn, n_hashes)   # it walks .modules() only
+        self.config = switch_attention(self.encoder, self.config, attn, n_hashes)
 
     def num_params(self):
         """Parameter count, each shared tensor once (tied embeddings counted once)."""
