@@ -27,7 +27,7 @@ Sub-commands (each prints a table and writes <out>/<name>.json and <out>/<name>.
     pip install -r requirements-bench.txt                # the peers; skipped when missing
 
 How each row is measured (what a timed layer contains, the round-robin timing, peak RSS in a
-fresh process per memory row): bench_results/README.md, section Method.
+fresh process per memory row): experiments/bench_results/README.md, section Method.
 """
 import argparse
 import datetime
@@ -806,7 +806,7 @@ def main(argv=None):
         spec = json.loads(argv[argv.index("--json") + 1])
         print(json.dumps(mem_worker(spec)))
         return
-    if argv[:1] == ["decode"]:        # translation decoding speed, cache vs recompute: translate.py
+    if argv[:1] == ["decode"]:        # translation decoding speed, cache vs recompute: translation/translate.py
         from translation.translate import decoding_speed
         decoding_speed(argv[1:])
         return

@@ -84,7 +84,7 @@ def build_parser():
     g.add_argument('--dataset', choices=['duplication', 'enwik8', 'text', *TRANSLATION_DATASETS],
                    default='duplication',
                    help='duplication: the synthetic task of Table 2; enwik8 or a text file: bytes; '
-                        'translation (encdec.py): reverse (synthetic), parallel (--data_path='
+                        'translation (translation/): reverse (synthetic), parallel (--data_path='
                         'FILE.tsv or SRC,TGT), wmt14 (en-de, paper Table 4)')
     g.add_argument('--data_dir', default='data', help='where enwik8.zip and the splits live')
     g.add_argument('--data_path', default=None, help='the file for --dataset=text')

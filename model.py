@@ -195,17 +195,12 @@ def positional_embedding(cfg):
 
 
 def token_scale(cfg):
-    """The factor on token embeddings: sqrt(d_model) with sinusoidal positions (Vaswani et al.
-    3.4: the sinusoids have magnitude ~0.7 per channel, our embeddings start at std 0.02), else
-    1 (learned positions start at std 0.02 too). Without it the sinusoids drown the tokens: an
-    LSH-4 LM with sinusoidal positions stayed at the unigram level (reproduce.py plateau).
+    """The factor on token embeddings: sqrt(d_model) with sinusoidal positions, else 1.
 
-    Why encdec.py defaults to learned ('absolute') positions: on a copy-through-a-permutation task
-    (1 + 1 layers, d 64, 300 Adam steps at lr 1e-3) they reached loss 0.02, sinusoidal positions
-    were still at 2.49 (chance is 2.83), with or without this scale; nn.Transformer with
-    sinusoids and its xavier init got to 0.05. The std-0.02 initialisation we share with the
-    LM makes attention logits start near zero, and position-only alignment is slow to find
-    from sinusoids at that scale."""
+    The sinusoids have magnitude ~0.7 per channel and our token embeddings start at std 0.02, so
+    unscaled tokens would be drowned by their positions; Vaswani et al. (Section 3.4) multiply
+    the embeddings by sqrt(d_model) for the same reason. Learned positions start at std 0.02
+    like the tokens, so they need no factor."""
     return math.sqrt(cfg.d_model) if cfg.pos_emb == "sinusoidal" else 1.0
 
 
@@ -214,7 +209,7 @@ def token_scale(cfg):
 # -----------------------------------------------------------------------------------------------
 
 class AttentionSublayer(nn.Module):
-    """F(x) = dropout(Attention(LayerNorm(x))). Causal in the LM; encdec.py's encoder is not."""
+    """F(x) = dropout(Attention(LayerNorm(x))). Causal in the LM; translation/encdec.py's encoder is not."""
 
     def __init__(self, cfg, kind, causal=True):
         super().__init__()
@@ -244,7 +239,7 @@ class FeedForwardSublayer(nn.Module):
 
 class ResidualLayer(nn.Module):
     """The ordinary (non-reversible) Transformer layer: x + F(x), then + G(.). F gets the keyword
-    arguments (a padding mask; in encdec.py's decoder also the encoder output)."""
+    arguments (a padding mask; in translation/encdec.py's decoder also the encoder output)."""
 
     def __init__(self, f, g):
         super().__init__()

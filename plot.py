@@ -5,7 +5,7 @@ matplotlib is imported only when a figure is drawn, with the Agg backend: no dis
 
     import plot
     plot.loss_curves(records, 'out/loss.png')           # records: the lines of log.jsonl, as dicts
-    fig, (ax,) = plot.figure(); ...; plot.save(fig, 'bench_results/throughput.png')
+    fig, (ax,) = plot.figure(); ...; plot.save(fig, 'experiments/bench_results/throughput.png')
 """
 
 # One palette for every benchmark figure: a colour per number of hash rounds, a line style per

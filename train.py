@@ -270,7 +270,7 @@ class Family:
 
 def translation_report(model, args, data, run):
     """The end of a translation run: exact match on the reverse task's held-out strings, or
-    greedy sacreBLEU on the first valid_size valid pairs (translate.py --eval: beam, test)."""
+    greedy sacreBLEU on the first valid_size valid pairs (python -m translation.translate --eval: beam, test)."""
     from translation.translate import evaluate as bleu, exact_match   # sacrebleu only now
     if args.dataset == 'reverse':
         return {'exact_match': exact_match(model, data['task'].heldout_set(args.valid_size),

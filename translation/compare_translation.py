@@ -13,7 +13,7 @@ budget, so a busy moment on a shared machine slows both alike, and each stops af
 seconds of its own training steps (evaluation is not counted). Same data, batches, tokenizer,
 optimizer (Adam 0.9/0.98, linear warmup then rsqrt decay, as the authors' configs), label
 smoothing, dropout, tied embeddings and sizes. The baseline is nn.Transformer(norm_first=True,
-activation='gelu'): pre-LayerNorm like ours. Results go to --out (results/translation.json).
+activation='gelu'): pre-LayerNorm like ours. Results go to --out (experiments/results/translation.json).
 
 Shape legend: B batch, S source length, T target length, C d_model, V vocab_size.
 """

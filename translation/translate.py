@@ -10,8 +10,8 @@ raw (untokenised) references.
 
 --eval prints sacreBLEU's signature, BLEU and chrF of the beam-search translations of the
 held-out split, and the teacher-forced token accuracy (argmax of the next token given the true
-prefix, labelled as such): the number the seed reproduction reported as "BLEU", which is not a
-translation and not comparable with published BLEU.
+prefix, labelled as such): the number the fastai reproduction (ML Reproducibility Challenge 2020)
+reported as "BLEU", which is not a translation and not comparable with published BLEU.
 
 The checkpoint (DIR/ckpt.pt, written by train.py --dataset=parallel or wmt14) holds the model
 ('model_args', 'model'), the tokenizer (in 'data': its kind and, for sentencepiece, the serialized
