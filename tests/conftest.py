@@ -4,6 +4,7 @@ The repository is flat (no package), so the root goes on sys.path here. Hypothes
 profiles: `dev` (random examples, the default) and `ci` (derandomised, fixed examples, chosen by
 `HYPOTHESIS_PROFILE=ci`, which .ci/run sets) so CI is reproducible.
 """
+import contextlib
 import os
 import sys
 
@@ -20,3 +21,28 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 # Tiny tensors: one thread is faster than two, and immune to other processes on the cores.
 torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def ordinary_autograd(*stacks):
+    """Run reversible.ReversibleSequence stacks as a plain loop over the same blocks, so ordinary
+    autograd saves every activation: the reference of each test of the reversible backward."""
+    def plain_loop(stack):
+        def forward(x1, x2, **kwargs):
+            for block in stack.blocks:
+                x1, x2 = block(x1, x2, **kwargs)
+            return x1, x2
+        return forward
+
+    for stack in stacks:
+        stack.forward = plain_loop(stack)    # an instance attribute: nn.Module.__call__ finds it
+    try:
+        yield
+    finally:
+        for stack in stacks:
+            del stack.forward
+
+
+def maybe_ordinary(reversible, *stacks):
+    """ordinary_autograd(*stacks) when reversible is False, else nothing."""
+    return contextlib.nullcontext() if reversible else ordinary_autograd(*stacks)
