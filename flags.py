@@ -14,7 +14,7 @@ import shlex
 
 from data import ByteTokenizer
 from translation.encdec import EncDecConfig
-from model import IMPLS, POS_EMBS, ModelConfig
+from model import IMPLS, POS_EMBS, REV_JOINS, ModelConfig
 from translation.translation_data import TRANSLATION_DATASETS
 
 DESCRIPTION = ("Train a Reformer language model (Kitaev, Kaiser, Levskaya, ICLR 2020) on the "
@@ -69,7 +69,7 @@ def add_config_flags(group, config_class, defaults, skip=()):
         if type(f.default) is bool:
             kw = dict(type=str2bool, nargs='?', const=True)
         else:
-            kw = dict(type=type(f.default), choices={'pos_emb': POS_EMBS,
+            kw = dict(type=type(f.default), choices={'pos_emb': POS_EMBS, 'rev_join': REV_JOINS,
                                                      'impl': IMPLS}.get(f.name))
         group.add_argument(f'--{f.name}', default=defaults.get(f.name, f.default),
                            help=f.metadata['help'], **kw)

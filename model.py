@@ -30,6 +30,7 @@ from lsh_attention import ATTN_KINDS, IMPLS, LSHSelfAttention
 from reversible import ReversibleBlock, ReversibleSequence
 
 POS_EMBS = ("axial", "absolute", "sinusoidal")
+REV_JOINS = ("mean", "concat")
 
 
 @dataclass
@@ -80,6 +81,10 @@ class ModelConfig:
         "axial position factors, e.g. 32,32 for max_seq_len 1024; '' derives them")})
     tie_weights: bool = field(default=True, metadata={"help": (
         "share the input embedding matrix with the output layer")})
+    rev_join: str = field(default="mean", metadata={"help": (
+        "how the two reversible streams become one before the output layer: mean (width C, "
+        "the output layer may be tied; the fastai reproduction) or concat (LayerNorm(2C) and an "
+        "untied Linear(2C, V), as trax's ReformerLM and Hugging Face do)")})
     impl: str = field(default="fast", metadata={"help": (
         "which implementation of LSH attention: 'fast' (Part 2 of lsh_attention.py) or "
         "'reference' (the readable Part 1), equal to 1e-10")})
@@ -128,6 +133,14 @@ class ModelConfig:
                      "n_hashes", "bucket_size", "ff_chunks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.rev_join not in REV_JOINS:
+            raise ValueError(f"rev_join={self.rev_join!r} is not one of {REV_JOINS}")
+        if self.rev_join == "concat" and not self.reversible:
+            raise ValueError("rev_join='concat' joins the two streams of reversible layers: it "
+                             "needs reversible=True (ordinary layers have one stream)")
+        if self.rev_join == "concat" and self.tie_weights:
+            raise ValueError("rev_join='concat' gives a (V, 2C) output layer, which cannot be "
+                             "tied to the (V, C) embedding: add tie_weights=False")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
 
@@ -209,7 +222,8 @@ def token_scale(cfg):
 # -----------------------------------------------------------------------------------------------
 
 class AttentionSublayer(nn.Module):
-    """F(x) = dropout(Attention(LayerNorm(x))). Causal in the LM; translation/encdec.py's encoder is not."""
+    """F(x) = dropout(Attention(LayerNorm(x))). Causal in the LM, not in the encoder of
+    translation/encdec.py."""
 
     def __init__(self, cfg, kind, causal=True):
         super().__init__()
@@ -258,19 +272,22 @@ def build_stack(pairs, reversible):
     return nn.ModuleList([ResidualLayer(f, g) for f, g in pairs])
 
 
-def run_layers(layers, x, reversible, **kwargs):
-    """x (B, T, C) through a stack of build_stack; the keyword arguments go to every F."""
+def run_layers(layers, x, reversible, join="mean", **kwargs):
+    """x (B, T, C) through a stack of build_stack; the keyword arguments go to every F. Returns
+    (B, T, C), or (B, T, 2C) for reversible layers joined by concat."""
     if not reversible:
         for layer in layers:
             x = layer(x, **kwargs)
         return x
     # Two streams, both starting as the embedding (the authors duplicate the input).
     y1, y2 = layers(x, x, **kwargs)
-    # Join them by their mean: it keeps width C, so the output layer can stay tied to the (V, C)
-    # embedding (trax's ReformerLM concatenates to 2C and uses an untied output layer; trax's
-    # encoder-decoder averages, as here). Since y2 = x2 + G(y1) and y1 = x1 + F(x2), the mean
-    # carries both sub-layers' work.
-    return 0.5 * (y1 + y2)
+    # Join them. The mean keeps width C, so the output layer can stay tied to the (V, C)
+    # embedding; since y2 = x2 + G(y1) and y1 = x1 + F(x2), it carries both sub-layers' work.
+    # trax's encoder-decoder averages too. trax's ReformerLM instead concatenates, keeping both
+    # streams apart for a wider, untied output layer.
+    if join == "concat":
+        return torch.cat([y1, y2], dim=-1)                               # (B, T, 2C)
+    return 0.5 * (y1 + y2)                                               # (B, T, C)
 
 
 def logits_and_loss(h, head, targets, ff_chunks, label_smoothing=0.0):
@@ -315,8 +332,9 @@ class ReformerLM(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = build_stack([(AttentionSublayer(cfg, kind), FeedForwardSublayer(cfg))
                                    for kind in cfg.layer_attn()], cfg.reversible)
-        self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        width = 2 * cfg.d_model if cfg.rev_join == "concat" else cfg.d_model
+        self.ln_f = nn.LayerNorm(width)
+        self.lm_head = nn.Linear(width, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
         if cfg.tie_weights:
             self.lm_head.weight = self.tok_emb.weight   # one (V, C) matrix, in and out
@@ -331,12 +349,13 @@ class ReformerLM(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
 
     def hidden_states(self, idx, padding_mask=None):
-        """The final-LayerNorm output (B, T, C), before the output layer."""
+        """The final-LayerNorm output (B, T, C), or (B, T, 2C) with rev_join='concat', before the
+        output layer."""
         check_token_ids(idx, self.config.vocab_size, self.config.max_seq_len)
         T = idx.shape[1]
         x = token_scale(self.config) * self.tok_emb(idx) + self.pos_emb(T)  # (B, T, C)
         x = self.drop(x)
-        return self.ln_f(run_layers(self.layers, x, self.config.reversible,
+        return self.ln_f(run_layers(self.layers, x, self.config.reversible, self.config.rev_join,
                                     padding_mask=padding_mask))
 
     def forward(self, idx, targets=None, padding_mask=None):

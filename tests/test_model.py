@@ -90,11 +90,13 @@ def test_impl_reference_and_fast_train_the_same_model(reversible):
     assert losses[-1] < losses[0] - 0.05, losses
 
 
-def test_reversible_equals_plain_autograd():
+@pytest.mark.parametrize("join", [dict(), dict(rev_join="concat", tie_weights=False)])
+def test_reversible_equals_plain_autograd(join):
     """Same two-stream model, once through the reversible backward (recomputing activations,
-    replaying dropout and LSH rotations), once under ordinary autograd: same loss and grads."""
+    replaying dropout and LSH rotations), once under ordinary autograd: same loss and grads,
+    for either join of the two streams."""
     torch.manual_seed(0)
-    model = ReformerLM(tiny(attn="lsh", n_hashes=3, dropout=0.2, n_layers=3)).double()
+    model = ReformerLM(tiny(attn="lsh", n_hashes=3, dropout=0.2, n_layers=3, **join)).double()
     x, y = batch()
     results = []
     for reversible in (True, False):
@@ -114,6 +116,34 @@ def test_reversible_equals_plain_autograd():
     torch.manual_seed(124)
     model(x, y)[1].backward()
     assert any(not torch.allclose(g1[n], p.grad) for n, p in model.named_parameters())
+
+
+def test_rev_join_concat_is_layernorm_2c_then_an_untied_linear():
+    """concat: h = LN_2C([y1 ; y2]) and logits = h W^T with W (V, 2C), as trax's ReformerLM;
+    mean: h = LN_C((y1 + y2) / 2) with the tied (V, C) embedding."""
+    torch.manual_seed(0)
+    x, _ = batch()
+    for join, width in (("concat", 64), ("mean", 32)):
+        cfg = tiny(attn="full", rev_join=join, tie_weights=join == "mean")
+        model = ReformerLM(cfg).double().eval()
+        assert model.ln_f.normalized_shape == (width,)
+        assert model.lm_head.weight.shape == (V, width)
+        assert (model.lm_head.weight is model.tok_emb.weight) == (join == "mean")
+        emb = model.tok_emb(x) + model.pos_emb(x.shape[1])
+        y1, y2 = model.layers(emb, emb)
+        joined = torch.cat([y1, y2], -1) if join == "concat" else (y1 + y2) / 2
+        logits, _ = model(x)
+        torch.testing.assert_close(logits, model.lm_head(model.ln_f(joined)), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(rev_join="concat"), "add tie_weights=False"),
+    (dict(rev_join="concat", tie_weights=False, reversible=False), "needs reversible=True"),
+    (dict(rev_join="sum"), "rev_join='sum' is not one of"),
+])
+def test_rev_join_bad_combinations(kw, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**kw)
 
 
 @pytest.mark.parametrize("attn", ["lsh", "full"])

@@ -86,6 +86,9 @@ class EncDecConfig(ModelConfig):
     def validate(self):
         """ModelConfig's checks for the encoder, then the decoder's."""
         super().validate()
+        if self.rev_join != "mean":
+            raise ValueError(f"rev_join={self.rev_join!r}: the encoder-decoder joins its "
+                             f"reversible streams by their mean (as trax's Reformer does)")
         if self.n_dec_layers < 1:
             raise ValueError(f"n_dec_layers={self.n_dec_layers} must be >= 1")
         if self.vocab_size <= EOS:
