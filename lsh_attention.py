@@ -14,10 +14,11 @@ chunk before it. Cost per round: O(T * bucket_size) instead of O(T^2). Several i
 rounds (`n_hashes`) reduce the chance that two similar vectors land in different buckets; their
 results are combined with the softmax normalisers of each round.
 
-How to read this file (`python lsh_attention.py` draws the steps for a small example first):
+How to read this file (`python plot.py lsh_attention` draws the steps for a small example first):
     Part 1  the algorithm in plain PyTorch, autograd does every backward: hash_vectors,
-            look_one_back, lsh_attention (steps 1-9, the paper's order), local_attention,
-            full_attention. This is all of Section 2; read it top to bottom.
+            look_one_back, lsh_attention (steps 1-9, the paper's order; lsh_attention_heads takes
+            heads side by side and half precision), local_attention, full_attention. This is all
+            of Section 2; read it top to bottom.
     Part 2  the same functions, fast (lsh_attention_fast, local_attention_fast): strided views,
             hand-written backward passes. Same math, proven equal to Part 1 by the tests.
     Part 3  LSHSelfAttention, the multi-head layer; impl='fast' (default) or 'reference' (Part 1).
@@ -92,7 +93,8 @@ def hash_vectors(x, n_buckets, n_hashes, rotations=None):
     R = rotations.to(x.dtype).expand(B, hs, n_hashes, n_buckets // 2)   # one R per row and round
     # The scores xR are (B, n_hashes, T, n_buckets/2), and n_buckets = T / bucket_size grows with
     # T: quadratic memory. Scoring 1024 positions at a time keeps it linear in T. No gradient: the
-    # hash only decides who attends to whom.
+    # hash only decides who attends to whom. The einsum's letters: b the row of B, t the position
+    # (of T), i the coordinate (of hs), r the round (of n_hashes), k the direction (of n_buckets/2).
     buckets = []
     for xp in x.detach().split(1024, dim=1):                   # (B, <=1024, hs)
         xR = torch.einsum("bti,birk->brtk", xp, R)             # (B, n_hashes, <=1024, n_buckets/2)
@@ -112,38 +114,23 @@ def look_one_back(x):
 
 def lsh_attention(qk, v, bucket_size, n_hashes, causal=False, padding_mask=None, rotations=None,
                   dedup=False, dropout=0.0, training=False):
-    """Multi-round LSH attention with shared QK, the reference. qk: (B, T, hs), v: (B, T, hs_v)
-    -> (B, T, hs_v); or heads side by side, as a linear layer makes them: qk (B, T, nh, hs),
-    v (B, T, nh, hs_v) -> (B, T, nh, hs_v), every head attending on its own.
+    """Multi-round LSH attention with shared QK, the reference: the nine steps, in the paper's
+    order. qk: (B, T, hs), v: (B, T, hs_v) -> (B, T, hs_v), in float32 or float64
+    (lsh_attention_heads, below, takes heads side by side and half precision).
 
     n_buckets = n_chunks = T // bucket_size, so T must be a multiple of 2 * bucket_size.
-    padding_mask: (B, T) bool, True for real tokens. rotations: see hash_vectors (one per row of
-    B * nh). dedup: count a key found in several rounds once (step 6). dropout: on the attention
-    weights, when training. Rounds are kept apart: each is sorted and chunked on its own.
-    Memory is linear in T (the largest tensors are the logits, (B, n_hashes, n_chunks, m, 2m)),
-    so it trains; lsh_attention_fast (Part 2) computes the same function 1.3-2.5x faster.
+    padding_mask: (B, T) bool, True for real tokens. rotations: see hash_vectors. dedup: count a
+    key found in several rounds once (step 6). dropout: on the attention weights, when training.
+    Rounds are kept apart: each is sorted and chunked on its own. Memory is linear in T (the
+    largest tensors are the logits, (B, n_hashes, n_chunks, m, 2m)), so it trains;
+    lsh_attention_fast (Part 2) computes the same function faster.
     """
-    _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask, rotations)
-    if qk.dim() == 4:   # heads side by side: move them into the batch, (B nh, T, hs)
-        B, T, nh = qk.shape[:3]
-        heads_in_batch = lambda x: x.transpose(1, 2).reshape(B * nh, T, -1)
-        mask = None if padding_mask is None else padding_mask.repeat_interleave(nh, dim=0)
-        out = lsh_attention(heads_in_batch(qk), heads_in_batch(v), bucket_size, n_hashes, causal,
-                            mask, rotations, dedup, dropout, training)
-        return out.view(B, nh, T, -1).transpose(1, 2)                  # (B, T, nh, hs_v)
-    out_dtype = v.dtype
-    qk, v = _float32(qk, v)
-    with _autocast_off(qk):
-        out = _reference_steps(qk, v, bucket_size, n_hashes, causal, padding_mask, rotations, dedup,
-                         dropout if training else 0.0)
-    return out.to(out_dtype)
-
-
-def _reference_steps(qk, v, m, n_hashes, causal, padding_mask, rotations, dedup, p_drop):
-    """The nine steps of LSH attention, in the paper's order. qk: (B, T, hs), v: (B, T, hs_v)."""
+    _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask, rotations, heads=False)
     B, T, hs = qk.shape
+    m = bucket_size
     n_chunks = T // m                    # and n_buckets = n_chunks: a chunk per bucket on average
     pos = torch.arange(T, device=qk.device)
+    p_drop = dropout if training else 0.0
 
     # 1. Hash every position, n_hashes independent rounds:  h(x) = argmax([xR ; -xR])
     buckets = hash_vectors(qk, n_chunks, n_hashes, rotations)      # (B, n_hashes, T)
@@ -203,6 +190,28 @@ def _reference_steps(qk, v, m, n_hashes, causal, padding_mask, rotations, dedup,
     #    attention over the union of the windows:  o_i = sum_r exp(lse_i^(r) - lse_i) o_i^(r),
     #    lse_i = logsumexp_r lse_i^(r)
     return (torch.softmax(lse, dim=1) * o).sum(dim=1)              # (B, T, hs_v)
+
+
+def lsh_attention_heads(qk, v, bucket_size, n_hashes, causal=False, padding_mask=None,
+                        rotations=None, dedup=False, dropout=0.0, training=False):
+    """lsh_attention for what a layer hands it: heads side by side, as a linear layer makes them,
+    qk (B, T, nh, hs), v (B, T, nh, hs_v) -> (B, T, nh, hs_v), every head attending on its own
+    (rotations: one per row of B * nh); and half precision, computed in float32 with autocast
+    off, returned in v's dtype. (B, T, hs) inputs pass through to lsh_attention as they are."""
+    _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask, rotations)
+    out_dtype = v.dtype
+    qk, v = _float32(qk, v)
+    kw = dict(causal=causal, rotations=rotations, dedup=dedup, dropout=dropout, training=training)
+    with _autocast_off(qk):
+        if qk.dim() == 3:
+            return lsh_attention(qk, v, bucket_size, n_hashes, padding_mask=padding_mask,
+                                 **kw).to(out_dtype)
+        B, T, nh = qk.shape[:3]      # move the heads into the batch: (B nh, T, hs)
+        heads_in_batch = lambda x: x.transpose(1, 2).reshape(B * nh, T, -1)
+        mask = None if padding_mask is None else padding_mask.repeat_interleave(nh, dim=0)
+        out = lsh_attention(heads_in_batch(qk), heads_in_batch(v), bucket_size, n_hashes,
+                            padding_mask=mask, **kw)
+    return out.view(B, nh, T, -1).transpose(1, 2).to(out_dtype)  # (B, T, nh, hs_v)
 
 
 def local_attention(q, k, v, bucket_size, causal=False, padding_mask=None, shared_qk=False,
@@ -309,7 +318,10 @@ def _check_rotations(fn, rotations, rows, hs, n_hashes, n_buckets, shape):
                          f"for x of shape {tuple(shape)}, got {tuple(rotations.shape)}")
 
 
-def _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask, rotations):
+def _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask, rotations, heads=True):
+    if not heads and (qk.dim() == 4 or v.dim() == 4):
+        raise ValueError(f"lsh_attention: qk must be (B, T, hs), got {tuple(qk.shape)}; heads "
+                         f"side by side, (B, T, nh, hs), go through lsh_attention_heads")
     if qk.dim() == 4 or v.dim() == 4:   # (B, T, nh, hs): heads side by side
         if qk.dim() != 4 or v.dim() != 4 or qk.shape[:3] != v.shape[:3]:
             raise ValueError(f"lsh_attention: with heads, qk must be (B, T, nh, hs) and v "
@@ -359,28 +371,24 @@ def _autocast_off(x):
 # ===============================================================================================
 #
 # Part 1 is the whole algorithm. This part computes the same function (tests/test_lsh_attention.py
-# checks values and gradients to 1e-10 in float64), 1.3x to 2.5x faster than Part 1 on a CPU
-# (python bench.py speed, the ours-reference rows, two runs on a shared 2-core VM: 1.29-2.17x
-# at 1K and 1.34-2.25x at 4K for LSH-1, 1.88-2.49x for LSH-4; bench_results/reference). On a CPU the time of attention over (m, 2m)
-# blocks goes less into the matmuls than into the passes over the logits and the copies of q, k
-# and v, so every change below removes a pass or a copy. What it does differently, and what each
-# change bought (README, Benchmarks; measured with python bench.py speed / profile, one commit
-# each; all together 1.31-1.46x at 1K and 1.43-1.58x at 16K over the first fast version):
+# checks values and gradients to 1e-10 in float64), faster (python bench.py speed, the rows ours
+# and ours-reference). On a CPU the time of attention over (m, 2m) blocks goes less into the
+# matmuls than into the passes over the logits and the copies of q, k and v, so each piece below
+# removes a pass or a copy. What it does differently, and which step of Part 1 each piece replaces:
 #   - the chunk layout (below): each round's last chunk copied in front, so the look-back windows
 #     are overlapping strided views read in place by bmm instead of look_one_back's copies
-#     (the copies were 13 % of a step)                              replaces Part 1's step 4
+#                                                                    replaces Part 1's step 4
 #   - the chunk attention as one autograd Function (_ChunkAttention) with a hand-written
 #     backward: softmax in place, lse from the softmax's max (no exp pass of its own), window
 #     gradients as two half-size matmuls accumulated in place        replaces steps 5 and 7
 #   - the causal mask without padding added by the first matmul (baddbmm_, -1e9 x distance)
-#     instead of a boolean masked_fill, which is 4x slower per element here (exact: every query
-#     keeps its own key, so masked weights underflow to 0 either way)     replaces step 5's mask
+#     instead of a boolean masked_fill (exact: every query keeps its own key, so masked weights
+#     underflow to 0 either way)                                     replaces step 5's mask
 #   - the sort, the unsort and the round combination as Functions whose backward is a gather
-#     through the inverse permutation, not a scatter-add of every row (scatter_add was 11-18 %
-#     of a step)                                  replaces the gathers of steps 4 and 8, and step 9
+#     through the inverse permutation, not a scatter-add of every row
+#                                                 replaces the gathers of steps 4 and 8, and step 9
 #   - normalised keys with a 3-pass backward instead of autograd's 8 (_Normalize)      step 3
-#   - hashing piece by piece, argmax([xR ; -xR]) without building it (16K x 8 hashes:
-#     330 -> 200 ms)                                                            replaces step 1
+#   - hashing piece by piece, argmax([xR ; -xR]) without building it             replaces step 1
 #   - heads side by side (B, T, nh, hs) all the way: no transposes to move heads into the batch
 
 
@@ -399,7 +407,7 @@ def _hash(x, n_buckets, n_hashes, rotations):
     # quadratic in T (at T = 16K and 8 hashes, more than the logits of attention). Hash a piece
     # of positions at a time, at most 1M scores (4 MB): the transient stays small, and on a CPU
     # a buffer that size is reused by the allocator instead of being mapped fresh (page faults
-    # cost as much as the reduction here); 16K x 8 hashes: 330 -> 200 ms.
+    # cost as much as the reduction here).
     # On a GPU that size would mean thousands of tiny launches per layer at long T (16 positions
     # a piece at 1M tokens): there, pieces of 64M scores (256 MB).
     budget = 1 << 20 if x.device.type == "cpu" else 1 << 26
@@ -737,9 +745,9 @@ class _UnsortCombine(torch.autograd.Function):
 
 def lsh_attention_fast(qk, v, bucket_size, n_hashes, causal=False, padding_mask=None,
                        rotations=None, dedup=False, dropout=0.0, training=False):
-    """lsh_attention (Part 1), fast: the same arguments, shapes and values (and the same draw of
-    rotations from the RNG; only dropout's random mask is drawn differently). Heads side by side,
-    qk (B, T, nh, hs), are attended without moving them into the batch (no transposes)."""
+    """lsh_attention_heads (Part 1), fast: the same arguments, shapes and values (and the same
+    draw of rotations from the RNG; only dropout's random mask is drawn differently). Heads side
+    by side, qk (B, T, nh, hs), are attended without moving them into the batch (no transposes)."""
     _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask, rotations)
     out_dtype = v.dtype
     heads = qk.dim() == 4
@@ -933,7 +941,7 @@ class LSHSelfAttention(nn.Module):
         if self.attn == "lsh":
             # Project, and attend with heads side by side: (B, T', nh, hs), no transposes
             qk, v = self.qk(x).view(B, -1, nh, hs), self.v(x).view(B, -1, nh, hs)
-            fn = lsh_attention_fast if fast else lsh_attention
+            fn = lsh_attention_fast if fast else lsh_attention_heads
             y = fn(qk, v, self.bucket_size, self.n_hashes, causal=self.causal,
                    padding_mask=padding_mask, dedup=self.dedup, **drop)
         else:
@@ -957,75 +965,3 @@ class LSHSelfAttention(nn.Module):
                 f"bucket_size={self.bucket_size}, n_hashes={self.n_hashes}, "
                 f"causal={self.causal}, shared_qk={self.shared_qk}, dedup={self.dedup}, "
                 f"impl={self.impl!r}")
-
-
-
-# ===============================================================================================
-# The picture: python lsh_attention.py draws Part 1's steps for one small example
-# ===============================================================================================
-
-def draw_lsh_attention(path="lsh_attention.png", T=32, m=4, n_hashes=2, seed=0):
-    """Steps 1, 2, 4 and the resulting attention (7-9) of causal lsh_attention for one sequence
-    of T clustered vectors, beside full attention. The attention weights are read off the real
-    functions: with v the identity matrix, output row i is query i's weights over the keys."""
-    import matplotlib                  # only here: the module itself imports torch alone
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    g = torch.Generator().manual_seed(seed)
-    hs, n_clusters = 8, 6              # similar vectors in clusters, so that buckets mean something
-    centres = F.normalize(torch.randn(n_clusters, hs, generator=g), dim=-1)
-    which = torch.randint(0, n_clusters, (T,), generator=g)
-    qk = 8 * F.normalize(centres[which] + 0.2 * torch.randn(T, hs, generator=g), dim=-1)
-    qk = qk.unsqueeze(0)                                               # (1, T, hs)
-    rot = torch.randn(hs, n_hashes, T // m // 2, generator=g)          # R, one per round
-    buckets = hash_vectors(qk, T // m, n_hashes, rot)[0]               # (n_hashes, T)
-    eye = torch.eye(T).unsqueeze(0)                                    # v = I: weights come out
-    rounds = [lsh_attention(qk, eye, m, 1, causal=True, rotations=rot[:, r:r + 1])[0]
-              for r in range(n_hashes)]                                # round r alone: (T, T)
-    combined = lsh_attention(qk, eye, m, n_hashes, causal=True, rotations=rot)[0]
-    full = full_attention(qk, None, eye, causal=True, shared_qk=True)[0]
-
-    fig, axes = plt.subplots(n_hashes + 1, 3, figsize=(15, 4.6 * (n_hashes + 1)))
-    colour = plt.get_cmap("tab10")
-    norm = matplotlib.colors.PowerNorm(0.5, vmin=0, vmax=1)          # small weights visible
-    show = lambda ax, w, title: (ax.imshow(w.numpy(), cmap="Blues", norm=norm), ax.set(
-        title=title, xlabel="key position j", ylabel="query position i"))
-    for r in range(n_hashes):
-        b = buckets[r]
-        ax = axes[r, 0]
-        ax.bar(range(T), (b + 1).numpy(), color=[colour(int(k) % 10) for k in b])
-        ax.set(title=f"round {r + 1}, step 1: the bucket of each position\n"
-                     "h(x) = argmax([xR ; -xR])", xlabel="position i", ylabel="bucket",
-               yticks=range(1, T // m + 1), yticklabels=range(T // m))
-        order = (b * T + torch.arange(T)).argsort()                    # step 2
-        ax = axes[r, 1]                                                # step 4: one row a chunk
-        ax.imshow(b[order].view(T // m, m).numpy(), cmap=colour, vmin=0, vmax=9.99)
-        for s, i in enumerate(order.tolist()):
-            ax.text(s % m, s // m, str(i), ha="center", va="center", fontsize=10)
-        ax.set(title="steps 2 and 4: positions sorted by (bucket, position),\n"
-                     f"cut into chunks of m = {m} (colour: bucket)", xticks=[],
-               ylabel="chunk", yticks=range(T // m))
-        show(axes[r, 2], rounds[r], f"round {r + 1} alone: every chunk attends to\n"
-                                    "itself and the chunk before it")
-    ax = axes[n_hashes, 0]
-    ax.axis("off")
-    ax.text(0, 0.5, f"T = {T} vectors in {n_clusters} clusters, hs = {hs},\n"
-                    f"bucket_size m = {m}: n_buckets = n_chunks = {T // m};\n"
-                    f"n_hashes = {n_hashes}; causal.\n\n"
-                    "Blue: the weight of key j for query i, read off\n"
-                    "lsh_attention itself (v = the identity matrix).\n"
-                    "Step 9 combines the rounds by their normalisers:\n"
-                    "softmax over the union of the rounds' windows.\n"
-                    "A query's own key (-1e5) is used only when\n"
-                    "nothing else is there (position 0).", va="center", fontsize=11)
-    show(axes[n_hashes, 1], combined, f"steps 7-9: all {n_hashes} rounds combined")
-    show(axes[n_hashes, 2], full, "full attention: the same logits and masks,\nevery key")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    return path
-
-
-if __name__ == "__main__":
-    import sys
-    print("wrote", draw_lsh_attention(*sys.argv[1:2]))

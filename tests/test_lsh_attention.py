@@ -32,14 +32,16 @@ from hypothesis import given, settings, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from lsh_attention import (LSHSelfAttention, draw_lsh_attention, full_attention, hash_vectors,
-                           local_attention, local_attention_fast, lsh_attention,
-                           lsh_attention_fast)
+from lsh_attention import (LSHSelfAttention, full_attention, hash_vectors, local_attention,
+                           local_attention_fast, lsh_attention, lsh_attention_fast,
+                           lsh_attention_heads)
 
 SELF_LOGIT, MASKED_LOGIT = -1e5, -1e9   # the authors' values (trax)
 
 # Part 1 (the readable reference) and Part 2 (fast) of lsh_attention.py: most tests run on both.
-LSH = {"reference": lsh_attention, "fast": lsh_attention_fast}
+# Part 1 through lsh_attention_heads, which also takes heads side by side and half precision (and
+# passes (B, T, hs) float inputs straight to lsh_attention).
+LSH = {"reference": lsh_attention_heads, "fast": lsh_attention_fast}
 LOCAL = {"reference": local_attention, "fast": local_attention_fast}
 both = pytest.mark.parametrize("impl", ["reference", "fast"])
 
@@ -422,7 +424,7 @@ def test_fast_equals_reference(B, sizes, nh, hs, n_hashes, causal, pad, dedup, r
     rot = None if rotations == "fresh" else \
         make_rotations(rows, hs, n_hashes, n_buckets, seed, per_row=rotations == "per_row")
     kw = dict(causal=causal, padding_mask=mask, rotations=rot, dedup=dedup)
-    ref = _values_and_grads(lambda q_, v_: lsh_attention(q_, v_, m, n_hashes, **kw), (qk, v),
+    ref = _values_and_grads(lambda q_, v_: LSH["reference"](q_, v_, m, n_hashes, **kw), (qk, v),
                             mask, seed)
     fast = _values_and_grads(lambda q_, v_: lsh_attention_fast(q_, v_, m, n_hashes, **kw),
                              (qk, v), mask, seed)
@@ -996,7 +998,10 @@ def test_bad_input_hash_vectors():
     with pytest.raises(ValueError, match=r"with heads, qk must be \(B, T, nh, hs\) and v "
                                          r"\(B, T, nh, hs_v\) with the same B, T and nh, got qk "
                                          r"\(2, 8, 2, 4\) and v \(2, 8, 3, 4\)"):
-        lsh_attention(torch.randn(2, 8, 2, 4), torch.randn(2, 8, 3, 4), 2, 1)
+        lsh_attention_heads(torch.randn(2, 8, 2, 4), torch.randn(2, 8, 3, 4), 2, 1)
+    with pytest.raises(ValueError, match=r"qk must be \(B, T, hs\), got \(2, 8, 2, 4\); heads side by "
+                                         r"side, \(B, T, nh, hs\), go through lsh_attention_heads"):
+        lsh_attention(torch.randn(2, 8, 2, 4), torch.randn(2, 8, 2, 4), 2, 1)
 
 
 def test_bad_input_layer():
@@ -1080,13 +1085,16 @@ def test_layer_under_autocast(attn, shared_qk, dtype):
 
 
 # -----------------------------------------------------------------------------------------------
-# 10. The picture (python lsh_attention.py), and the module importing only torch
+# 10. The picture (python plot.py lsh_attention), and the module importing only torch
 # -----------------------------------------------------------------------------------------------
 
 def test_figure_is_drawn_and_matplotlib_only_imported_for_it(tmp_path):
+    root = Path(__file__).resolve().parents[1]
     code = "import sys, lsh_attention; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
+                         cwd=root)
     assert out.stdout.strip() == "False"
-    path = draw_lsh_attention(str(tmp_path / "lsh.png"), T=16, m=2, n_hashes=2)
-    assert Path(path).stat().st_size > 10_000
+    path = tmp_path / "lsh.png"
+    subprocess.run([sys.executable, "plot.py", "lsh_attention", "--out", str(path)], check=True,
+                   cwd=root, capture_output=True)
+    assert path.stat().st_size > 10_000
