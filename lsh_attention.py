@@ -389,6 +389,7 @@ def _autocast_off(x):
 #                                                 replaces the gathers of steps 4 and 8, and step 9
 #   - normalised keys with a 3-pass backward instead of autograd's 8 (_Normalize)      step 3
 #   - hashing piece by piece, argmax([xR ; -xR]) without building it             replaces step 1
+#   - dedup's counts N_ij added up one round at a time, in bytes, by table look-ups      step 6
 #   - heads side by side (B, T, nh, hs) all the way: no transposes to move heads into the batch
 
 
@@ -611,22 +612,34 @@ def _dedup_log_counts(undo_sort, ext, m, dtype):
 
     undo_sort: (B, n_hashes, T) the sorted slot of each position in each round; ext: (B, n_hashes,
     L) the positions in the layout above. In round r, j is in i's window iff chunk_r(j) is
-    chunk_r(i) or the chunk before it (mod n_chunks). Memory: n_hashes times the logits,
-    (B, n_hashes, n_chunks, m, 2m, n_hashes) booleans. Returns (n, m, 2m) of dtype in the layout
-    of _ChunkAttention (zeros for thrown-away windows).
+    chunk_r(i) or the chunk before it (mod n_chunks). Part 1 compares all rounds at once, in a
+    tensor n_hashes times the logits' size; here the counts are bytes of the logits' size, added
+    up one round at a time, and each round costs one pass that broadcasts (d = chunk_r(j) -
+    chunk_r(i) + n_chunks, from (.., m, 1) and (.., 1, 2m)) and one table look-up: j is in the
+    window iff d is n_chunks (the same chunk), n_chunks - 1 (the one before) or 2 n_chunks - 1
+    (the one before, across the wrap from chunk 0). log N comes from a table too: the counts are
+    1..n_hashes, and an element-wise log costs more than all the rounds.
+    Returns (n, m, 2m) of dtype in the layout of _ChunkAttention (zeros for thrown-away windows).
     """
     B, n_hashes, T = undo_sort.shape
-    n_chunks = T // m
-    chunk_of = (undo_sort // m).transpose(1, 2)                # (B, T, n_hashes): i's chunks
-    q_pos, k_pos = ext[..., m:], ext.unfold(-1, 2 * m, m)      # (.., T), (.., n_chunks, 2m)
-    flat = lambda p: p.reshape(B, -1, 1).expand(-1, -1, n_hashes)
-    cq = torch.gather(chunk_of, 1, flat(q_pos)).view(B, n_hashes, n_chunks, m, 1, n_hashes)
-    ck = torch.gather(chunk_of, 1, flat(k_pos)).view(B, n_hashes, n_chunks, 1, 2 * m, n_hashes)
-    in_window = ((cq - ck) % n_chunks) <= 1                    # (.., n_chunks, m, 2m, n_hashes)
-    counts = in_window.sum(-1).clamp_(min=1)                   # >= 1: the current round counts
-    out = torch.zeros(B * n_hashes, n_chunks + 1, m, 2 * m, dtype=dtype, device=undo_sort.device)
-    out[:, 1:] = counts.view(B * n_hashes, n_chunks, m, 2 * m).to(dtype).log()
-    return out.view(-1, m, 2 * m)[1:]
+    n_chunks, dev = T // m, undo_sort.device
+    q_pos, k_pos = ext[..., m:].reshape(B, -1), ext.unfold(-1, 2 * m, m).reshape(B, -1)
+    in_window = torch.zeros(2 * n_chunks, dtype=torch.uint8, device=dev)   # the table, by d
+    in_window[[n_chunks - 1, n_chunks, 2 * n_chunks - 1]] = 1
+    counts = torch.ones(B * n_hashes, n_chunks + 1, m, 2 * m, dtype=torch.uint8, device=dev)
+    window = counts[:, 1:].view(B, n_hashes, n_chunks, m, 2 * m).zero_()  # thrown-away: N = 1
+    d = torch.empty(window.shape, dtype=torch.int32, device=dev)
+    hit = torch.empty(window.shape, dtype=torch.uint8, device=dev)
+    for r in range(n_hashes):                                  # N_ij = sum over rounds r of
+        chunk_of = (undo_sort[:, r] // m).to(torch.int32)      # (B, T): i's chunk in round r
+        c_q = chunk_of.gather(1, q_pos).view(B, n_hashes, n_chunks, m, 1)
+        c_k = chunk_of.gather(1, k_pos).view(B, n_hashes, n_chunks, 1, 2 * m)
+        torch.sub(c_k + n_chunks, c_q, out=d)                  # (.., n_chunks, m, 2m)
+        torch.index_select(in_window, 0, d.view(-1), out=hit.view(-1))  # (index_select: the
+        window += hit                                          # fast look-up) [j in i's window]
+    log_n = torch.arange(n_hashes + 1, dtype=dtype, device=dev).log()     # log 0 unused
+    n_ij = counts.view(-1)[m * 2 * m:].int()                   # windows 1.. of the layout
+    return log_n.index_select(0, n_ij).view(-1, m, 2 * m)
 
 
 def _gather_rows(x, idx):
