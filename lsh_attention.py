@@ -37,6 +37,12 @@ The nine steps of LSH attention (Part 1's numbering, used by the tests and the R
     1 hash   2 sort   3 shared-QK keys   4 chunk, look one back   5 logits and masks
     6 dedup   7 softmax in each round   8 undo the sort   9 combine the rounds
 
+The attention kinds of the layer (Part 3's attn, ATTN_KINDS): lsh, local, and full attention in
+five conventions (FULL_KINDS). full is ours, with lsh_attention's shared-QK conventions (keys
+q / |q|, own logit -1e5, no 1 / sqrt(hs)); full_scaled, full_self and full_raw_keys each change one
+of them (logits / sqrt(hs); a query may attend to itself; keys q); full_dot changes all three: the
+authors' dot-product attention, softmax(q q^T / sqrt(hs)) with the diagonal allowed.
+
 Does the future leak into the past under causal LSH attention? The causal mask makes sure a query
 never *uses* a later key. But the sort is global: a later token's bucket decides where the chunk
 boundaries fall, and so *which earlier keys* share a chunk with an earlier query. Changing a future
@@ -248,43 +254,51 @@ def local_attention(q, k, v, bucket_size, causal=False, padding_mask=None, share
 
 
 def full_attention(q, k, v, causal=False, padding_mask=None, shared_qk=False, dropout=0.0,
-                   training=False):
+                   training=False, unit_keys=True, mask_self=True, scaled=False):
     """Ordinary O(T^2) softmax attention, the reference. q, k: (B, T, hs), v: (B, T, hs_v).
 
     shared_qk=False: softmax(q k^T / sqrt(hs)) v, the baseline Transformer.
-    shared_qk=True: k may be None; keys are q / |q|, logits q . k_hat, and a query's own logit is
-    -1e5, exactly as in lsh_attention, so a model trained with LSH can be evaluated with full
-    attention on the same weights (paper Table 2). Invalid keys get -1e9 (finite: no NaN).
-    Without masks beyond causal it runs PyTorch's fused F.scaled_dot_product_attention.
+    shared_qk=True: k may be None; keys come from q with lsh_attention's conventions, so a model
+    trained with LSH can be evaluated with full attention on the same weights (paper Table 2):
+      unit_keys  keys are q / |q| (step 3); False: keys are q
+      mask_self  a query's own logit is -1e5 (step 5); False: a query may attend to itself
+      scaled     False: logits q . k (step 3); True: divided by sqrt(hs)
+    Each can be changed on its own (Part 3's kinds full_raw_keys, full_self, full_scaled); all
+    three changed is the authors' dot-product attention, softmax(q q^T / sqrt(hs)) (full_dot).
+    Invalid keys get -1e9 (finite: no NaN). Without masks beyond causal the textbook form runs
+    PyTorch's fused F.scaled_dot_product_attention.
     """
     _check_shapes("full_attention", q, None if shared_qk else k, v, padding_mask)
     p_drop = dropout if training else 0.0
-    if not shared_qk:
-        if k is None:
-            raise ValueError("full_attention: k is None, which is valid only with shared_qk=True")
-        if padding_mask is None:   # the common case: PyTorch's fused (flash) kernel, no mask tensor
-            # (1, B, T, hs): the fused CPU kernel takes 4-d inputs only; 3-d ones fall back to
-            # the O(T^2)-memory math path, about 3x slower.
-            q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=p_drop)[0]
+    if shared_qk:
+        k = q
+    elif k is None:
+        raise ValueError("full_attention: k is None, which is valid only with shared_qk=True")
+    else:
+        unit_keys, mask_self, scaled = False, False, True     # the baseline Transformer
+    if padding_mask is None and scaled and not (unit_keys or mask_self):
+        # The textbook softmax(q k^T / sqrt(hs)) v: PyTorch's fused (flash) kernel, no mask
+        # tensor. (1, B, T, hs): the fused CPU kernel takes 4-d inputs only; 3-d ones fall back
+        # to the O(T^2)-memory math path, about 3x slower.
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=p_drop)[0]
     out_dtype = v.dtype
-    q, k, v = _float32(q, k, v)                                # as in lsh_attention
+    q, k, v = _float32(q, k, v)                                # as in lsh_attention_heads
     with _autocast_off(q):
-        out = _masked_full_attention(q, k, v, causal, padding_mask, shared_qk, p_drop)
+        if unit_keys:
+            k = F.normalize(k, dim=-1)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scaled else 1.0
+        out = _masked_full_attention(q, k, v, scale, mask_self, causal, padding_mask, p_drop)
     return out.to(out_dtype)
 
 
-def _masked_full_attention(q, k, v, causal, padding_mask, shared_qk, p_drop):
+def _masked_full_attention(q, k, v, scale, mask_self, causal, padding_mask, p_drop):
     """The explicit version: the (B, T, T) logits, the masks of lsh_attention's step 5, softmax."""
     B, T, hs = q.shape
-    if shared_qk:
-        k, scale = F.normalize(q, dim=-1), 1.0
-    else:
-        scale = 1.0 / math.sqrt(hs)
     # The same masks as the LSH path, replacing logits (not adding to them), so the two agree
     # exactly, even on rows where every key is invalid (uniform weights, no NaN).
     logits = torch.matmul(q, k.transpose(-1, -2)) * scale       # (B, T, T)
-    if shared_qk:
+    if mask_self:
         logits.diagonal(dim1=-2, dim2=-1).fill_(SELF_LOGIT)
     if causal:
         future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
@@ -884,7 +898,17 @@ def local_attention_fast(q, k, v, bucket_size, causal=False, padding_mask=None, 
 # Part 3. The multi-head layer
 # ===============================================================================================
 
-ATTN_KINDS = ("lsh", "full", "local")
+# The full-attention kinds: full_attention's shared-QK conventions (Part 1), one changed at a time
+# and all together, to evaluate a model with the authors' dot-product attention and to name the
+# convention that changes its result. "full" with shared_qk=False is the baseline Transformer.
+FULL_KINDS = {
+    "full":          dict(),                                   # ours: lsh_attention's conventions
+    "full_scaled":   dict(scaled=True),                        # logits / sqrt(hs), only
+    "full_self":     dict(mask_self=False),                    # a query may attend to itself, only
+    "full_raw_keys": dict(unit_keys=False),                    # keys q, not q / |q|, only
+    "full_dot":      dict(scaled=True, mask_self=False, unit_keys=False),  # the authors' (trax)
+}
+ATTN_KINDS = ("lsh", "full", "local", "full_scaled", "full_self", "full_raw_keys", "full_dot")
 IMPLS = ("fast", "reference")   # Part 2 or Part 1: the same function (full attention: one only)
 
 
@@ -922,9 +946,9 @@ class LSHSelfAttention(nn.Module):
             raise ValueError(f"LSHSelfAttention: attn={self.attn!r}, expected one of {ATTN_KINDS}")
         if self.impl not in IMPLS:
             raise ValueError(f"LSHSelfAttention: impl={self.impl!r}, expected one of {IMPLS}")
-        if self.attn == "lsh" and not self.shared_qk:
-            raise ValueError("LSHSelfAttention: shared_qk=False is valid only with attn='full' or "
-                             "'local'; LSH attention hashes one vector per position (shared QK)")
+        if self.attn not in ("full", "local") and not self.shared_qk:
+            raise ValueError(f"LSHSelfAttention: shared_qk=False is valid only with attn='full' or "
+                             f"'local'; {self.attn!r} needs one vector per position (shared QK)")
         if self.n_hashes < 1:
             raise ValueError(f"LSHSelfAttention: n_hashes must be >= 1, got {self.n_hashes}")
         if self.bucket_size < 1:
@@ -942,7 +966,7 @@ class LSHSelfAttention(nn.Module):
                              f"{tuple(padding_mask.shape)}")
         # Pad T up to a multiple of 2 * bucket_size (LSH needs an even number of buckets)
         multiple = 2 * self.bucket_size if self.attn == "lsh" else self.bucket_size
-        pad = (-T) % multiple if self.attn != "full" else 0
+        pad = (-T) % multiple if self.attn in ("lsh", "local") else 0
         if pad:
             x = F.pad(x, (0, 0, 0, pad))                       # (B, T + pad, C)
             real = torch.zeros(B, T + pad, dtype=torch.bool, device=x.device)
@@ -964,11 +988,13 @@ class LSHSelfAttention(nn.Module):
             mask = None
             if padding_mask is not None:
                 mask = padding_mask.bool().repeat_interleave(nh, dim=0)  # (B * nh, T')
-            fn = {"full": full_attention, "local": local_attention_fast if fast else
-                  local_attention}[self.attn]
-            size = {} if self.attn == "full" else dict(bucket_size=self.bucket_size)
+            if self.attn == "local":
+                fn, kw = local_attention_fast if fast else local_attention, dict(
+                    bucket_size=self.bucket_size)
+            else:
+                fn, kw = full_attention, FULL_KINDS[self.attn]
             y = fn(qk, k, v, causal=self.causal, padding_mask=mask, shared_qk=self.shared_qk,
-                   **size, **drop)
+                   **kw, **drop)
             y = y.view(B, nh, -1, hs).transpose(1, 2)          # (B, T', nh, hs)
         # Merge heads, drop the padding, project out: (B, T, C)
         return self.out(y.reshape(B, -1, C)[:, :T])
