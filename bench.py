@@ -21,6 +21,7 @@ Sub-commands (each prints a table and writes <out>/<name>.json and <out>/<name>.
     python bench.py                                      # the CPU-sized suite
     python bench.py speed                                # Figure 5 at 1K..16K (32K on CUDA)
     python bench.py speed --compile                      # our layers under torch.compile
+    python bench.py speed --dedup --lengths 1024,4096 --n_hashes 4,8   # the cost of dedup
     python bench.py speed --device cuda --dtype bf16 --lengths 1024,4096,16384,32768
     python bench.py memory-depth --lengths 8192
     python bench.py profile --lengths 16384 --n_hashes 4
@@ -252,11 +253,13 @@ class _SDPALayer(torch.nn.Module):
 
 def build_layer(impl, n_hashes, T, args):
     """One attention layer (B, T, C) -> (B, T, C): 'ours' (LSH), 'ours-reference' (the same LSH
-    layer running lsh_attention.py's Part 1), 'ours-full', 'sdpa' or a peer."""
+    layer running lsh_attention.py's Part 1), 'ours-dedup' (ours with dedup=True, step 6),
+    'ours-full', 'sdpa' or a peer."""
     C, nh, m = args.d_model, args.n_heads, args.bucket_size
-    if impl in ("ours", "ours-reference"):
+    if impl in ("ours", "ours-reference", "ours-dedup"):
         return LSHSelfAttention(C, nh, bucket_size=m, n_hashes=n_hashes, causal=True, attn="lsh",
-                                impl="reference" if impl == "ours-reference" else "fast")
+                                impl="reference" if impl == "ours-reference" else "fast",
+                                dedup=impl == "ours-dedup")
     if impl == "ours-full":
         return LSHSelfAttention(C, nh, bucket_size=m, causal=True, attn="full", shared_qk=True)
     if impl == "sdpa":
@@ -321,7 +324,8 @@ def speed_groups(args, peers):
     """(T, [(impl, n_hashes or None), ...]): the layers timed together, in order."""
     for T in args.lengths:
         for h in args.n_hashes:
-            yield T, [(impl, h) for impl in ("ours", "ours-reference", *peers)]
+            dedup = ("ours-dedup",) if args.dedup and h > 1 else ()
+            yield T, [(impl, h) for impl in ("ours", "ours-reference", *dedup, *peers)]
         full = [("ours-full", None)] if T <= args.max_full_len else []
         yield T, full + [("sdpa", None)]
 
@@ -381,7 +385,8 @@ def speed(args):
     dtype = DTYPES[args.dtype]
     before = matmul_rate(args.device, dtype)
     print(f"matmul 2048^3 {args.dtype}: {before / 1e9:.0f} GFLOP/s on {device_name(args.device)}")
-    name = "speed" + ("-compile" if args.compile else "") + ("-reuse" if args.reuse_memory else "")
+    name = "speed" + ("-compile" if args.compile else "") + ("-reuse" if args.reuse_memory else "") \
+        + ("-dedup" if args.dedup else "")
     rows = []
     for T, group in speed_groups(args, peers):
         for row in measure_group(group, T, args):
@@ -729,6 +734,9 @@ def get_parser():
     common.add_argument("--max_full_len", type=int, default=8192,
                         help="longest length for our full attention, which materialises "
                              "(B*nh, T, T) logits (16K: 4 GB per copy)")
+    common.add_argument("--dedup", action="store_true",
+                        help="speed: add ours-dedup rows (dedup=True, a key found in several rounds "
+                             "counted once; lsh_attention.py step 6), 'x ours' = their cost")
     common.add_argument("--no_peers", action="store_true",
                         help="skip reformer-pytorch and transformers even when installed")
     # --- the layer

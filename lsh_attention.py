@@ -14,10 +14,11 @@ chunk before it. Cost per round: O(T * bucket_size) instead of O(T^2). Several i
 rounds (`n_hashes`) reduce the chance that two similar vectors land in different buckets; their
 results are combined with the softmax normalisers of each round.
 
-How to read this file (`python lsh_attention.py` draws the steps for a small example first):
+How to read this file (`python plot.py lsh_attention` draws the steps for a small example first):
     Part 1  the algorithm in plain PyTorch, autograd does every backward: hash_vectors,
-            look_one_back, lsh_attention (steps 1-9, the paper's order), local_attention,
-            full_attention. This is all of Section 2; read it top to bottom.
+            look_one_back, lsh_attention (steps 1-9, the paper's order; lsh_attention_heads takes
+            heads side by side and half precision), local_attention, full_attention. This is all
+            of Section 2; read it top to bottom.
     Part 2  the same functions, fast (lsh_attention_fast, local_attention_fast): strided views,
             hand-written backward passes. Same math, proven equal to Part 1 by the tests.
     Part 3  LSHSelfAttention, the multi-head layer; impl='fast' (default) or 'reference' (Part 1).
@@ -35,6 +36,12 @@ Shape legend (one vocabulary for the whole repo; each symbol has one meaning):
 The nine steps of LSH attention (Part 1's numbering, used by the tests and the README):
     1 hash   2 sort   3 shared-QK keys   4 chunk, look one back   5 logits and masks
     6 dedup   7 softmax in each round   8 undo the sort   9 combine the rounds
+
+The attention kinds of the layer (Part 3's attn, ATTN_KINDS): lsh, local, and full attention in
+five conventions (FULL_KINDS). full is ours, with lsh_attention's shared-QK conventions (keys
+q / |q|, own logit -1e5, no 1 / sqrt(hs)); full_scaled, full_self and full_raw_keys each change one
+of them (logits / sqrt(hs); a query may attend to itself; keys q); full_dot changes all three: the
+authors' dot-product attention, softmax(q q^T / sqrt(hs)) with the diagonal allowed.
 
 Does the future leak into the past under causal LSH attention? The causal mask makes sure a query
 never *uses* a later key. But the sort is global: a later token's bucket decides where the chunk
@@ -92,7 +99,8 @@ def hash_vectors(x, n_buckets, n_hashes, rotations=None):
     R = rotations.to(x.dtype).expand(B, hs, n_hashes, n_buckets // 2)   # one R per row and round
     # The scores xR are (B, n_hashes, T, n_buckets/2), and n_buckets = T / bucket_size grows with
     # T: quadratic memory. Scoring 1024 positions at a time keeps it linear in T. No gradient: the
-    # hash only decides who attends to whom.
+    # hash only decides who attends to whom. The einsum's letters: b the row of B, t the position
+    # (of T), i the coordinate (of hs), r the round (of n_hashes), k the direction (of n_buckets/2).
     buckets = []
     for xp in x.detach().split(1024, dim=1):                   # (B, <=1024, hs)
         xR = torch.einsum("bti,birk->brtk", xp, R)             # (B, n_hashes, <=1024, n_buckets/2)
@@ -112,38 +120,23 @@ def look_one_back(x):
 
 def lsh_attention(qk, v, bucket_size, n_hashes, causal=False, padding_mask=None, rotations=None,
                   dedup=False, dropout=0.0, training=False):
-    """Multi-round LSH attention with shared QK, the reference. qk: (B, T, hs), v: (B, T, hs_v)
-    -> (B, T, hs_v); or heads side by side, as a linear layer makes them: qk (B, T, nh, hs),
-    v (B, T, nh, hs_v) -> (B, T, nh, hs_v), every head attending on its own.
+    """Multi-round LSH attention with shared QK, the reference: the nine steps, in the paper's
+    order. qk: (B, T, hs), v: (B, T, hs_v) -> (B, T, hs_v), in float32 or float64
+    (lsh_attention_heads, below, takes heads side by side and half precision).
 
     n_buckets = n_chunks = T // bucket_size, so T must be a multiple of 2 * bucket_size.
-    padding_mask: (B, T) bool, True for real tokens. rotations: see hash_vectors (one per row of
-    B * nh). dedup: count a key found in several rounds once (step 6). dropout: on the attention
-    weights, when training. Rounds are kept apart: each is sorted and chunked on its own.
-    Memory is linear in T (the largest tensors are the logits, (B, n_hashes, n_chunks, m, 2m)),
-    so it trains; lsh_attention_fast (Part 2) computes the same function 1.3-2.5x faster.
+    padding_mask: (B, T) bool, True for real tokens. rotations: see hash_vectors. dedup: count a
+    key found in several rounds once (step 6). dropout: on the attention weights, when training.
+    Rounds are kept apart: each is sorted and chunked on its own. Memory is linear in T (the
+    largest tensors are the logits, (B, n_hashes, n_chunks, m, 2m)), so it trains;
+    lsh_attention_fast (Part 2) computes the same function faster.
     """
-    _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask, rotations)
-    if qk.dim() == 4:   # heads side by side: move them into the batch, (B nh, T, hs)
-        B, T, nh = qk.shape[:3]
-        heads_in_batch = lambda x: x.transpose(1, 2).reshape(B * nh, T, -1)
-        mask = None if padding_mask is None else padding_mask.repeat_interleave(nh, dim=0)
-        out = lsh_attention(heads_in_batch(qk), heads_in_batch(v), bucket_size, n_hashes, causal,
-                            mask, rotations, dedup, dropout, training)
-        return out.view(B, nh, T, -1).transpose(1, 2)                  # (B, T, nh, hs_v)
-    out_dtype = v.dtype
-    qk, v = _float32(qk, v)
-    with _autocast_off(qk):
-        out = _reference_steps(qk, v, bucket_size, n_hashes, causal, padding_mask, rotations, dedup,
-                         dropout if training else 0.0)
-    return out.to(out_dtype)
-
-
-def _reference_steps(qk, v, m, n_hashes, causal, padding_mask, rotations, dedup, p_drop):
-    """The nine steps of LSH attention, in the paper's order. qk: (B, T, hs), v: (B, T, hs_v)."""
+    _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask, rotations, heads=False)
     B, T, hs = qk.shape
+    m = bucket_size
     n_chunks = T // m                    # and n_buckets = n_chunks: a chunk per bucket on average
     pos = torch.arange(T, device=qk.device)
+    p_drop = dropout if training else 0.0
 
     # 1. Hash every position, n_hashes independent rounds:  h(x) = argmax([xR ; -xR])
     buckets = hash_vectors(qk, n_chunks, n_hashes, rotations)      # (B, n_hashes, T)
@@ -205,6 +198,28 @@ def _reference_steps(qk, v, m, n_hashes, causal, padding_mask, rotations, dedup,
     return (torch.softmax(lse, dim=1) * o).sum(dim=1)              # (B, T, hs_v)
 
 
+def lsh_attention_heads(qk, v, bucket_size, n_hashes, causal=False, padding_mask=None,
+                        rotations=None, dedup=False, dropout=0.0, training=False):
+    """lsh_attention for what a layer hands it: heads side by side, as a linear layer makes them,
+    qk (B, T, nh, hs), v (B, T, nh, hs_v) -> (B, T, nh, hs_v), every head attending on its own
+    (rotations: one per row of B * nh); and half precision, computed in float32 with autocast
+    off, returned in v's dtype. (B, T, hs) inputs pass through to lsh_attention as they are."""
+    _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask, rotations)
+    out_dtype = v.dtype
+    qk, v = _float32(qk, v)
+    kw = dict(causal=causal, rotations=rotations, dedup=dedup, dropout=dropout, training=training)
+    with _autocast_off(qk):
+        if qk.dim() == 3:
+            return lsh_attention(qk, v, bucket_size, n_hashes, padding_mask=padding_mask,
+                                 **kw).to(out_dtype)
+        B, T, nh = qk.shape[:3]      # move the heads into the batch: (B nh, T, hs)
+        heads_in_batch = lambda x: x.transpose(1, 2).reshape(B * nh, T, -1)
+        mask = None if padding_mask is None else padding_mask.repeat_interleave(nh, dim=0)
+        out = lsh_attention(heads_in_batch(qk), heads_in_batch(v), bucket_size, n_hashes,
+                            padding_mask=mask, **kw)
+    return out.view(B, nh, T, -1).transpose(1, 2).to(out_dtype)  # (B, T, nh, hs_v)
+
+
 def local_attention(q, k, v, bucket_size, causal=False, padding_mask=None, shared_qk=False,
                     dropout=0.0, training=False):
     """Chunked attention over neighbouring positions, the reference: each chunk of `bucket_size`
@@ -239,43 +254,51 @@ def local_attention(q, k, v, bucket_size, causal=False, padding_mask=None, share
 
 
 def full_attention(q, k, v, causal=False, padding_mask=None, shared_qk=False, dropout=0.0,
-                   training=False):
+                   training=False, unit_keys=True, mask_self=True, scaled=False):
     """Ordinary O(T^2) softmax attention, the reference. q, k: (B, T, hs), v: (B, T, hs_v).
 
     shared_qk=False: softmax(q k^T / sqrt(hs)) v, the baseline Transformer.
-    shared_qk=True: k may be None; keys are q / |q|, logits q . k_hat, and a query's own logit is
-    -1e5, exactly as in lsh_attention, so a model trained with LSH can be evaluated with full
-    attention on the same weights (paper Table 2). Invalid keys get -1e9 (finite: no NaN).
-    Without masks beyond causal it runs PyTorch's fused F.scaled_dot_product_attention.
+    shared_qk=True: k may be None; keys come from q with lsh_attention's conventions, so a model
+    trained with LSH can be evaluated with full attention on the same weights (paper Table 2):
+      unit_keys  keys are q / |q| (step 3); False: keys are q
+      mask_self  a query's own logit is -1e5 (step 5); False: a query may attend to itself
+      scaled     False: logits q . k (step 3); True: divided by sqrt(hs)
+    Each can be changed on its own (Part 3's kinds full_raw_keys, full_self, full_scaled); all
+    three changed is the authors' dot-product attention, softmax(q q^T / sqrt(hs)) (full_dot).
+    Invalid keys get -1e9 (finite: no NaN). Without masks beyond causal the textbook form runs
+    PyTorch's fused F.scaled_dot_product_attention.
     """
     _check_shapes("full_attention", q, None if shared_qk else k, v, padding_mask)
     p_drop = dropout if training else 0.0
-    if not shared_qk:
-        if k is None:
-            raise ValueError("full_attention: k is None, which is valid only with shared_qk=True")
-        if padding_mask is None:   # the common case: PyTorch's fused (flash) kernel, no mask tensor
-            # (1, B, T, hs): the fused CPU kernel takes 4-d inputs only; 3-d ones fall back to
-            # the O(T^2)-memory math path, about 3x slower.
-            q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=p_drop)[0]
+    if shared_qk:
+        k = q
+    elif k is None:
+        raise ValueError("full_attention: k is None, which is valid only with shared_qk=True")
+    else:
+        unit_keys, mask_self, scaled = False, False, True     # the baseline Transformer
+    if padding_mask is None and scaled and not (unit_keys or mask_self):
+        # The textbook softmax(q k^T / sqrt(hs)) v: PyTorch's fused (flash) kernel, no mask
+        # tensor. (1, B, T, hs): the fused CPU kernel takes 4-d inputs only; 3-d ones fall back
+        # to the O(T^2)-memory math path, about 3x slower.
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=p_drop)[0]
     out_dtype = v.dtype
-    q, k, v = _float32(q, k, v)                                # as in lsh_attention
+    q, k, v = _float32(q, k, v)                                # as in lsh_attention_heads
     with _autocast_off(q):
-        out = _masked_full_attention(q, k, v, causal, padding_mask, shared_qk, p_drop)
+        if unit_keys:
+            k = F.normalize(k, dim=-1)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scaled else 1.0
+        out = _masked_full_attention(q, k, v, scale, mask_self, causal, padding_mask, p_drop)
     return out.to(out_dtype)
 
 
-def _masked_full_attention(q, k, v, causal, padding_mask, shared_qk, p_drop):
+def _masked_full_attention(q, k, v, scale, mask_self, causal, padding_mask, p_drop):
     """The explicit version: the (B, T, T) logits, the masks of lsh_attention's step 5, softmax."""
     B, T, hs = q.shape
-    if shared_qk:
-        k, scale = F.normalize(q, dim=-1), 1.0
-    else:
-        scale = 1.0 / math.sqrt(hs)
     # The same masks as the LSH path, replacing logits (not adding to them), so the two agree
     # exactly, even on rows where every key is invalid (uniform weights, no NaN).
     logits = torch.matmul(q, k.transpose(-1, -2)) * scale       # (B, T, T)
-    if shared_qk:
+    if mask_self:
         logits.diagonal(dim1=-2, dim2=-1).fill_(SELF_LOGIT)
     if causal:
         future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
@@ -309,7 +332,10 @@ def _check_rotations(fn, rotations, rows, hs, n_hashes, n_buckets, shape):
                          f"for x of shape {tuple(shape)}, got {tuple(rotations.shape)}")
 
 
-def _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask, rotations):
+def _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask, rotations, heads=True):
+    if not heads and (qk.dim() == 4 or v.dim() == 4):
+        raise ValueError(f"lsh_attention: qk must be (B, T, hs), got {tuple(qk.shape)}; heads "
+                         f"side by side, (B, T, nh, hs), go through lsh_attention_heads")
     if qk.dim() == 4 or v.dim() == 4:   # (B, T, nh, hs): heads side by side
         if qk.dim() != 4 or v.dim() != 4 or qk.shape[:3] != v.shape[:3]:
             raise ValueError(f"lsh_attention: with heads, qk must be (B, T, nh, hs) and v "
@@ -359,28 +385,25 @@ def _autocast_off(x):
 # ===============================================================================================
 #
 # Part 1 is the whole algorithm. This part computes the same function (tests/test_lsh_attention.py
-# checks values and gradients to 1e-10 in float64), 1.3x to 2.5x faster than Part 1 on a CPU
-# (python bench.py speed, the ours-reference rows, two runs on a shared 2-core VM: 1.29-2.17x
-# at 1K and 1.34-2.25x at 4K for LSH-1, 1.88-2.49x for LSH-4; bench_results/reference). On a CPU the time of attention over (m, 2m)
-# blocks goes less into the matmuls than into the passes over the logits and the copies of q, k
-# and v, so every change below removes a pass or a copy. What it does differently, and what each
-# change bought (README, Benchmarks; measured with python bench.py speed / profile, one commit
-# each; all together 1.31-1.46x at 1K and 1.43-1.58x at 16K over the first fast version):
+# checks values and gradients to 1e-10 in float64), faster (python bench.py speed, the rows ours
+# and ours-reference). On a CPU the time of attention over (m, 2m) blocks goes less into the
+# matmuls than into the passes over the logits and the copies of q, k and v, so each piece below
+# removes a pass or a copy. What it does differently, and which step of Part 1 each piece replaces:
 #   - the chunk layout (below): each round's last chunk copied in front, so the look-back windows
 #     are overlapping strided views read in place by bmm instead of look_one_back's copies
-#     (the copies were 13 % of a step)                              replaces Part 1's step 4
+#                                                                    replaces Part 1's step 4
 #   - the chunk attention as one autograd Function (_ChunkAttention) with a hand-written
 #     backward: softmax in place, lse from the softmax's max (no exp pass of its own), window
 #     gradients as two half-size matmuls accumulated in place        replaces steps 5 and 7
 #   - the causal mask without padding added by the first matmul (baddbmm_, -1e9 x distance)
-#     instead of a boolean masked_fill, which is 4x slower per element here (exact: every query
-#     keeps its own key, so masked weights underflow to 0 either way)     replaces step 5's mask
+#     instead of a boolean masked_fill (exact: every query keeps its own key, so masked weights
+#     underflow to 0 either way)                                     replaces step 5's mask
 #   - the sort, the unsort and the round combination as Functions whose backward is a gather
-#     through the inverse permutation, not a scatter-add of every row (scatter_add was 11-18 %
-#     of a step)                                  replaces the gathers of steps 4 and 8, and step 9
+#     through the inverse permutation, not a scatter-add of every row
+#                                                 replaces the gathers of steps 4 and 8, and step 9
 #   - normalised keys with a 3-pass backward instead of autograd's 8 (_Normalize)      step 3
-#   - hashing piece by piece, argmax([xR ; -xR]) without building it (16K x 8 hashes:
-#     330 -> 200 ms)                                                            replaces step 1
+#   - hashing piece by piece, argmax([xR ; -xR]) without building it             replaces step 1
+#   - dedup's counts N_ij added up one round at a time, in bytes, by table look-ups      step 6
 #   - heads side by side (B, T, nh, hs) all the way: no transposes to move heads into the batch
 
 
@@ -399,7 +422,7 @@ def _hash(x, n_buckets, n_hashes, rotations):
     # quadratic in T (at T = 16K and 8 hashes, more than the logits of attention). Hash a piece
     # of positions at a time, at most 1M scores (4 MB): the transient stays small, and on a CPU
     # a buffer that size is reused by the allocator instead of being mapped fresh (page faults
-    # cost as much as the reduction here); 16K x 8 hashes: 330 -> 200 ms.
+    # cost as much as the reduction here).
     # On a GPU that size would mean thousands of tiny launches per layer at long T (16 positions
     # a piece at 1M tokens): there, pieces of 64M scores (256 MB).
     budget = 1 << 20 if x.device.type == "cpu" else 1 << 26
@@ -603,22 +626,34 @@ def _dedup_log_counts(undo_sort, ext, m, dtype):
 
     undo_sort: (B, n_hashes, T) the sorted slot of each position in each round; ext: (B, n_hashes,
     L) the positions in the layout above. In round r, j is in i's window iff chunk_r(j) is
-    chunk_r(i) or the chunk before it (mod n_chunks). Memory: n_hashes times the logits,
-    (B, n_hashes, n_chunks, m, 2m, n_hashes) booleans. Returns (n, m, 2m) of dtype in the layout
-    of _ChunkAttention (zeros for thrown-away windows).
+    chunk_r(i) or the chunk before it (mod n_chunks). Part 1 compares all rounds at once, in a
+    tensor n_hashes times the logits' size; here the counts are bytes of the logits' size, added
+    up one round at a time, and each round costs one pass that broadcasts (d = chunk_r(j) -
+    chunk_r(i) + n_chunks, from (.., m, 1) and (.., 1, 2m)) and one table look-up: j is in the
+    window iff d is n_chunks (the same chunk), n_chunks - 1 (the one before) or 2 n_chunks - 1
+    (the one before, across the wrap from chunk 0). log N comes from a table too: the counts are
+    1..n_hashes, and an element-wise log costs more than all the rounds.
+    Returns (n, m, 2m) of dtype in the layout of _ChunkAttention (zeros for thrown-away windows).
     """
     B, n_hashes, T = undo_sort.shape
-    n_chunks = T // m
-    chunk_of = (undo_sort // m).transpose(1, 2)                # (B, T, n_hashes): i's chunks
-    q_pos, k_pos = ext[..., m:], ext.unfold(-1, 2 * m, m)      # (.., T), (.., n_chunks, 2m)
-    flat = lambda p: p.reshape(B, -1, 1).expand(-1, -1, n_hashes)
-    cq = torch.gather(chunk_of, 1, flat(q_pos)).view(B, n_hashes, n_chunks, m, 1, n_hashes)
-    ck = torch.gather(chunk_of, 1, flat(k_pos)).view(B, n_hashes, n_chunks, 1, 2 * m, n_hashes)
-    in_window = ((cq - ck) % n_chunks) <= 1                    # (.., n_chunks, m, 2m, n_hashes)
-    counts = in_window.sum(-1).clamp_(min=1)                   # >= 1: the current round counts
-    out = torch.zeros(B * n_hashes, n_chunks + 1, m, 2 * m, dtype=dtype, device=undo_sort.device)
-    out[:, 1:] = counts.view(B * n_hashes, n_chunks, m, 2 * m).to(dtype).log()
-    return out.view(-1, m, 2 * m)[1:]
+    n_chunks, dev = T // m, undo_sort.device
+    q_pos, k_pos = ext[..., m:].reshape(B, -1), ext.unfold(-1, 2 * m, m).reshape(B, -1)
+    in_window = torch.zeros(2 * n_chunks, dtype=torch.uint8, device=dev)   # the table, by d
+    in_window[[n_chunks - 1, n_chunks, 2 * n_chunks - 1]] = 1
+    counts = torch.ones(B * n_hashes, n_chunks + 1, m, 2 * m, dtype=torch.uint8, device=dev)
+    window = counts[:, 1:].view(B, n_hashes, n_chunks, m, 2 * m).zero_()  # thrown-away: N = 1
+    d = torch.empty(window.shape, dtype=torch.int32, device=dev)
+    hit = torch.empty(window.shape, dtype=torch.uint8, device=dev)
+    for r in range(n_hashes):                                  # N_ij = sum over rounds r of
+        chunk_of = (undo_sort[:, r] // m).to(torch.int32)      # (B, T): i's chunk in round r
+        c_q = chunk_of.gather(1, q_pos).view(B, n_hashes, n_chunks, m, 1)
+        c_k = chunk_of.gather(1, k_pos).view(B, n_hashes, n_chunks, 1, 2 * m)
+        torch.sub(c_k + n_chunks, c_q, out=d)                  # (.., n_chunks, m, 2m)
+        torch.index_select(in_window, 0, d.view(-1), out=hit.view(-1))  # (index_select: the
+        window += hit                                          # fast look-up) [j in i's window]
+    log_n = torch.arange(n_hashes + 1, dtype=dtype, device=dev).log()     # log 0 unused
+    n_ij = counts.view(-1)[m * 2 * m:].int()                   # windows 1.. of the layout
+    return log_n.index_select(0, n_ij).view(-1, m, 2 * m)
 
 
 def _gather_rows(x, idx):
@@ -737,9 +772,9 @@ class _UnsortCombine(torch.autograd.Function):
 
 def lsh_attention_fast(qk, v, bucket_size, n_hashes, causal=False, padding_mask=None,
                        rotations=None, dedup=False, dropout=0.0, training=False):
-    """lsh_attention (Part 1), fast: the same arguments, shapes and values (and the same draw of
-    rotations from the RNG; only dropout's random mask is drawn differently). Heads side by side,
-    qk (B, T, nh, hs), are attended without moving them into the batch (no transposes)."""
+    """lsh_attention_heads (Part 1), fast: the same arguments, shapes and values (and the same
+    draw of rotations from the RNG; only dropout's random mask is drawn differently). Heads side
+    by side, qk (B, T, nh, hs), are attended without moving them into the batch (no transposes)."""
     _check_lsh_inputs(qk, v, bucket_size, n_hashes, padding_mask, rotations)
     out_dtype = v.dtype
     heads = qk.dim() == 4
@@ -863,7 +898,17 @@ def local_attention_fast(q, k, v, bucket_size, causal=False, padding_mask=None, 
 # Part 3. The multi-head layer
 # ===============================================================================================
 
-ATTN_KINDS = ("lsh", "full", "local")
+# The full-attention kinds: full_attention's shared-QK conventions (Part 1), one changed at a time
+# and all together, to evaluate a model with the authors' dot-product attention and to name the
+# convention that changes its result. "full" with shared_qk=False is the baseline Transformer.
+FULL_KINDS = {
+    "full":          dict(),                                   # ours: lsh_attention's conventions
+    "full_scaled":   dict(scaled=True),                        # logits / sqrt(hs), only
+    "full_self":     dict(mask_self=False),                    # a query may attend to itself, only
+    "full_raw_keys": dict(unit_keys=False),                    # keys q, not q / |q|, only
+    "full_dot":      dict(scaled=True, mask_self=False, unit_keys=False),  # the authors' (trax)
+}
+ATTN_KINDS = ("lsh", "full", "local", "full_scaled", "full_self", "full_raw_keys", "full_dot")
 IMPLS = ("fast", "reference")   # Part 2 or Part 1: the same function (full attention: one only)
 
 
@@ -901,9 +946,9 @@ class LSHSelfAttention(nn.Module):
             raise ValueError(f"LSHSelfAttention: attn={self.attn!r}, expected one of {ATTN_KINDS}")
         if self.impl not in IMPLS:
             raise ValueError(f"LSHSelfAttention: impl={self.impl!r}, expected one of {IMPLS}")
-        if self.attn == "lsh" and not self.shared_qk:
-            raise ValueError("LSHSelfAttention: shared_qk=False is valid only with attn='full' or "
-                             "'local'; LSH attention hashes one vector per position (shared QK)")
+        if self.attn not in ("full", "local") and not self.shared_qk:
+            raise ValueError(f"LSHSelfAttention: shared_qk=False is valid only with attn='full' or "
+                             f"'local'; {self.attn!r} needs one vector per position (shared QK)")
         if self.n_hashes < 1:
             raise ValueError(f"LSHSelfAttention: n_hashes must be >= 1, got {self.n_hashes}")
         if self.bucket_size < 1:
@@ -921,7 +966,7 @@ class LSHSelfAttention(nn.Module):
                              f"{tuple(padding_mask.shape)}")
         # Pad T up to a multiple of 2 * bucket_size (LSH needs an even number of buckets)
         multiple = 2 * self.bucket_size if self.attn == "lsh" else self.bucket_size
-        pad = (-T) % multiple if self.attn != "full" else 0
+        pad = (-T) % multiple if self.attn in ("lsh", "local") else 0
         if pad:
             x = F.pad(x, (0, 0, 0, pad))                       # (B, T + pad, C)
             real = torch.zeros(B, T + pad, dtype=torch.bool, device=x.device)
@@ -933,7 +978,7 @@ class LSHSelfAttention(nn.Module):
         if self.attn == "lsh":
             # Project, and attend with heads side by side: (B, T', nh, hs), no transposes
             qk, v = self.qk(x).view(B, -1, nh, hs), self.v(x).view(B, -1, nh, hs)
-            fn = lsh_attention_fast if fast else lsh_attention
+            fn = lsh_attention_fast if fast else lsh_attention_heads
             y = fn(qk, v, self.bucket_size, self.n_hashes, causal=self.causal,
                    padding_mask=padding_mask, dedup=self.dedup, **drop)
         else:
@@ -943,11 +988,13 @@ class LSHSelfAttention(nn.Module):
             mask = None
             if padding_mask is not None:
                 mask = padding_mask.bool().repeat_interleave(nh, dim=0)  # (B * nh, T')
-            fn = {"full": full_attention, "local": local_attention_fast if fast else
-                  local_attention}[self.attn]
-            size = {} if self.attn == "full" else dict(bucket_size=self.bucket_size)
+            if self.attn == "local":
+                fn, kw = local_attention_fast if fast else local_attention, dict(
+                    bucket_size=self.bucket_size)
+            else:
+                fn, kw = full_attention, FULL_KINDS[self.attn]
             y = fn(qk, k, v, causal=self.causal, padding_mask=mask, shared_qk=self.shared_qk,
-                   **size, **drop)
+                   **kw, **drop)
             y = y.view(B, nh, -1, hs).transpose(1, 2)          # (B, T', nh, hs)
         # Merge heads, drop the padding, project out: (B, T, C)
         return self.out(y.reshape(B, -1, C)[:, :T])
@@ -957,75 +1004,3 @@ class LSHSelfAttention(nn.Module):
                 f"bucket_size={self.bucket_size}, n_hashes={self.n_hashes}, "
                 f"causal={self.causal}, shared_qk={self.shared_qk}, dedup={self.dedup}, "
                 f"impl={self.impl!r}")
-
-
-
-# ===============================================================================================
-# The picture: python lsh_attention.py draws Part 1's steps for one small example
-# ===============================================================================================
-
-def draw_lsh_attention(path="lsh_attention.png", T=32, m=4, n_hashes=2, seed=0):
-    """Steps 1, 2, 4 and the resulting attention (7-9) of causal lsh_attention for one sequence
-    of T clustered vectors, beside full attention. The attention weights are read off the real
-    functions: with v the identity matrix, output row i is query i's weights over the keys."""
-    import matplotlib                  # only here: the module itself imports torch alone
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    g = torch.Generator().manual_seed(seed)
-    hs, n_clusters = 8, 6              # similar vectors in clusters, so that buckets mean something
-    centres = F.normalize(torch.randn(n_clusters, hs, generator=g), dim=-1)
-    which = torch.randint(0, n_clusters, (T,), generator=g)
-    qk = 8 * F.normalize(centres[which] + 0.2 * torch.randn(T, hs, generator=g), dim=-1)
-    qk = qk.unsqueeze(0)                                               # (1, T, hs)
-    rot = torch.randn(hs, n_hashes, T // m // 2, generator=g)          # R, one per round
-    buckets = hash_vectors(qk, T // m, n_hashes, rot)[0]               # (n_hashes, T)
-    eye = torch.eye(T).unsqueeze(0)                                    # v = I: weights come out
-    rounds = [lsh_attention(qk, eye, m, 1, causal=True, rotations=rot[:, r:r + 1])[0]
-              for r in range(n_hashes)]                                # round r alone: (T, T)
-    combined = lsh_attention(qk, eye, m, n_hashes, causal=True, rotations=rot)[0]
-    full = full_attention(qk, None, eye, causal=True, shared_qk=True)[0]
-
-    fig, axes = plt.subplots(n_hashes + 1, 3, figsize=(15, 4.6 * (n_hashes + 1)))
-    colour = plt.get_cmap("tab10")
-    norm = matplotlib.colors.PowerNorm(0.5, vmin=0, vmax=1)          # small weights visible
-    show = lambda ax, w, title: (ax.imshow(w.numpy(), cmap="Blues", norm=norm), ax.set(
-        title=title, xlabel="key position j", ylabel="query position i"))
-    for r in range(n_hashes):
-        b = buckets[r]
-        ax = axes[r, 0]
-        ax.bar(range(T), (b + 1).numpy(), color=[colour(int(k) % 10) for k in b])
-        ax.set(title=f"round {r + 1}, step 1: the bucket of each position\n"
-                     "h(x) = argmax([xR ; -xR])", xlabel="position i", ylabel="bucket",
-               yticks=range(1, T // m + 1), yticklabels=range(T // m))
-        order = (b * T + torch.arange(T)).argsort()                    # step 2
-        ax = axes[r, 1]                                                # step 4: one row a chunk
-        ax.imshow(b[order].view(T // m, m).numpy(), cmap=colour, vmin=0, vmax=9.99)
-        for s, i in enumerate(order.tolist()):
-            ax.text(s % m, s // m, str(i), ha="center", va="center", fontsize=10)
-        ax.set(title="steps 2 and 4: positions sorted by (bucket, position),\n"
-                     f"cut into chunks of m = {m} (colour: bucket)", xticks=[],
-               ylabel="chunk", yticks=range(T // m))
-        show(axes[r, 2], rounds[r], f"round {r + 1} alone: every chunk attends to\n"
-                                    "itself and the chunk before it")
-    ax = axes[n_hashes, 0]
-    ax.axis("off")
-    ax.text(0, 0.5, f"T = {T} vectors in {n_clusters} clusters, hs = {hs},\n"
-                    f"bucket_size m = {m}: n_buckets = n_chunks = {T // m};\n"
-                    f"n_hashes = {n_hashes}; causal.\n\n"
-                    "Blue: the weight of key j for query i, read off\n"
-                    "lsh_attention itself (v = the identity matrix).\n"
-                    "Step 9 combines the rounds by their normalisers:\n"
-                    "softmax over the union of the rounds' windows.\n"
-                    "A query's own key (-1e5) is used only when\n"
-                    "nothing else is there (position 0).", va="center", fontsize=11)
-    show(axes[n_hashes, 1], combined, f"steps 7-9: all {n_hashes} rounds combined")
-    show(axes[n_hashes, 2], full, "full attention: the same logits and masks,\nevery key")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    return path
-
-
-if __name__ == "__main__":
-    import sys
-    print("wrote", draw_lsh_attention(*sys.argv[1:2]))

@@ -121,3 +121,13 @@ def test_lsh_flops_match_pytorch_flop_counter(B, T, n_hashes):
             as counter:
         step()
     assert counter.get_total_flops() == bench.lsh_flops(B, T, 32, 2, 16, n_hashes)
+
+
+def test_speed_dedup_rows_time_dedup_beside_ours(tmp_path):
+    bench.main(["speed", "--dedup", "--lengths", "64", "--tokens", "64", "--n_hashes", "1,2",
+                "--no_peers", "--max_full_len", "32", *TINY, "--out", str(tmp_path)])
+    with open(tmp_path / "speed-dedup.json") as f:
+        rows = json.load(f)["rows"]
+    dedup = [r for r in rows if r["impl"] == "ours-dedup"]
+    assert [r["n_hashes"] for r in dedup] == [2]   # one round has nothing to deduplicate
+    assert dedup[0]["seconds"] > 0 and dedup[0]["vs_ours"] > 0

@@ -32,14 +32,16 @@ from hypothesis import given, settings, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from lsh_attention import (LSHSelfAttention, draw_lsh_attention, full_attention, hash_vectors,
+from lsh_attention import (FULL_KINDS, LSHSelfAttention, full_attention, hash_vectors,
                            local_attention, local_attention_fast, lsh_attention,
-                           lsh_attention_fast)
+                           lsh_attention_fast, lsh_attention_heads)
 
 SELF_LOGIT, MASKED_LOGIT = -1e5, -1e9   # the authors' values (trax)
 
 # Part 1 (the readable reference) and Part 2 (fast) of lsh_attention.py: most tests run on both.
-LSH = {"reference": lsh_attention, "fast": lsh_attention_fast}
+# Part 1 through lsh_attention_heads, which also takes heads side by side and half precision (and
+# passes (B, T, hs) float inputs straight to lsh_attention).
+LSH = {"reference": lsh_attention_heads, "fast": lsh_attention_fast}
 LOCAL = {"reference": local_attention, "fast": local_attention_fast}
 both = pytest.mark.parametrize("impl", ["reference", "fast"])
 
@@ -422,7 +424,7 @@ def test_fast_equals_reference(B, sizes, nh, hs, n_hashes, causal, pad, dedup, r
     rot = None if rotations == "fresh" else \
         make_rotations(rows, hs, n_hashes, n_buckets, seed, per_row=rotations == "per_row")
     kw = dict(causal=causal, padding_mask=mask, rotations=rot, dedup=dedup)
-    ref = _values_and_grads(lambda q_, v_: lsh_attention(q_, v_, m, n_hashes, **kw), (qk, v),
+    ref = _values_and_grads(lambda q_, v_: LSH["reference"](q_, v_, m, n_hashes, **kw), (qk, v),
                             mask, seed)
     fast = _values_and_grads(lambda q_, v_: lsh_attention_fast(q_, v_, m, n_hashes, **kw),
                              (qk, v), mask, seed)
@@ -760,6 +762,73 @@ def test_full_equals_naive_reference(B, T, hs, causal, pad, shared, seed):
             full_attention(q, k, v, causal=causal, padding_mask=mask, shared_qk=True), out)
 
 
+# The conventions of each full-attention kind, written out here (not read from the module), so
+# that a change of lsh_attention.FULL_KINDS or of full_attention fails:
+# (keys q / |q|, own logit -1e5, logits / sqrt(hs))
+FULL_CONVENTIONS = {"full": (True, True, False), "full_scaled": (True, True, True),
+                    "full_self": (True, False, False), "full_raw_keys": (False, True, False),
+                    "full_dot": (False, False, True)}
+
+
+def conventions_reference(q, v, allowed, unit_keys, mask_self, scaled):
+    """softmax over the allowed keys of q . k (/ sqrt(hs)), k = q / |q| or q, own logit -1e5."""
+    k = q / q.norm(dim=-1, keepdim=True) if unit_keys else q
+    logits = q @ k.transpose(-1, -2) / (math.sqrt(q.shape[-1]) if scaled else 1.0)
+    if mask_self:
+        logits = logits.masked_fill(torch.eye(q.shape[1], dtype=torch.bool), SELF_LOGIT)
+    return torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+
+
+@settings(max_examples=20)
+@given(B=st.integers(1, 2), T=st.integers(1, 12), hs=st.integers(1, 5), causal=st.booleans(),
+       pad=st.booleans(), seed=st.integers(0, 2**16))
+def test_full_dot_equals_hand_written_softmax(B, T, hs, causal, pad, seed):
+    """attn='full_dot', the authors' dot-product attention: softmax(q q^T / sqrt(hs)) v, keys not
+    normalised, and a query may attend to itself (the causal mask keeps the diagonal). Without
+    padding it runs the fused kernel, with padding the explicit path: both are checked."""
+    q, v, mask = make_inputs(B, T, hs, seed, pad=pad)
+    logits = q @ q.transpose(-1, -2) / math.sqrt(hs)          # (B, T, T)
+    if causal:
+        logits = logits.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    if mask is not None:
+        logits = logits.masked_fill(~mask.view(B, 1, T), float("-inf"))
+    want = torch.softmax(logits, dim=-1) @ v
+    kind = FULL_KINDS["full_dot"]
+    out = full_attention(q, None, v, causal=causal, padding_mask=mask, shared_qk=True, **kind)
+    assert_close_real(out, want, mask, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", list(FULL_CONVENTIONS))
+def test_full_kinds_change_one_convention_each(kind):
+    """Each full-attention kind of the layer is full attention with the conventions listed in
+    FULL_CONVENTIONS: full_scaled, full_self and full_raw_keys differ from our shared-QK full
+    attention in one convention each, full_dot in all three. Checked through the layer (same
+    weights for every kind, causal, padded) against conventions_reference, and every kind but
+    full gives outputs different from full's."""
+    torch.manual_seed(0)
+    B, T, C, nh = 2, 10, 8, 2
+    layer = LSHSelfAttention(C, nh, causal=True, attn=kind).double()
+    x = torch.randn(B, T, C, dtype=torch.float64)
+    mask = torch.rand(B, T) < 0.8
+    mask[:, 0] = True
+    heads = lambda y: y.view(B, T, nh, C // nh).transpose(1, 2).reshape(B * nh, T, -1)
+    q, v = heads(layer.qk(x)), heads(layer.v(x))
+    allowed = allowed_mask(B * nh, T, True, mask.repeat_interleave(nh, dim=0))
+    y = conventions_reference(q, v, allowed, *FULL_CONVENTIONS[kind])
+    want = layer.out(y.view(B, nh, T, -1).transpose(1, 2).reshape(B, T, C))
+    got = layer(x, padding_mask=mask)
+    assert_close_real(got, want, mask, atol=1e-10)
+    layer.attn = "full"
+    if kind != "full":
+        assert real_rows(layer(x, padding_mask=mask) - got, mask).abs().max() > 1e-3
+
+
+def test_full_kinds_need_shared_qk():
+    for kind in ("full_dot", "full_scaled", "full_self", "full_raw_keys"):
+        with pytest.raises(ValueError, match=f"{kind!r} needs one vector per position"):
+            LSHSelfAttention(8, 2, attn=kind, shared_qk=False)
+
+
 @both
 def test_shared_qk_logits_use_unit_keys(impl):
     """Step 3: logit(i, j) = q_i . q_j / |q_j|. Scaling q_j by s > 0 leaves k_hat_j, hence every
@@ -996,7 +1065,10 @@ def test_bad_input_hash_vectors():
     with pytest.raises(ValueError, match=r"with heads, qk must be \(B, T, nh, hs\) and v "
                                          r"\(B, T, nh, hs_v\) with the same B, T and nh, got qk "
                                          r"\(2, 8, 2, 4\) and v \(2, 8, 3, 4\)"):
-        lsh_attention(torch.randn(2, 8, 2, 4), torch.randn(2, 8, 3, 4), 2, 1)
+        lsh_attention_heads(torch.randn(2, 8, 2, 4), torch.randn(2, 8, 3, 4), 2, 1)
+    with pytest.raises(ValueError, match=r"qk must be \(B, T, hs\), got \(2, 8, 2, 4\); heads side by "
+                                         r"side, \(B, T, nh, hs\), go through lsh_attention_heads"):
+        lsh_attention(torch.randn(2, 8, 2, 4), torch.randn(2, 8, 2, 4), 2, 1)
 
 
 def test_bad_input_layer():
@@ -1010,7 +1082,8 @@ def test_bad_input_layer():
     with pytest.raises(ValueError, match=r"d_model=16 must be divisible by n_heads=3"):
         LSHSelfAttention(16, 3)
     with pytest.raises(ValueError, match=r"attn='flash', expected one of \('lsh', 'full', "
-                                         r"'local'\)"):
+                                         r"'local', 'full_scaled', 'full_self', 'full_raw_keys', "
+                                         r"'full_dot'\)"):
         LSHSelfAttention(16, 2, attn="flash")
     with pytest.raises(ValueError, match=r"impl='slow', expected one of \('fast', 'reference'\)"):
         LSHSelfAttention(16, 2, impl="slow")
@@ -1080,13 +1153,16 @@ def test_layer_under_autocast(attn, shared_qk, dtype):
 
 
 # -----------------------------------------------------------------------------------------------
-# 10. The picture (python lsh_attention.py), and the module importing only torch
+# 10. The picture (python plot.py lsh_attention), and the module importing only torch
 # -----------------------------------------------------------------------------------------------
 
 def test_figure_is_drawn_and_matplotlib_only_imported_for_it(tmp_path):
+    root = Path(__file__).resolve().parents[1]
     code = "import sys, lsh_attention; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
+                         cwd=root)
     assert out.stdout.strip() == "False"
-    path = draw_lsh_attention(str(tmp_path / "lsh.png"), T=16, m=2, n_hashes=2)
-    assert Path(path).stat().st_size > 10_000
+    path = tmp_path / "lsh.png"
+    subprocess.run([sys.executable, "plot.py", "lsh_attention", "--out", str(path)], check=True,
+                   cwd=root, capture_output=True)
+    assert path.stat().st_size > 10_000

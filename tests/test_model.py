@@ -185,6 +185,23 @@ def test_set_attention_lsh_equals_full_at_two_buckets():
     assert not torch.allclose(lsh_logits, model(x)[0], atol=1e-6)
 
 
+def test_lsh_model_evaluated_with_full_dot():
+    """A model trained with LSH can be evaluated with the authors' dot-product attention
+    (attn='full_dot', lsh_attention.py's Part 3): it runs, stays causal, and differs from our
+    shared-QK full attention on the same weights (the conventions differ)."""
+    torch.manual_seed(0)
+    model = ReformerLM(tiny(attn="lsh", bucket_size=16, n_hashes=2)).double().eval()
+    x, y = batch(T=32)
+    model.set_attention(attn="full")
+    full_logits, _ = model(x)
+    model.set_attention(attn="full_dot")
+    dot_logits, loss = model(x, y)
+    assert torch.isfinite(loss) and not torch.allclose(dot_logits, full_logits, atol=1e-6)
+    x2 = x.clone()
+    x2[:, 20] = (x2[:, 20] + 1) % V
+    torch.testing.assert_close(model(x2)[0][:, :20], dot_logits[:, :20], atol=1e-12, rtol=0)
+
+
 def _logit_change_before(model, t, T=64, seed=0):
     x, _ = batch(B=6, T=T, seed=seed)
     x2 = x.clone()
