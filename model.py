@@ -55,7 +55,9 @@ class ModelConfig:
         "dropout; the reversible backward replays its masks exactly (enwik8: 0.1-0.2)")})
     attn: str = field(default="lsh", metadata={"help": (
         "attention in every layer: lsh (Section 2), full (the baseline of Table 2, Figure 5) "
-        "or local")})
+        "or local; for evaluation also full_dot (the authors' dot-product attention: "
+        "q.k / sqrt(hs), self allowed, keys not normalised) and full_scaled, full_self, "
+        "full_raw_keys (one of those conventions each)")})
     attn_pattern: str = field(default="", metadata={"help": (
         "per-layer attention cycled over the layers, e.g. local,local,lsh,local (the authors' "
         "enwik8 model); '' = attn everywhere")})
