@@ -261,7 +261,8 @@ def build_layer(impl, n_hashes, T, args):
                                 impl="reference" if impl == "ours-reference" else "fast",
                                 dedup=impl == "ours-dedup")
     if impl == "ours-full":
-        return LSHSelfAttention(C, nh, bucket_size=m, causal=True, attn="full", shared_qk=True)
+        return LSHSelfAttention(C, nh, bucket_size=m, n_hashes=1, causal=True, attn="full",
+                                shared_qk=True)
     if impl == "sdpa":
         return _SDPALayer(C, nh)
     if impl == "reformer-pytorch":

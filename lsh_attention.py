@@ -925,7 +925,7 @@ class LSHSelfAttention(nn.Module):
     the same outputs and gradients, so either can train the model.
     """
 
-    def __init__(self, d_model, n_heads, bucket_size=64, n_hashes=4, causal=False, attn="lsh",
+    def __init__(self, d_model, n_heads, *, bucket_size, n_hashes, causal=False, attn="lsh",
                  shared_qk=True, dropout=0.0, dedup=False, impl="fast"):
         super().__init__()
         if d_model % n_heads:

@@ -67,7 +67,8 @@ def main():
     for T in args.lengths:
         for h in args.n_hashes:
             torch.manual_seed(0)
-            state = new_module.LSHSelfAttention(args.d_model, args.n_heads).state_dict()
+            state = new_module.LSHSelfAttention(args.d_model, args.n_heads, bucket_size=args.bucket_size,
+                                                 n_hashes=h).state_dict()
             x = torch.randn(args.tokens // T, T, args.d_model, requires_grad=True)
             g = torch.randn_like(x)
             steps = {"old": step_of(old_module, state, x, g, args, h),

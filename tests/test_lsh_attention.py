@@ -807,7 +807,7 @@ def test_full_kinds_change_one_convention_each(kind):
     full gives outputs different from full's."""
     torch.manual_seed(0)
     B, T, C, nh = 2, 10, 8, 2
-    layer = LSHSelfAttention(C, nh, causal=True, attn=kind).double()
+    layer = LSHSelfAttention(C, nh, bucket_size=4, n_hashes=1, causal=True, attn=kind).double()
     x = torch.randn(B, T, C, dtype=torch.float64)
     mask = torch.rand(B, T) < 0.8
     mask[:, 0] = True
@@ -826,7 +826,7 @@ def test_full_kinds_change_one_convention_each(kind):
 def test_full_kinds_need_shared_qk():
     for kind in ("full_dot", "full_scaled", "full_self", "full_raw_keys"):
         with pytest.raises(ValueError, match=f"{kind!r} needs one vector per position"):
-            LSHSelfAttention(8, 2, attn=kind, shared_qk=False)
+            LSHSelfAttention(8, 2, bucket_size=4, n_hashes=1, attn=kind, shared_qk=False)
 
 
 @both
@@ -1074,20 +1074,20 @@ def test_bad_input_hash_vectors():
 def test_bad_input_layer():
     with pytest.raises(ValueError, match=r"shared_qk=False is valid only with attn='full' or "
                                          r"'local'"):
-        LSHSelfAttention(16, 2, attn="lsh", shared_qk=False)
+        LSHSelfAttention(16, 2, bucket_size=4, n_hashes=1, attn="lsh", shared_qk=False)
     with pytest.raises(ValueError, match=r"n_hashes must be >= 1, got 0"):
-        LSHSelfAttention(16, 2, n_hashes=0)
+        LSHSelfAttention(16, 2, bucket_size=4, n_hashes=0)
     with pytest.raises(ValueError, match=r"bucket_size must be >= 1, got 0"):
-        LSHSelfAttention(16, 2, bucket_size=0)
+        LSHSelfAttention(16, 2, bucket_size=0, n_hashes=1)
     with pytest.raises(ValueError, match=r"d_model=16 must be divisible by n_heads=3"):
-        LSHSelfAttention(16, 3)
+        LSHSelfAttention(16, 3, bucket_size=4, n_hashes=1)
     with pytest.raises(ValueError, match=r"attn='flash', expected one of \('lsh', 'full', "
                                          r"'local', 'full_scaled', 'full_self', 'full_raw_keys', "
                                          r"'full_dot'\)"):
-        LSHSelfAttention(16, 2, attn="flash")
+        LSHSelfAttention(16, 2, bucket_size=4, n_hashes=1, attn="flash")
     with pytest.raises(ValueError, match=r"impl='slow', expected one of \('fast', 'reference'\)"):
-        LSHSelfAttention(16, 2, impl="slow")
-    layer = LSHSelfAttention(16, 2, bucket_size=4)
+        LSHSelfAttention(16, 2, bucket_size=4, n_hashes=1, impl="slow")
+    layer = LSHSelfAttention(16, 2, bucket_size=4, n_hashes=4)
     with pytest.raises(ValueError, match=r"padding_mask must be \(B, T\) = \(2, 5\), "
                                          r"got \(2, 4\)"):
         layer(torch.randn(2, 5, 16), padding_mask=torch.ones(2, 4, dtype=torch.bool))
