@@ -1,7 +1,7 @@
 """
 Reproduce the Reformer paper's claims (Kitaev, Kaiser, Levskaya, ICLR 2020) at CPU scale, one
 command per experiment. Each experiment trains and evaluates a few small models through train.py
-(its command-line flags, in subprocesses) and writes results/NAME.json (every run's config, seed,
+(its command-line flags, in subprocesses) and writes experiments/results/NAME.json (every run's config, seed,
 command, device, machine load, wall time, final metrics and curves) and results/NAME.png (the
 curves against steps and against wall time).
 
@@ -10,11 +10,11 @@ curves against steps and against wall time).
     python -m experiments.reproduce hashes        # paper Figure 4: LSH-1/2/4/8 against full attention
     python -m experiments.reproduce qk            # paper Figure 3 left: shared against separate QK
     python -m experiments.reproduce reversible    # paper Figure 3 right: reversible against ordinary layers
-    python -m experiments.reproduce depth         # the seed's Section 4.8: 1 / 2 / 4 layers
+    python -m experiments.reproduce depth         # the fastai reproduction's Section 4.8: 1 / 2 / 4 layers
     python -m experiments.reproduce pattern       # the authors' local,local,lsh,local against all-LSH, all-local
     python -m experiments.reproduce plateau       # diagnostic: why LSH leaves the bigram plateau late
     python -m experiments.reproduce all           # all of the above, in that order
-    python -m experiments.reproduce readme        # regenerate README.md's Results section from results/*.json
+    python -m experiments.reproduce readme        # regenerate README.md's Results section from experiments/results/*.json
     python -m experiments.reproduce hashes --paper --device=cuda   # the paper's sizes (configs/*.args), a GPU
 
 Resumable: a finished run is never redone (its out_dir holds run.json, written last); an
@@ -146,7 +146,8 @@ EXPERIMENTS = {
         variants=[('ordinary', []), ('reversible', ['--reversible=True'])],
         evals=lambda label: [('own', [])]),
     'depth': dict(
-        title="The seed's Section 4.8: 1, 2 and 4 layers (full attention)",
+        title="The fastai reproduction (ML Reproducibility Challenge 2020), Section 4.8: 1, 2 and 4 "
+              "layers (full attention)",
         task='text', base=LM_BASE, paper_base=lambda label: LM_PAPER, seeds=[0, 1],
         variants=[('1 layer', ['--n_layers=1']), ('2 layers', []), ('4 layers', ['--n_layers=4'])],
         evals=lambda label: [('own', [])]),
@@ -574,11 +575,12 @@ def leave_step(run, threshold):
 
 # ----------------------------------------------------------------------------- the README section
 # Everything below turns results/*.json into Markdown; no number in it is typed by hand. The
-# paper's and the seed's numbers come from the papers (../shared/REFERENCE.md) and are marked so.
+# paper's numbers (the Reformer paper, Table 2) and the fastai reproduction's (ML Reproducibility
+# Challenge 2020, arampacha/reformer_fastai) are reference constants, marked so.
 
 PAPER_TABLE2 = {'full': [100, 94.8, 92.5, 76.9, 52.5], 'LSH-4': [0.8, 100, 99.9, 99.4, 91.9],
                 'LSH-2': [0.8, 100, 99.9, 98.1, 86.8], 'LSH-1': [0.8, 99.9, 99.6, 94.8, 77.9]}
-SEED_TABLE2 = {'full': [100, 1.37, 1.85, 3.00, 4.56], 'LSH-4': [46.54, 99.71, 99.77, 93.05, 77.62],
+FASTAI_TABLE2 = {'full': [100, 1.37, 1.85, 3.00, 4.56], 'LSH-4': [46.54, 99.71, 99.77, 93.05, 77.62],
                'LSH-2': [75.94, 96.60, 97.45, 97.08, 86.06],
                'LSH-1': [70.65, 76.61, 79.68, 79.34, 56.09]}
 TABLE2_EVALS = ['full', 'LSH-8', 'LSH-4', 'LSH-2', 'LSH-1']
@@ -623,7 +625,7 @@ def table2_section(result):
     for label, runs in groups.items():
         cells = [cell(eval_values(runs, e, 'accuracy'), percent=True) for e in TABLE2_EVALS]
         lines.append(f'| **{label}** (ours) | ' + ' | '.join(cells) + ' |')
-        for name, table in (('paper', PAPER_TABLE2), ('seed', SEED_TABLE2)):
+        for name, table in (('paper', PAPER_TABLE2), ('fastai', FASTAI_TABLE2)):
             if label in table:
                 lines.append(f'| {label} ({name}) | ' + ' | '.join(f'{v:g}' for v in table[label])
                              + ' |')
@@ -747,7 +749,7 @@ def hashes_verdict(result):
     return (f"- **LSH matches full attention as hashes grow**: {word} at this scale: {nums} "
             f"against full attention (shared QK) {full:.3f} bpc (tolerance {tol:.3f}; "
             f"{seeds_note(seeds)}); "
-            f"`{command('hashes')}`. The seed: LSH trained with 4 hashes reached 1.46 / 1.45 bpc "
+            f"`{command('hashes')}`. The fastai reproduction: LSH trained with 4 hashes reached 1.46 / 1.45 bpc "
             f"evaluated with 2 / 8, and did not match its Transformer.")
 
 
@@ -804,9 +806,9 @@ def verdicts(results):
         lines.append(f"- **LSH matches full attention as hashes grow**: not measured yet "
                      f"(`{command('hashes')}`).")
     claims = [('qk', 'full, separate QK', 'full, shared QK', 'Shared QK does not hurt',
-               'The seed found shared QK did worse.'),
+               'The fastai reproduction found shared QK did worse.'),
               ('reversible', 'ordinary', 'reversible', 'Reversible layers do not hurt',
-               'The seed found a gap of 0.11 bpc.')]
+               'The fastai reproduction found a gap of 0.11 bpc.')]
     for name, base, other, claim, note in claims:
         if name in results:
             lines.append(no_worse_verdict(results[name], base, other, claim, note))
@@ -842,7 +844,8 @@ def missing_runs(results):
 
 def readme_section(results):
     """The Markdown between the README's markers."""
-    lines = ['Generated by `python reproduce.py readme` from `results/*.json`; do not edit by hand.',
+    lines = ['Generated by `python -m experiments.reproduce readme` from `experiments/results/*.json`; '
+             'do not edit by hand.',
              '']
     lines += verdicts(results) + ['']
     missing = missing_runs(results)
@@ -853,7 +856,7 @@ def readme_section(results):
         c = next(r['corpus'] for r in results.values() if 'corpus' in r)
         lines += [f"Corpus for the language models: the Python 3.11 documentation's "
                   f"reStructuredText sources (Debian `python3.11-doc`), {c['bytes']:,} bytes, "
-                  f"md5 {c['md5']}, split 90/5/5 by data.py (`python reproduce.py corpus`).", '']
+                  f"md5 {c['md5']}, split 90/5/5 by data.py (`python -m experiments.reproduce corpus`).", '']
     for name in ORDER + sorted(set(results) - set(ORDER)):
         if name not in results:
             continue
@@ -904,11 +907,11 @@ def table2_notes(result):
     to_full = ', '.join(f"{l} {pct(result, l, 'full')}" for l in lsh)
     return [
         f"Each LSH-trained model evaluated with its own attention: {own}; the same weights "
-        f"evaluated with full attention: {to_full} (paper: 0.8 % for every row; seed: "
+        f"evaluated with full attention: {to_full} (paper: 0.8 % for every row; the fastai reproduction: "
         f"46.5-75.9 %). The fully trained model evaluated with LSH-1: "
-        f"{pct(result, 'full', 'LSH-1')} (paper 52.5 %, seed 4.6 %). Our full attention "
-        f"with shared QK normalises keys exactly as LSH does (the seed's did not, the likely "
-        f"cause of its reversed cross results, REFERENCE.md), so the weights carry over.", '',
+        f"{pct(result, 'full', 'LSH-1')} (paper 52.5 %, the fastai reproduction 4.6 %). Our full attention "
+        f"with shared QK normalises keys exactly as LSH does (the fastai reproduction's did "
+        f"not, the likely cause of its reversed cross results), so the weights carry over.", '',
         "Why these sizes: at T = 64 with bucket 8 (the default run) a query sees half of the "
         "keys in every round, so LSH is hardly sparse and the table shows no effect (LSH-4 "
         "trained scored 100 % under full attention). At T = 128 with bucket 16 an LSH-1 query "
@@ -917,7 +920,7 @@ def table2_notes(result):
         "more steps than a CPU affords. Vocabulary 16 keeps the paper's ambiguity (each symbol "
         "about 4 times in each half: 63 / 15 here, 511 / 127 in the paper). At this size the "
         "paper's collapse under full attention does not appear; T = 256 (a query sees 1/8) "
-        "was not affordable in this session: `python reproduce.py table2 "
+        "is not yet run: `python -m experiments.reproduce table2 "
         "--extra=--seq_len=256` runs it.", ''] + stability
 
 
@@ -998,7 +1001,7 @@ def plateau_notes(result):
         f"Vaswani et al. do (`model.token_scale`, tested); the same run's command with "
         f"`--max_steps=200` then reached 3.68 bpc at step 200 on 4 valid batches (4.91 before the "
         f"fix; seed 0, one run). To redo the row: delete its out_dir and run "
-        f"`python reproduce.py plateau`. "
+        f"`python -m experiments.reproduce plateau`. "
         f"(The untrained table shows what sinusoids would do for LSH: neighbours hash together, "
         f"{untrained(result, 256, 'LSH-4', 'sinusoidal')} of the queries see the previous byte "
         f"with LSH-4.)", '']
@@ -1012,14 +1015,14 @@ def qk_notes(result):
     return [f"Shared QK here: {bpc(result, 'full, shared QK')} bpc against separate QK's "
             f"{bpc(result, 'full, separate QK')}, and it left the plateau no later "
             f"({leaves(result, 'full, shared QK')} against {leaves(result, 'full, separate QK')}"
-            f"). The seed reported shared QK doing worse; the paper, no worse. Shared QK here "
+            f"). The fastai reproduction reported shared QK doing worse; the paper, no worse. Shared QK here "
             f"is the authors' form: keys normalised to unit length, no 1/sqrt(d) on the "
             f"logits, a query never attends to itself unless nothing else is there.", '']
 
 
 def reversible_notes(result):
     return [f"Reversible: {bpc(result, 'reversible')} bpc against ordinary layers' "
-            f"{bpc(result, 'ordinary')} (the seed: a 0.11 bpc gap; the paper: 'nearly the "
+            f"{bpc(result, 'ordinary')} (the fastai reproduction: a 0.11 bpc gap; the paper: 'nearly the "
             f"same'). The reversible models left the plateau at steps "
             f"{leaves(result, 'reversible')} against {leaves(result, 'ordinary')}: most of the "
             f"gap opens at the exit and stays, so it is of the size of the seed-to-seed spread "
@@ -1041,7 +1044,7 @@ def pattern_notes(result):
 def depth_notes(result):
     return [f"Same steps and tokens for every depth: 1 / 2 / 4 layers reach "
             f"{bpc(result, '1 layer')} / {bpc(result, '2 layers')} / {bpc(result, '4 layers')} "
-            f"bpc. At 600 steps the budget, not the depth, limits these models; the seed ran "
+            f"bpc. At 600 steps the budget, not the depth, limits these models; the fastai reproduction ran "
             f"3 / 6 / 12 layers at length 16K for this. A deeper model is slower per step, so "
             f"the wall-time panel is the fairer comparison, but the load on this machine moved "
             f"between runs (see the load averages).", '']
