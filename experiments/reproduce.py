@@ -1055,8 +1055,10 @@ NOTES = {'table2': table2_notes, 'hashes': hashes_notes, 'plateau': plateau_note
          'pattern': pattern_notes}
 
 
-def write_readme(readme='README.md', results='experiments/results'):
-    """Replace the text between the markers in readme with readme_section; error if none."""
+def write_readme(readme='README.md', results='experiments/results', results_md=None):
+    """Write the full results to results_md (default: RESULTS.md beside the results folder, so
+    experiments/RESULTS.md) and, between the README's markers, the verdicts and a link to it;
+    error if the markers are missing. Returns the README's new text."""
     with open(readme) as f:
         text = f.read()
     a, b = text.find(MARK_START), text.find(MARK_END)
@@ -1066,7 +1068,16 @@ def write_readme(readme='README.md', results='experiments/results'):
     loaded = load_results(results)
     for name, result in loaded.items():   # the plots, redrawn from the same files
         plot(result, os.path.join(results, f'{name}.png'))
-    new = text[:a + len(MARK_START)] + '\n' + readme_section(loaded) + text[b:]
+    results_md = results_md or os.path.join(os.path.dirname(os.path.abspath(results)), 'RESULTS.md')
+    with open(results_md + '.tmp', 'w') as f:
+        f.write('# Results (reproduced at CPU scale)\n\n' + readme_section(loaded))
+    os.replace(results_md + '.tmp', results_md)
+    link = os.path.relpath(results_md, os.path.dirname(os.path.abspath(readme)))
+    block = '\n'.join(verdicts(loaded) + ['', f"Every experiment in full, with its tables, plots "
+                                              f"and runs: [{link}]({link})."]) + '\n'
+    if os.path.dirname(link):   # the verdicts' links are relative to results_md's folder
+        block = block.replace('](bench_results/', f'](' + os.path.dirname(link) + '/bench_results/')
+    new = text[:a + len(MARK_START)] + '\n' + block + text[b:]
     with open(readme + '.tmp', 'w') as f:
         f.write(new)
     os.replace(readme + '.tmp', readme)

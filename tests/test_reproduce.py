@@ -150,6 +150,8 @@ def test_readme_section_is_generated_between_the_markers(tmp_path):
     assert text.startswith('# title\nbefore\n## Results') and text.endswith('\nafter\n')
     assert 'old text' not in text
     inside = text.split(reproduce.MARK_START)[1].split(reproduce.MARK_END)[0]
+    assert '[RESULTS.md](RESULTS.md)' in inside and '| full, shared QK |' not in inside
+    inside = (tmp_path / 'RESULTS.md').read_text()   # the full results, tables and plots
     assert '| full, shared QK | 100 | 3.220 ± 0.020 | never, never | 20, 20 |' in inside
     assert '| full, separate QK | 100 | 2.510 ± 0.010 | 72, 73 | 20, 20 |' in inside
     assert ('**Shared QK does not hurt**: not confirmed at this scale: full, shared QK 3.220 bpc '
@@ -159,8 +161,9 @@ def test_readme_section_is_generated_between_the_markers(tmp_path):
     assert 'python -m experiments.reproduce qk' in inside and 'results/qk.png' in inside
     assert os.path.getsize(tmp_path / 'results' / 'qk.png') > 1000   # redrawn from the file
     # running it again changes nothing: the section replaces itself
+    full = inside
     reproduce.write_readme(str(readme), str(tmp_path / 'results'))
-    assert readme.read_text() == text
+    assert readme.read_text() == text and (tmp_path / 'RESULTS.md').read_text() == full
 
 
 def test_readme_without_markers_is_a_clear_error(tmp_path):
