@@ -242,3 +242,32 @@ def test_untrained_windows_are_local_with_sinusoidal_positions(tmp_path, monkeyp
     # neighbours hash together, learned positions of the same size as the tokens do not
     assert axial['LSH-1'] < axial['LSH-4'] and sinusoidal['LSH-1'] <= sinusoidal['LSH-4']
     assert sinusoidal['LSH-1'] > axial['LSH-1']
+
+
+def test_rerun_with_other_steps_changes_the_numbers_in_the_generated_text(tiny, tmp_path,
+                                                                          monkeypatch):
+    """The generated text follows the JSON: a rerun of qk with more steps changes the bpc that
+    RESULTS.md's table and the README's verdict state."""
+    os.makedirs('data')
+    with open(reproduce.__file__) as f, open(reproduce.CORPUS, 'w') as g:
+        g.write(f.read())   # human-written text: this module's source
+    lm = ['--dataset=text', f'--data_path={reproduce.CORPUS}', '--data_dir=data', '--device=cpu',
+          '--seq_len=32', '--n_layers=1', '--d_model=16', '--n_heads=2', '--d_ff=16',
+          '--bucket_size=4', '--batch_size=4', '--eval_interval=1', '--eval_iters=1',
+          '--attn=full', '--shared_qk=False', '--reversible=False', '--lr=1e-2']
+    monkeypatch.setitem(reproduce.EXPERIMENTS, 'qk', dict(reproduce.EXPERIMENTS['qk'], base=lm,
+                                                          seeds=[0]))
+    readme = tmp_path / 'README.md'
+    readme.write_text(f'{reproduce.MARK_START}\n{reproduce.MARK_END}\n')
+    texts = []
+    for steps in (1, 6):
+        out = reproduce.run_experiment('qk', steps=steps)
+        shared = next(r for r in out['runs'] if r['label'] == 'full, shared QK')
+        bpc = f"{shared['evals']['own']['bpc']:.3f}"
+        reproduce.write_readme(str(readme), 'experiments/results')
+        full = open('experiments/RESULTS.md').read()
+        assert f"| full, shared QK | {steps} | {bpc} |" in full
+        assert f"full, shared QK {bpc} bpc" in readme.read_text()
+        texts.append((bpc, full, readme.read_text()))
+    (bpc1, full1, readme1), (bpc6, full6, readme6) = texts
+    assert bpc1 != bpc6 and bpc1 not in readme6 and f"| full, shared QK | 1 |" not in full6
