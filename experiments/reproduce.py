@@ -998,13 +998,18 @@ def plateau_notes(result):
         f", about the unigram level). Fixed sinusoids of amplitude 1 were added to token "
         f"embeddings initialised with standard deviation 0.02, so after the LayerNorm the token "
         f"was about 3 % of the input. model.py now multiplies the embeddings by sqrt(d_model), as "
-        f"Vaswani et al. do (`model.token_scale`, tested); the same run's command with "
-        f"`--max_steps=200` then reached 3.68 bpc at step 200 on 4 valid batches (4.91 before the "
-        f"fix; seed 0, one run). To redo the row: delete its out_dir and run "
+        f"Vaswani et al. do (`model.token_scale`, tested). {run_note(result, 'LSH-4, sinusoidal')} "
+        f"To redo the row: delete its out_dir and run "
         f"`python -m experiments.reproduce plateau`. "
         f"(The untrained table shows what sinusoids would do for LSH: neighbours hash together, "
         f"{untrained(result, 256, 'LSH-4', 'sinusoidal')} of the queries see the previous byte "
         f"with LSH-4.)", '']
+
+
+def run_note(result, label):
+    """The 'note' a results file keeps on a run (a measurement made outside the experiment);
+    it goes when the run is redone, since save_run replaces the whole record."""
+    return ' '.join(r['note'] for r in by_label(result).get(label, []) if r.get('note'))
 
 
 def bpc(result, label):
