@@ -144,7 +144,8 @@ def test_readme_section_is_generated_between_the_markers(tmp_path):
     json.dump({'bleu': 1.0}, open(tmp_path / 'results' / 'translation.json', 'w'))
     readme = tmp_path / 'README.md'
     readme.write_text('# title\nbefore\n## Results (reproduced at CPU scale)\n'
-                      f'{reproduce.MARK_START}\nold text\n{reproduce.MARK_END}\nafter\n')
+                      f'{reproduce.MARK_START}\nold text\n{reproduce.MARK_END}\n'
+                      f'{reproduce.BENCH_START}\n{reproduce.BENCH_END}\nafter\n')
     reproduce.write_readme(str(readme), str(tmp_path / 'results'))
     text = readme.read_text()
     assert text.startswith('# title\nbefore\n## Results') and text.endswith('\nafter\n')
@@ -172,6 +173,9 @@ def test_readme_without_markers_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match='results:start'):
         reproduce.write_readme(str(readme), str(tmp_path))
     assert readme.read_text() == '# no markers\n'
+    readme.write_text(f'{reproduce.MARK_START}\n{reproduce.MARK_END}\n')   # the bench pair missing
+    with pytest.raises(SystemExit, match='bench:start'):
+        reproduce.write_readme(str(readme), str(tmp_path))
 
 
 def test_corpus_is_deterministic_and_says_how_to_install(tmp_path):
@@ -258,7 +262,8 @@ def test_rerun_with_other_steps_changes_the_numbers_in_the_generated_text(tiny, 
     monkeypatch.setitem(reproduce.EXPERIMENTS, 'qk', dict(reproduce.EXPERIMENTS['qk'], base=lm,
                                                           seeds=[0]))
     readme = tmp_path / 'README.md'
-    readme.write_text(f'{reproduce.MARK_START}\n{reproduce.MARK_END}\n')
+    readme.write_text(f'{reproduce.MARK_START}\n{reproduce.MARK_END}\n'
+                      f'{reproduce.BENCH_START}\n{reproduce.BENCH_END}\n')
     texts = []
     for steps in (1, 6):
         out = reproduce.run_experiment('qk', steps=steps)
