@@ -5,16 +5,17 @@ Everything that needs a GPU, checked and measured in one call (about 8 minutes o
     python -m experiments.gpu_check --device cpu --tiny    # the rehearsal on a CPU: every step, tiny sizes
     python -m experiments.gpu_check --wheels               # beforehand, with network: the peers as wheels in .whl/
 
-The device tool's machine has no network, so the peers (reformer-pytorch and what it needs) travel
-as wheels: run `--wheels` here, carry `.whl`, and this script installs them into /tmp/site first.
+A GPU machine without network gets the peers (reformer-pytorch and what it needs) as wheels: run
+`--wheels` where there is network, copy `.whl/` along, and this script installs them into /tmp/site
+first. Until it has run, each GPU number is "not yet run on a GPU: python -m experiments.gpu_check".
 
 The steps, each in its own subprocess with its own time limit (a failure is recorded, the next
 step runs):
   1 tests     the CUDA cases of tests/test_cuda.py and tests/test_reversible.py: attention equal to
               the CPU references (values, gradcheck), reversible backward with CUDA RNG replay,
               bf16/fp16 autocast steps, a checkpoint saved on the device resumed on the CPU
-  2 ceilings  the chip's two numbers (docs: METHOD.md, "two numbers first"): the bf16 and fp32
-              matmul rate and the device-to-device copy bandwidth, measured, not the datasheet's
+  2 ceilings  the chip's two roofs: the bf16 and fp32 matmul rate and the device-to-device
+              copy bandwidth, measured, not the datasheet's
   3 speed     bench.py speed in bf16 at 1K..64K tokens: ours LSH-1/2/4/8 and the readable
               reference, SDPA (FlashAttention on a GPU) and the peers
   4 compile   bench.py speed --compile: our layers under torch.compile, beside step 3 (eager)
@@ -22,7 +23,7 @@ step runs):
   6 longest   the longest sequence a 12-layer reversible LSH ReformerLM trains on (one step,
               batch 1), doubling the length from 64K until the GPU runs out of memory
   7 train     a short train.py run in bf16 on the duplication task
-Last it prints one short table (the device tool returns the end of the output) and writes
+Last it prints one short table (the end of the output is what a remote run shows) and writes
 summary.json beside the steps' JSON.
 """
 import argparse
@@ -44,8 +45,8 @@ ON_DEVICE = {"torch", "numpy", "packaging", "transformers", "triton", "typing-ex
 SIZES = {
     "gpu":  dict(lengths="1024,4096,16384,65536", compile_lengths="4096", tokens=65536,
                  depth_length=16384, longest_from=65536, longest_to=2 ** 21, train_steps=200,
-                 # at most 6.5 minutes in all: with the machine's start, one call leaves time in
-                 # the device tool's 15 minutes to rerun what failed (--skip the rest)
+                 # at most 6.5 minutes in all, so a 15-minute slot leaves time to rerun what
+                 # failed (--skip the rest)
                  limits=dict(tests=60, speed=120, compile=60, memory=45, longest=60, train=30)),
     "tiny": dict(lengths="256,512", compile_lengths="256", tokens=1024, depth_length=512,
                  longest_from=256, longest_to=1024, train_steps=20,
@@ -126,7 +127,8 @@ def install_wheels(folder):
 
 
 def collect(work, final):
-    """The device tool brings back at most 8 files: the JSON, and one archive of everything."""
+    """Copy into final the JSON and one archive of everything: few files, for a remote run that
+    brings back only a handful."""
     import shutil
     import tarfile
     os.makedirs(final, exist_ok=True)
@@ -276,7 +278,7 @@ def main(argv=None):
         raise SystemExit("gpu_check.py: --device=cuda but torch sees no CUDA device "
                          "(use --device cpu --tiny for the rehearsal)")
     install_wheels(os.path.join(ROOT, ".whl"))
-    # The steps write into a work folder; collect() copies what the device tool can bring back.
+    # The steps write into a work folder; collect() copies the JSON and one archive into final.
     final = args.out
     args.out = os.path.join(final, "work") if final == "gpu_out" else "/tmp/gpu_check"
     os.makedirs(args.out, exist_ok=True)

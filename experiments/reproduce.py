@@ -1,7 +1,7 @@
 """
 Reproduce the Reformer paper's claims (Kitaev, Kaiser, Levskaya, ICLR 2020) at CPU scale, one
 command per experiment. Each experiment trains and evaluates a few small models through train.py
-(its command-line flags, in subprocesses) and writes results/NAME.json (every run's config, seed,
+(its command-line flags, in subprocesses) and writes experiments/results/NAME.json (every run's config, seed,
 command, device, machine load, wall time, final metrics and curves) and results/NAME.png (the
 curves against steps and against wall time).
 
@@ -10,11 +10,11 @@ curves against steps and against wall time).
     python -m experiments.reproduce hashes        # paper Figure 4: LSH-1/2/4/8 against full attention
     python -m experiments.reproduce qk            # paper Figure 3 left: shared against separate QK
     python -m experiments.reproduce reversible    # paper Figure 3 right: reversible against ordinary layers
-    python -m experiments.reproduce depth         # the seed's Section 4.8: 1 / 2 / 4 layers
+    python -m experiments.reproduce depth         # the fastai reproduction's Section 4.8: 1 / 2 / 4 layers
     python -m experiments.reproduce pattern       # the authors' local,local,lsh,local against all-LSH, all-local
     python -m experiments.reproduce plateau       # diagnostic: why LSH leaves the bigram plateau late
     python -m experiments.reproduce all           # all of the above, in that order
-    python -m experiments.reproduce readme        # regenerate README.md's Results section from results/*.json
+    python -m experiments.reproduce readme        # regenerate README.md's Results section from experiments/results/*.json
     python -m experiments.reproduce hashes --paper --device=cuda   # the paper's sizes (configs/*.args), a GPU
 
 Resumable: a finished run is never redone (its out_dir holds run.json, written last); an
@@ -49,6 +49,7 @@ CORPUS = os.path.join('data', 'python_docs.txt')
 CORPUS_SOURCES = '/usr/share/doc/python3*/html/_sources'
 CORPUS_INSTALL = 'apt-get install python3.11-doc'
 MARK_START, MARK_END = '<!-- results:start -->', '<!-- results:end -->'
+BENCH_START, BENCH_END = '<!-- bench:start -->', '<!-- bench:end -->'
 
 
 # ----------------------------------------------------------------------------- the corpus
@@ -146,7 +147,8 @@ EXPERIMENTS = {
         variants=[('ordinary', []), ('reversible', ['--reversible=True'])],
         evals=lambda label: [('own', [])]),
     'depth': dict(
-        title="The seed's Section 4.8: 1, 2 and 4 layers (full attention)",
+        title="The fastai reproduction (ML Reproducibility Challenge 2020), Section 4.8: 1, 2 and 4 "
+              "layers (full attention)",
         task='text', base=LM_BASE, paper_base=lambda label: LM_PAPER, seeds=[0, 1],
         variants=[('1 layer', ['--n_layers=1']), ('2 layers', []), ('4 layers', ['--n_layers=4'])],
         evals=lambda label: [('own', [])]),
@@ -574,11 +576,12 @@ def leave_step(run, threshold):
 
 # ----------------------------------------------------------------------------- the README section
 # Everything below turns results/*.json into Markdown; no number in it is typed by hand. The
-# paper's and the seed's numbers come from the papers (../shared/REFERENCE.md) and are marked so.
+# paper's numbers (the Reformer paper, Table 2) and the fastai reproduction's (ML Reproducibility
+# Challenge 2020, arampacha/reformer_fastai) are reference constants, marked so.
 
 PAPER_TABLE2 = {'full': [100, 94.8, 92.5, 76.9, 52.5], 'LSH-4': [0.8, 100, 99.9, 99.4, 91.9],
                 'LSH-2': [0.8, 100, 99.9, 98.1, 86.8], 'LSH-1': [0.8, 99.9, 99.6, 94.8, 77.9]}
-SEED_TABLE2 = {'full': [100, 1.37, 1.85, 3.00, 4.56], 'LSH-4': [46.54, 99.71, 99.77, 93.05, 77.62],
+FASTAI_TABLE2 = {'full': [100, 1.37, 1.85, 3.00, 4.56], 'LSH-4': [46.54, 99.71, 99.77, 93.05, 77.62],
                'LSH-2': [75.94, 96.60, 97.45, 97.08, 86.06],
                'LSH-1': [70.65, 76.61, 79.68, 79.34, 56.09]}
 TABLE2_EVALS = ['full', 'LSH-8', 'LSH-4', 'LSH-2', 'LSH-1']
@@ -623,7 +626,7 @@ def table2_section(result):
     for label, runs in groups.items():
         cells = [cell(eval_values(runs, e, 'accuracy'), percent=True) for e in TABLE2_EVALS]
         lines.append(f'| **{label}** (ours) | ' + ' | '.join(cells) + ' |')
-        for name, table in (('paper', PAPER_TABLE2), ('seed', SEED_TABLE2)):
+        for name, table in (('paper', PAPER_TABLE2), ('fastai', FASTAI_TABLE2)):
             if label in table:
                 lines.append(f'| {label} ({name}) | ' + ' | '.join(f'{v:g}' for v in table[label])
                              + ' |')
@@ -747,7 +750,7 @@ def hashes_verdict(result):
     return (f"- **LSH matches full attention as hashes grow**: {word} at this scale: {nums} "
             f"against full attention (shared QK) {full:.3f} bpc (tolerance {tol:.3f}; "
             f"{seeds_note(seeds)}); "
-            f"`{command('hashes')}`. The seed: LSH trained with 4 hashes reached 1.46 / 1.45 bpc "
+            f"`{command('hashes')}`. The fastai reproduction: LSH trained with 4 hashes reached 1.46 / 1.45 bpc "
             f"evaluated with 2 / 8, and did not match its Transformer.")
 
 
@@ -804,9 +807,9 @@ def verdicts(results):
         lines.append(f"- **LSH matches full attention as hashes grow**: not measured yet "
                      f"(`{command('hashes')}`).")
     claims = [('qk', 'full, separate QK', 'full, shared QK', 'Shared QK does not hurt',
-               'The seed found shared QK did worse.'),
+               'The fastai reproduction found shared QK did worse.'),
               ('reversible', 'ordinary', 'reversible', 'Reversible layers do not hurt',
-               'The seed found a gap of 0.11 bpc.')]
+               'The fastai reproduction found a gap of 0.11 bpc.')]
     for name, base, other, claim, note in claims:
         if name in results:
             lines.append(no_worse_verdict(results[name], base, other, claim, note))
@@ -842,7 +845,8 @@ def missing_runs(results):
 
 def readme_section(results):
     """The Markdown between the README's markers."""
-    lines = ['Generated by `python reproduce.py readme` from `results/*.json`; do not edit by hand.',
+    lines = ['Generated by `python -m experiments.reproduce readme` from `experiments/results/*.json`; '
+             'do not edit by hand.',
              '']
     lines += verdicts(results) + ['']
     missing = missing_runs(results)
@@ -853,7 +857,7 @@ def readme_section(results):
         c = next(r['corpus'] for r in results.values() if 'corpus' in r)
         lines += [f"Corpus for the language models: the Python 3.11 documentation's "
                   f"reStructuredText sources (Debian `python3.11-doc`), {c['bytes']:,} bytes, "
-                  f"md5 {c['md5']}, split 90/5/5 by data.py (`python reproduce.py corpus`).", '']
+                  f"md5 {c['md5']}, split 90/5/5 by data.py (`python -m experiments.reproduce corpus`).", '']
     for name in ORDER + sorted(set(results) - set(ORDER)):
         if name not in results:
             continue
@@ -904,11 +908,11 @@ def table2_notes(result):
     to_full = ', '.join(f"{l} {pct(result, l, 'full')}" for l in lsh)
     return [
         f"Each LSH-trained model evaluated with its own attention: {own}; the same weights "
-        f"evaluated with full attention: {to_full} (paper: 0.8 % for every row; seed: "
+        f"evaluated with full attention: {to_full} (paper: 0.8 % for every row; the fastai reproduction: "
         f"46.5-75.9 %). The fully trained model evaluated with LSH-1: "
-        f"{pct(result, 'full', 'LSH-1')} (paper 52.5 %, seed 4.6 %). Our full attention "
-        f"with shared QK normalises keys exactly as LSH does (the seed's did not, the likely "
-        f"cause of its reversed cross results, REFERENCE.md), so the weights carry over.", '',
+        f"{pct(result, 'full', 'LSH-1')} (paper 52.5 %, the fastai reproduction 4.6 %). Our full attention "
+        f"with shared QK normalises keys exactly as LSH does (the fastai reproduction's did "
+        f"not, the likely cause of its reversed cross results), so the weights carry over.", '',
         "Why these sizes: at T = 64 with bucket 8 (the default run) a query sees half of the "
         "keys in every round, so LSH is hardly sparse and the table shows no effect (LSH-4 "
         "trained scored 100 % under full attention). At T = 128 with bucket 16 an LSH-1 query "
@@ -917,7 +921,7 @@ def table2_notes(result):
         "more steps than a CPU affords. Vocabulary 16 keeps the paper's ambiguity (each symbol "
         "about 4 times in each half: 63 / 15 here, 511 / 127 in the paper). At this size the "
         "paper's collapse under full attention does not appear; T = 256 (a query sees 1/8) "
-        "was not affordable in this session: `python reproduce.py table2 "
+        "is not yet run: `python -m experiments.reproduce table2 "
         "--extra=--seq_len=256` runs it.", ''] + stability
 
 
@@ -995,13 +999,18 @@ def plateau_notes(result):
         f", about the unigram level). Fixed sinusoids of amplitude 1 were added to token "
         f"embeddings initialised with standard deviation 0.02, so after the LayerNorm the token "
         f"was about 3 % of the input. model.py now multiplies the embeddings by sqrt(d_model), as "
-        f"Vaswani et al. do (`model.token_scale`, tested); the same run's command with "
-        f"`--max_steps=200` then reached 3.68 bpc at step 200 on 4 valid batches (4.91 before the "
-        f"fix; seed 0, one run). To redo the row: delete its out_dir and run "
-        f"`python reproduce.py plateau`. "
+        f"Vaswani et al. do (`model.token_scale`, tested). {run_note(result, 'LSH-4, sinusoidal')} "
+        f"To redo the row: delete its out_dir and run "
+        f"`python -m experiments.reproduce plateau`. "
         f"(The untrained table shows what sinusoids would do for LSH: neighbours hash together, "
         f"{untrained(result, 256, 'LSH-4', 'sinusoidal')} of the queries see the previous byte "
         f"with LSH-4.)", '']
+
+
+def run_note(result, label):
+    """The 'note' a results file keeps on a run (a measurement made outside the experiment);
+    it goes when the run is redone, since save_run replaces the whole record."""
+    return ' '.join(r['note'] for r in by_label(result).get(label, []) if r.get('note'))
 
 
 def bpc(result, label):
@@ -1012,14 +1021,14 @@ def qk_notes(result):
     return [f"Shared QK here: {bpc(result, 'full, shared QK')} bpc against separate QK's "
             f"{bpc(result, 'full, separate QK')}, and it left the plateau no later "
             f"({leaves(result, 'full, shared QK')} against {leaves(result, 'full, separate QK')}"
-            f"). The seed reported shared QK doing worse; the paper, no worse. Shared QK here "
+            f"). The fastai reproduction reported shared QK doing worse; the paper, no worse. Shared QK here "
             f"is the authors' form: keys normalised to unit length, no 1/sqrt(d) on the "
             f"logits, a query never attends to itself unless nothing else is there.", '']
 
 
 def reversible_notes(result):
     return [f"Reversible: {bpc(result, 'reversible')} bpc against ordinary layers' "
-            f"{bpc(result, 'ordinary')} (the seed: a 0.11 bpc gap; the paper: 'nearly the "
+            f"{bpc(result, 'ordinary')} (the fastai reproduction: a 0.11 bpc gap; the paper: 'nearly the "
             f"same'). The reversible models left the plateau at steps "
             f"{leaves(result, 'reversible')} against {leaves(result, 'ordinary')}: most of the "
             f"gap opens at the exit and stays, so it is of the size of the seed-to-seed spread "
@@ -1041,7 +1050,7 @@ def pattern_notes(result):
 def depth_notes(result):
     return [f"Same steps and tokens for every depth: 1 / 2 / 4 layers reach "
             f"{bpc(result, '1 layer')} / {bpc(result, '2 layers')} / {bpc(result, '4 layers')} "
-            f"bpc. At 600 steps the budget, not the depth, limits these models; the seed ran "
+            f"bpc. At 600 steps the budget, not the depth, limits these models; the fastai reproduction ran "
             f"3 / 6 / 12 layers at length 16K for this. A deeper model is slower per step, so "
             f"the wall-time panel is the fairer comparison, but the load on this machine moved "
             f"between runs (see the load averages).", '']
@@ -1052,18 +1061,71 @@ NOTES = {'table2': table2_notes, 'hashes': hashes_notes, 'plateau': plateau_note
          'pattern': pattern_notes}
 
 
-def write_readme(readme='README.md', results='experiments/results'):
-    """Replace the text between the markers in readme with readme_section; error if none."""
+def bench_block(bench, link):
+    """The README's benchmark summary from bench.py's speed.json: per n_hashes, ours and the
+    faster peer at the shortest and longest length and their ratio; links relative to `link`
+    (bench's folder as the README sees it)."""
+    try:
+        with open(os.path.join(bench, 'speed.json')) as f:
+            speed = json.load(f)
+    except OSError:
+        return f"No {link}/speed.json yet: `python bench.py speed`.\n"
+    sec = {(r['impl'], r.get('n_hashes'), r['length']): r['seconds'] for r in speed['rows']
+           if 'seconds' in r}
+    lengths = sorted({L for _, _, L in sec})
+    lo, hi = lengths[0], lengths[-1]
+    lines = [f"Generated by `{command('readme')}` from `{link}/speed.json` "
+             f"(`python bench.py {speed['command']}`, {speed['date'][:10]}, commit {speed['code']}, {speed['device']}); do not edit by "
+             f"hand. Seconds per forward+backward of one attention layer, {speed['tokens']:,} "
+             f"tokens per step:", '',
+             f'| n_hashes | ours, {lo} / {hi} | faster peer, {lo} / {hi} | faster peer / ours |',
+             '|---|---|---|---|']
+    for h in sorted({h for i, h, _ in sec if i == 'ours'}):
+        ours = [sec.get(('ours', h, L)) for L in (lo, hi)]
+        peer = [min((v for (i, hh, LL), v in sec.items() if i != 'ours' and hh == h and LL == L),
+                    default=None) for L in (lo, hi)]
+        if None in ours + peer:
+            continue
+        lines.append(f"| {h} | {ours[0]:.2f} / {ours[1]:.2f} | {peer[0]:.2f} / {peer[1]:.2f} | "
+                     f"{peer[0] / ours[0]:.2f} / {peer[1] / ours[1]:.2f} |")
+    lines += ['', f"![speed]({link}/speed.png)", '',
+              f"Every benchmark, its method and its machine: [{link}/README.md]({link}/README.md)."]
+    return '\n'.join(lines) + '\n'
+
+
+def between(text, start, end, block, readme):
+    """text with block between the markers start and end; a clear error if they are missing."""
+    a, b = text.find(start), text.find(end)
+    if a < 0 or b < a:
+        raise SystemExit(f"error: {readme} has no '{start}' ... '{end}' markers; add them where "
+                         f"that section goes")
+    return text[:a + len(start)] + '\n' + block + text[b:]
+
+
+def write_readme(readme='README.md', results='experiments/results', results_md=None,
+                 bench='experiments/bench_results'):
+    """Write the full results to results_md (default: RESULTS.md beside the results folder, so
+    experiments/RESULTS.md) and, between the README's markers, the verdicts and a link to it;
+    error if the markers are missing. Returns the README's new text."""
     with open(readme) as f:
         text = f.read()
-    a, b = text.find(MARK_START), text.find(MARK_END)
-    if a < 0 or b < a:
-        raise SystemExit(f"error: {readme} has no '{MARK_START}' ... '{MARK_END}' markers; add "
-                         f"them where the Results section goes")
+    between(text, MARK_START, MARK_END, '', readme)   # fail before writing anything
+    between(text, BENCH_START, BENCH_END, '', readme)
     loaded = load_results(results)
     for name, result in loaded.items():   # the plots, redrawn from the same files
         plot(result, os.path.join(results, f'{name}.png'))
-    new = text[:a + len(MARK_START)] + '\n' + readme_section(loaded) + text[b:]
+    results_md = results_md or os.path.join(os.path.dirname(os.path.abspath(results)), 'RESULTS.md')
+    with open(results_md + '.tmp', 'w') as f:
+        f.write('# Results (reproduced at CPU scale)\n\n' + readme_section(loaded))
+    os.replace(results_md + '.tmp', results_md)
+    link = os.path.relpath(results_md, os.path.dirname(os.path.abspath(readme)))
+    block = '\n'.join(verdicts(loaded) + ['', f"Every experiment in full, with its tables, plots "
+                                              f"and runs: [{link}]({link})."]) + '\n'
+    if os.path.dirname(link):   # the verdicts' links are relative to results_md's folder
+        block = block.replace('](bench_results/', f'](' + os.path.dirname(link) + '/bench_results/')
+    new = between(text, MARK_START, MARK_END, block, readme)
+    bench_link = os.path.relpath(os.path.abspath(bench), os.path.dirname(os.path.abspath(readme)))
+    new = between(new, BENCH_START, BENCH_END, bench_block(bench, bench_link), readme)
     with open(readme + '.tmp', 'w') as f:
         f.write(new)
     os.replace(readme + '.tmp', readme)
@@ -1098,7 +1160,8 @@ def main(argv=None):
         return prepare_corpus(sources=a.corpus_sources)
     if a.name == 'readme':
         write_readme(a.readme, a.results)
-        print(f"wrote the Results section of {a.readme} from {a.results}/*.json")
+        print(f"wrote {os.path.join(os.path.dirname(os.path.abspath(a.results)), 'RESULTS.md')} "
+              f"and {a.readme}'s results and bench blocks from {a.results}/*.json")
         return None
     for name in ORDER if a.name == 'all' else [a.name]:
         run_experiment(name, seeds, a.paper, a.max_steps, a.device, a.out_root, a.results,

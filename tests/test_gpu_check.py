@@ -1,6 +1,6 @@
 """gpu_check.py's own pieces on the CPU (the whole script is rehearsed with
-`python gpu_check.py --device cpu --tiny`): the longest-length search stops at its limit or at the
-first failure, and the archive that the device tool brings back holds every step's output.
+`python -m experiments.gpu_check --device cpu --tiny`): the longest-length search stops at its
+limit or at the first failure, and the archive collect() writes holds every step's output.
 
     python -m pytest tests/test_gpu_check.py
 """

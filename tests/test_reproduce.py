@@ -144,12 +144,15 @@ def test_readme_section_is_generated_between_the_markers(tmp_path):
     json.dump({'bleu': 1.0}, open(tmp_path / 'results' / 'translation.json', 'w'))
     readme = tmp_path / 'README.md'
     readme.write_text('# title\nbefore\n## Results (reproduced at CPU scale)\n'
-                      f'{reproduce.MARK_START}\nold text\n{reproduce.MARK_END}\nafter\n')
+                      f'{reproduce.MARK_START}\nold text\n{reproduce.MARK_END}\n'
+                      f'{reproduce.BENCH_START}\n{reproduce.BENCH_END}\nafter\n')
     reproduce.write_readme(str(readme), str(tmp_path / 'results'))
     text = readme.read_text()
     assert text.startswith('# title\nbefore\n## Results') and text.endswith('\nafter\n')
     assert 'old text' not in text
     inside = text.split(reproduce.MARK_START)[1].split(reproduce.MARK_END)[0]
+    assert '[RESULTS.md](RESULTS.md)' in inside and '| full, shared QK |' not in inside
+    inside = (tmp_path / 'RESULTS.md').read_text()   # the full results, tables and plots
     assert '| full, shared QK | 100 | 3.220 ± 0.020 | never, never | 20, 20 |' in inside
     assert '| full, separate QK | 100 | 2.510 ± 0.010 | 72, 73 | 20, 20 |' in inside
     assert ('**Shared QK does not hurt**: not confirmed at this scale: full, shared QK 3.220 bpc '
@@ -159,8 +162,9 @@ def test_readme_section_is_generated_between_the_markers(tmp_path):
     assert 'python -m experiments.reproduce qk' in inside and 'results/qk.png' in inside
     assert os.path.getsize(tmp_path / 'results' / 'qk.png') > 1000   # redrawn from the file
     # running it again changes nothing: the section replaces itself
+    full = inside
     reproduce.write_readme(str(readme), str(tmp_path / 'results'))
-    assert readme.read_text() == text
+    assert readme.read_text() == text and (tmp_path / 'RESULTS.md').read_text() == full
 
 
 def test_readme_without_markers_is_a_clear_error(tmp_path):
@@ -169,6 +173,9 @@ def test_readme_without_markers_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match='results:start'):
         reproduce.write_readme(str(readme), str(tmp_path))
     assert readme.read_text() == '# no markers\n'
+    readme.write_text(f'{reproduce.MARK_START}\n{reproduce.MARK_END}\n')   # the bench pair missing
+    with pytest.raises(SystemExit, match='bench:start'):
+        reproduce.write_readme(str(readme), str(tmp_path))
 
 
 def test_corpus_is_deterministic_and_says_how_to_install(tmp_path):
@@ -239,3 +246,33 @@ def test_untrained_windows_are_local_with_sinusoidal_positions(tmp_path, monkeyp
     # neighbours hash together, learned positions of the same size as the tokens do not
     assert axial['LSH-1'] < axial['LSH-4'] and sinusoidal['LSH-1'] <= sinusoidal['LSH-4']
     assert sinusoidal['LSH-1'] > axial['LSH-1']
+
+
+def test_rerun_with_other_steps_changes_the_numbers_in_the_generated_text(tiny, tmp_path,
+                                                                          monkeypatch):
+    """The generated text follows the JSON: a rerun of qk with more steps changes the bpc that
+    RESULTS.md's table and the README's verdict state."""
+    os.makedirs('data')
+    with open(reproduce.__file__) as f, open(reproduce.CORPUS, 'w') as g:
+        g.write(f.read())   # human-written text: this module's source
+    lm = ['--dataset=text', f'--data_path={reproduce.CORPUS}', '--data_dir=data', '--device=cpu',
+          '--seq_len=32', '--n_layers=1', '--d_model=16', '--n_heads=2', '--d_ff=16',
+          '--bucket_size=4', '--batch_size=4', '--eval_interval=1', '--eval_iters=1',
+          '--attn=full', '--shared_qk=False', '--reversible=False', '--lr=1e-2']
+    monkeypatch.setitem(reproduce.EXPERIMENTS, 'qk', dict(reproduce.EXPERIMENTS['qk'], base=lm,
+                                                          seeds=[0]))
+    readme = tmp_path / 'README.md'
+    readme.write_text(f'{reproduce.MARK_START}\n{reproduce.MARK_END}\n'
+                      f'{reproduce.BENCH_START}\n{reproduce.BENCH_END}\n')
+    texts = []
+    for steps in (1, 6):
+        out = reproduce.run_experiment('qk', steps=steps)
+        shared = next(r for r in out['runs'] if r['label'] == 'full, shared QK')
+        bpc = f"{shared['evals']['own']['bpc']:.3f}"
+        reproduce.write_readme(str(readme), 'experiments/results')
+        full = open('experiments/RESULTS.md').read()
+        assert f"| full, shared QK | {steps} | {bpc} |" in full
+        assert f"full, shared QK {bpc} bpc" in readme.read_text()
+        texts.append((bpc, full, readme.read_text()))
+    (bpc1, full1, readme1), (bpc6, full6, readme6) = texts
+    assert bpc1 != bpc6 and bpc1 not in readme6 and f"| full, shared QK | 1 |" not in full6
