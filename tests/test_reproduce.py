@@ -14,6 +14,7 @@ import os
 
 import pytest
 
+import experiments.report as report
 import experiments.reproduce as reproduce
 import train
 
@@ -144,26 +145,29 @@ def test_readme_section_is_generated_between_the_markers(tmp_path):
     json.dump({'bleu': 1.0}, open(tmp_path / 'results' / 'translation.json', 'w'))
     readme = tmp_path / 'README.md'
     readme.write_text('# title\nbefore\n## Results (reproduced at CPU scale)\n'
-                      f'{reproduce.MARK_START}\nold text\n{reproduce.MARK_END}\n'
-                      f'{reproduce.BENCH_START}\n{reproduce.BENCH_END}\nafter\n')
-    reproduce.write_readme(str(readme), str(tmp_path / 'results'))
+                      f'{report.MARK_START}\nold text\n{report.MARK_END}\n'
+                      f'{report.BENCH_START}\n{report.BENCH_END}\nafter\n')
+    report.write_readme(str(readme), str(tmp_path / 'results'))
     text = readme.read_text()
     assert text.startswith('# title\nbefore\n## Results') and text.endswith('\nafter\n')
     assert 'old text' not in text
-    inside = text.split(reproduce.MARK_START)[1].split(reproduce.MARK_END)[0]
+    inside = text.split(report.MARK_START)[1].split(report.MARK_END)[0]
     assert '[RESULTS.md](RESULTS.md)' in inside and '| full, shared QK |' not in inside
+    assert '| Shared QK does not hurt | Figure 3 left |' in inside   # the verdicts table
     inside = (tmp_path / 'RESULTS.md').read_text()   # the full results, tables and plots
     assert '| full, shared QK | 100 | 3.220 ± 0.020 | never, never | 20, 20 |' in inside
     assert '| full, separate QK | 100 | 2.510 ± 0.010 | 72, 73 | 20, 20 |' in inside
-    assert ('**Shared QK does not hurt**: not confirmed at this scale: full, shared QK 3.220 bpc '
-            'against full, separate QK 2.510 (difference +0.710, tolerance 0.040; seeds 0, 1)') in inside
-    assert '**Reversible layers do not hurt**: confirmed' in inside
-    assert 'LSH matches full attention as hashes grow**: not measured yet' in inside
+    assert ('| Shared QK does not hurt | Figure 3 left | full, shared QK 3.220 bpc, full, separate '
+            'QK 2.510 (difference +0.710, tolerance 0.040; seeds 0, 1) | **does not hold** |') in inside
+    assert '| Reversible layers do not hurt | Figure 3 right |' in inside
+    assert '| **holds** | `python -m experiments.reproduce reversible` |' in inside
+    assert ('| LSH approaches full attention as hash rounds grow | Figure 4 | - | '
+            '**not measured yet** |') in inside
     assert 'python -m experiments.reproduce qk' in inside and 'results/qk.png' in inside
     assert os.path.getsize(tmp_path / 'results' / 'qk.png') > 1000   # redrawn from the file
     # running it again changes nothing: the section replaces itself
     full = inside
-    reproduce.write_readme(str(readme), str(tmp_path / 'results'))
+    report.write_readme(str(readme), str(tmp_path / 'results'))
     assert readme.read_text() == text and (tmp_path / 'RESULTS.md').read_text() == full
 
 
@@ -171,11 +175,11 @@ def test_readme_without_markers_is_a_clear_error(tmp_path):
     readme = tmp_path / 'README.md'
     readme.write_text('# no markers\n')
     with pytest.raises(SystemExit, match='results:start'):
-        reproduce.write_readme(str(readme), str(tmp_path))
+        report.write_readme(str(readme), str(tmp_path))
     assert readme.read_text() == '# no markers\n'
-    readme.write_text(f'{reproduce.MARK_START}\n{reproduce.MARK_END}\n')   # the bench pair missing
+    readme.write_text(f'{report.MARK_START}\n{report.MARK_END}\n')   # the bench pair missing
     with pytest.raises(SystemExit, match='bench:start'):
-        reproduce.write_readme(str(readme), str(tmp_path))
+        report.write_readme(str(readme), str(tmp_path))
 
 
 def test_corpus_is_deterministic_and_says_how_to_install(tmp_path):
@@ -262,14 +266,14 @@ def test_rerun_with_other_steps_changes_the_numbers_in_the_generated_text(tiny, 
     monkeypatch.setitem(reproduce.EXPERIMENTS, 'qk', dict(reproduce.EXPERIMENTS['qk'], base=lm,
                                                           seeds=[0]))
     readme = tmp_path / 'README.md'
-    readme.write_text(f'{reproduce.MARK_START}\n{reproduce.MARK_END}\n'
-                      f'{reproduce.BENCH_START}\n{reproduce.BENCH_END}\n')
+    readme.write_text(f'{report.MARK_START}\n{report.MARK_END}\n'
+                      f'{report.BENCH_START}\n{report.BENCH_END}\n')
     texts = []
     for steps in (1, 6):
         out = reproduce.run_experiment('qk', steps=steps)
         shared = next(r for r in out['runs'] if r['label'] == 'full, shared QK')
         bpc = f"{shared['evals']['own']['bpc']:.3f}"
-        reproduce.write_readme(str(readme), 'experiments/results')
+        report.write_readme(str(readme), 'experiments/results')
         full = open('experiments/RESULTS.md').read()
         assert f"| full, shared QK | {steps} | {bpc} |" in full
         assert f"full, shared QK {bpc} bpc" in readme.read_text()

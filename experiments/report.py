@@ -1,0 +1,644 @@
+"""
+The reproduction's report, generated from experiments/results/*.json and
+experiments/bench_results/*.json: experiments/RESULTS.md (every experiment: its data and scale,
+tables, plots, runs, machine and load) and, between markers in the root README.md, a table of
+the verdicts and a benchmark summary. Every number and every claim in the generated text is
+computed from those files; a rerun that changes a number changes every sentence that states it.
+
+    python -m experiments.report                 # after any experiment (experiments.reproduce)
+
+The paper's numbers (Table 2) and the fastai reproduction's (ML Reproducibility Challenge 2020)
+are reference constants below, marked so; docs/sources.md says where they come from.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import textwrap
+
+from experiments.reproduce import EXPERIMENTS, ORDER, plan, plot
+
+MARK_START, MARK_END = '<!-- results:start -->', '<!-- results:end -->'
+BENCH_START, BENCH_END = '<!-- bench:start -->', '<!-- bench:end -->'
+
+
+# ----------------------------------------------------------------------------- summaries
+
+def mean_spread(values):
+    """'mean ± half the range (n)' of a list of numbers; '-' for none."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None, None
+    return sum(values) / len(values), (max(values) - min(values)) / 2
+
+
+def cell(values, percent=False):
+    mean, spread = mean_spread(values)
+    if mean is None:
+        return '-'
+    k = 100 if percent else 1
+    fmt = '{:.1f}' if percent else '{:.3f}'
+    s = fmt.format(k * mean)
+    if len(values) > 1:
+        s += ' ± ' + fmt.format(k * spread)
+    return s
+
+
+def by_label(result):
+    """{label: [runs]} in variant order."""
+    out = {}
+    for r in result['runs']:
+        out.setdefault(r['label'], []).append(r)
+    return out
+
+
+def eval_values(runs, eval_label, metric):
+    return [r['evals'].get(eval_label, {}).get(metric) for r in runs if r['status'] == 'ok']
+
+
+def leave_step(run, threshold):
+    """The step at which the valid bpc first falls below threshold, interpolated linearly
+    between the two evals around it (None: never): leaving the plateau."""
+    ev = [(e['step'], e['bpc']) for e in run['curve']['eval'] if 'bpc' in e]
+    for (s0, b0), (s1, b1) in zip([(0, float('inf'))] + ev, ev):
+        if b1 < threshold:
+            return s1 if not math.isfinite(b0) else round(s0 + (b0 - threshold) / (b0 - b1) * (s1 - s0))
+    return None
+
+
+# ----------------------------------------------------------------------------- the README section
+# Everything below turns results/*.json into Markdown; no number in it is typed by hand. The
+# paper's numbers (the Reformer paper, Table 2) and the fastai reproduction's (ML Reproducibility
+# Challenge 2020, arampacha/reformer_fastai) are reference constants, marked so.
+
+PAPER_TABLE2 = {'full': [100, 94.8, 92.5, 76.9, 52.5], 'LSH-4': [0.8, 100, 99.9, 99.4, 91.9],
+                'LSH-2': [0.8, 100, 99.9, 98.1, 86.8], 'LSH-1': [0.8, 99.9, 99.6, 94.8, 77.9]}
+# The fastai reproduction's enwik8 results (3 layers, length 4096): LSH trained with 4 hashes,
+# test bpc evaluated with 2 and with 8 hashes; its gap between reversible and ordinary layers.
+FASTAI_LSH4_BPC = {2: 1.46, 8: 1.45}
+FASTAI_REVERSIBLE_GAP = 0.11
+FASTAI_TABLE2 = {'full': [100, 1.37, 1.85, 3.00, 4.56], 'LSH-4': [46.54, 99.71, 99.77, 93.05, 77.62],
+               'LSH-2': [75.94, 96.60, 97.45, 97.08, 86.06],
+               'LSH-1': [70.65, 76.61, 79.68, 79.34, 56.09]}
+TABLE2_EVALS = ['full', 'LSH-8', 'LSH-4', 'LSH-2', 'LSH-1']
+PLATEAU_BPC = 3.0   # below this a model has left the bigram plateau (~3.35 bpc on this corpus)
+
+
+def command(name):
+    return f"python -m experiments.reproduce {name}"
+
+
+def load_results(results='experiments/results'):
+    """This module's experiments in results/ (other tools write there too: translation.json)."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(results, '*.json'))):
+        with open(path) as f:
+            r = json.load(f)
+        if isinstance(r, dict) and r.get('experiment') in EXPERIMENTS:
+            out[r['experiment']] = r
+    return out
+
+
+def runs_line(result):
+    """How many runs, how many failed, the seeds, the machine and its load."""
+    runs = result['runs']
+    failed = [f"{r['label']} seed {r['seed']}" for r in runs if r['status'] != 'ok']
+    loads = [r['load_before'][0] for r in runs] + [r['load_after'][0] for r in runs]
+    m = result['machine']
+    c = runs[0]['config'] if runs else {}
+    s = (f"{len(runs)} run(s), seeds {sorted({r['seed'] for r in runs})}, "
+         f"steps of {c.get('batch_size')} x {c.get('seq_len')} tokens, "
+         f"{len(failed)} failed{(' (' + ', '.join(failed) + ')') if failed else ''}; "
+         f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, OMP_NUM_THREADS={m['threads']}; "
+         f"1-minute load average {min(loads):.1f}-{max(loads):.1f} during the runs"
+         f"{' (above the core count: other jobs shared the machine, so wall times are noisy)' if max(loads) > m['cores'] else ''}.")
+    return s
+
+
+def table2_section(result):
+    groups = by_label(result)
+    lines = ['| trained \\ evaluated | ' + ' | '.join(TABLE2_EVALS) + ' |',
+             '|---' * (len(TABLE2_EVALS) + 1) + '|']
+    for label, runs in groups.items():
+        cells = [cell(eval_values(runs, e, 'accuracy'), percent=True) for e in TABLE2_EVALS]
+        lines.append(f'| **{label}** (ours) | ' + ' | '.join(cells) + ' |')
+        for name, table in (('paper', PAPER_TABLE2), ('fastai', FASTAI_TABLE2)):
+            if label in table:
+                lines.append(f'| {label} ({name}) | ' + ' | '.join(f'{v:g}' for v in table[label])
+                             + ' |')
+    return lines
+
+
+def bpc_at(run, step):
+    """The valid bpc (the --eval_iters batches of training's evals) at `step`, or None."""
+    return next((e['bpc'] for e in run['curve']['eval'] if e['step'] == step), None)
+
+
+def lm_section(result, lsh8=False, at_step=None):
+    head = (['model', 'steps', 'valid bpc'] + (['with LSH-8'] if lsh8 else []) +
+            ([f'bpc at step {at_step} (train-time eval)'] if at_step else []) +
+            [f'leaves {PLATEAU_BPC} bpc at step', 'training time (s)'])
+    lines = ['| ' + ' | '.join(head) + ' |', '|---' * len(head) + '|']
+    for label, runs in by_label(result).items():
+        ok = [r for r in runs if r['status'] == 'ok']
+        steps = sorted({r['config'].get('max_steps') for r in runs})
+        row = [label, ', '.join(steps), cell(eval_values(runs, 'own', 'bpc'))]
+        if lsh8:
+            row.append(cell(eval_values(runs, 'LSH-8', 'bpc')) if label.startswith('LSH') else '')
+        if at_step:
+            row.append(cell([bpc_at(r, at_step) for r in ok]))
+        steps = [leave_step(r, PLATEAU_BPC) for r in ok]
+        row.append(', '.join('never' if s is None else str(s) for s in steps) or '-')
+        # training time from the curve (added up over a resume), not the subprocess's wall_s
+        row.append(', '.join(f"{r['curve']['eval'][-1]['time_s']:.0f}" for r in ok
+                             if r['curve']['eval']) or '-')
+        lines.append('| ' + ' | '.join(row) + ' |')
+    return lines
+
+
+def windows_section(result):
+    """The window analysis of each analysed run: per layer, the share of full attention's
+    weight that LSH-R's windows hold, how often they hold the previous token, and the weight
+    full attention gives the previous token."""
+    lines = ['Full attention with the model\'s own shared QK vectors, against the keys LSH-R '
+             'lets each query see (8 valid sequences; per layer: weight in the windows / previous '
+             'token in the windows / weight on the previous token):', '',
+             '| model | weights | windows of | layer 1 | layer 2 |', '|---|---|---|---|---|']
+    shown_untrained = False
+    for r in result['runs']:
+        for state, per_r in (r.get('windows') or {}).items():
+            if state == 'untrained' and shown_untrained:
+                continue   # the same initial weights for every run of one seed
+            shown_untrained |= state == 'untrained'
+            for rounds, layers in per_r.items():
+                cells = [f"{l['mass_in_window']:.2f} / {l['prev_in_window']:.2f} / "
+                         f"{l['prev_mass']:.2f}" for l in layers[:2]]
+                lines.append(f"| {r['label']} (seed {r['seed']}) | {state} | {rounds} | "
+                             + ' | '.join(cells) + ' |')
+    return lines
+
+
+def untrained_section(result):
+    rows = result.get('untrained_windows') or []
+    if not rows:
+        return []
+    hashes = [k for k in rows[0] if k.startswith('LSH')]
+    lines = ['Before any training (the same model, untrained, bucket 16, layer 1): how often the '
+             "previous token is in a query's LSH windows, and full attention's weight in them:", '',
+             '| T | positions | ' + ' | '.join(hashes) + ' |', '|---' * (len(hashes) + 2) + '|']
+    for r in rows:
+        lines.append(f"| {r['T']} | {r['pos_emb']} | " + ' | '.join(
+            f"{r[h][0]['prev_in_window']:.2f} / {r[h][0]['mass_in_window']:.2f}" for h in hashes)
+            + ' |')
+    return lines + ['']
+
+
+def paired_seeds(result, labels):
+    """The seeds every one of labels finished: comparisons average over the same seeds."""
+    done = [{r['seed'] for r in by_label(result).get(l, []) if r['status'] == 'ok'}
+            for l in labels]
+    return set.intersection(*done) if done else set()
+
+
+def mean_of(result, label, eval_label='own', metric='bpc', seeds=None):
+    runs = [r for r in by_label(result).get(label, []) if seeds is None or r['seed'] in seeds]
+    return mean_spread(eval_values(runs, eval_label, metric))
+
+
+def tolerance(result, labels, seeds=None):
+    """What 'does not hurt' allows: 0.03 bpc, or twice the largest seed spread if that is more."""
+    spreads = [mean_of(result, l, seeds=seeds)[1] or 0 for l in labels]
+    return max([0.03] + [2 * s for s in spreads])
+
+
+def seeds_note(seeds):
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))}"
+
+
+def no_worse_verdict(result, base, other, claim, paper):
+    """A 'does not hurt' claim: other's mean bpc within the tolerance of base's, same seeds."""
+    seeds = paired_seeds(result, [base, other])
+    (b, _), (o, _) = mean_of(result, base, seeds=seeds), mean_of(result, other, seeds=seeds)
+    name = result['experiment']
+    if not seeds or b is None or o is None:
+        return claim, paper, '-', 'not measured yet', command(name)
+    tol = tolerance(result, [base, other], seeds)
+    ours = (f"{other} {o:.3f} bpc, {base} {b:.3f} (difference {o - b:+.3f}, tolerance "
+            f"{tol:.3f}; {seeds_note(seeds)})")
+    return claim, paper, ours, 'holds' if o - b <= tol else 'does not hold', command(name)
+
+def hashes_verdict(result):
+    labels = ['full, shared QK'] + [f'LSH-{r}' for r in (1, 2, 4, 8)]
+    claim, paper = 'LSH approaches full attention as hash rounds grow', 'Figure 4'
+    seeds = paired_seeds(result, labels)
+    full = mean_of(result, 'full, shared QK', seeds=seeds)[0]
+    lsh = {r: mean_of(result, f'LSH-{r}', seeds=seeds)[0] for r in (1, 2, 4, 8)}
+    if not seeds or full is None or any(v is None for v in lsh.values()):
+        return claim, paper, '-', 'not measured yet', command('hashes')
+    tol = tolerance(result, ['full, shared QK', 'LSH-8'], seeds)
+    falling = all(lsh[a] >= lsh[b] - tol for a, b in ((1, 2), (2, 4), (4, 8)))
+    close = lsh[8] - full <= tol
+    word = ('holds' if falling and close else
+            'partly: bpc falls with the rounds, but LSH-8 stays above full attention by more '
+            'than the tolerance' if falling else 'does not hold')
+    nums = ', '.join(f'LSH-{r} {v:.3f}' for r, v in lsh.items())
+    ours = (f"{nums} against full (shared QK) {full:.3f} bpc (tolerance {tol:.3f}; "
+            f"{seeds_note(seeds)})")
+    return claim, paper, ours, word, command('hashes')
+
+def bench_verdicts(bench='experiments/bench_results'):
+    """The speed and memory claims, from bench.py's saved runs (not redone here)."""
+    rows = []
+    claim, paper = 'LSH time is flat in length at fixed tokens per step', 'Figure 5'
+    try:
+        with open(os.path.join(bench, 'speed.json')) as f:
+            speed = json.load(f)
+        t = {(r['impl'], r.get('n_hashes'), r['length']): r['seconds'] for r in speed['rows']
+             if 'seconds' in r}
+        lengths = sorted(L for i, h, L in t if i == 'ours' and h == 1)
+        full = sorted(L for i, _, L in t if i == 'ours-full')
+        lo, hi = lengths[0], lengths[-1]
+        ratio = t[('ours', 1, hi)] / t[('ours', 1, lo)]
+        ours = (f"LSH-1 {t[('ours', 1, lo)]:.2f} s at {lo}, {t[('ours', 1, hi)]:.2f} s at {hi} "
+                f"({ratio:.2f}x); full {t[('ours-full', None, full[0])]:.2f} s at {full[0]}, "
+                f"{t[('ours-full', None, full[-1])]:.2f} s at {full[-1]} ({speed['date'][:10]})")
+        rows.append((claim, paper, ours, 'holds' if ratio < 1.5 else 'does not hold '
+                     '(rule: within 1.5x)', 'python bench.py speed'))
+    except (OSError, KeyError, IndexError, TypeError, ZeroDivisionError):
+        rows.append((claim, paper, '-', 'not measured yet', 'python bench.py speed'))
+    claim, paper = 'Memory is flat in depth with reversible layers', 'Table 3'
+    try:
+        with open(os.path.join(bench, 'memory-depth.json')) as f:
+            mem = json.load(f)
+        got = {(r['reversible'], r['n_layers']): r['delta_mb'] for r in mem['rows']
+               if r['ff_chunks'] == 1}
+        depth = sorted({L for _, L in got})
+        ratio = {rev: got[(rev, depth[-1])] / got[(rev, depth[0])] for rev in (True, False)}
+        ours = (f"{depth[-1]} layers use {ratio[True]:.2f}x the memory of {depth[0]} reversible, "
+                f"{ratio[False]:.2f}x ordinary")
+        rows.append((claim, paper, ours, 'holds' if ratio[True] < 1.3 else 'does not hold '
+                     '(rule: within 1.3x)', 'python bench.py memory-depth'))
+    except (OSError, KeyError, IndexError, ZeroDivisionError):
+        rows.append((claim, paper, '-', 'not measured yet', 'python bench.py memory-depth'))
+    return rows
+
+def table2_verdict(result):
+    """The paper's collapse: LSH-trained models at chance (1/(vocab - 1)) under full attention
+    while the full-trained model is not. Rule: at most twice chance counts as at chance."""
+    claim, paper = "LSH-trained models fall to chance under full attention", 'Table 2'
+    groups = by_label(result)
+    lsh = [l for l in groups if l.startswith('LSH')]
+    vocab = next((r['config'].get('vocab_size') for r in result['runs'] if r.get('config')), None)
+    acc = {l: mean_spread(eval_values(groups[l], 'full', 'accuracy'))[0] for l in lsh}
+    if not lsh or vocab is None or any(v is None for v in acc.values()):
+        return claim, paper, '-', 'not measured yet', command('table2')
+    chance = 1 / (int(vocab) - 1)
+    ours = (', '.join(f"{l} {100 * v:.1f} %" for l, v in acc.items()) +
+            f" under full attention (chance {100 * chance:.1f} %; paper 0.8 %)")
+    fell = [l for l, v in acc.items() if v <= 2 * chance]
+    word = ('holds' if len(fell) == len(lsh) else 'does not hold' if not fell else
+            f"partly: {', '.join(fell)} only")
+    return claim, paper, ours, word, command('table2')
+
+
+def verdict_rows(results):
+    """(claim, paper, ours, verdict, command) for every claim of the paper we test."""
+    missing = lambda claim, paper, name: (claim, paper, '-', 'not measured yet', command(name))
+    rows = [table2_verdict(results['table2']) if 'table2' in results else
+            missing("LSH-trained models fall to chance under full attention", 'Table 2', 'table2'),
+            hashes_verdict(results['hashes']) if 'hashes' in results else
+            missing('LSH approaches full attention as hash rounds grow', 'Figure 4', 'hashes')]
+    for name, base, other, claim, paper in (
+            ('qk', 'full, separate QK', 'full, shared QK', 'Shared QK does not hurt',
+             'Figure 3 left'),
+            ('reversible', 'ordinary', 'reversible', 'Reversible layers do not hurt',
+             'Figure 3 right')):
+        rows.append(no_worse_verdict(results[name], base, other, claim, paper)
+                    if name in results else missing(claim, paper, name))
+    return rows + bench_verdicts()
+
+
+def verdicts_table(results):
+    rows = verdict_rows(results)
+    return (['| claim | paper | ours, at CPU scale | verdict | command |', '|---|---|---|---|---|'] +
+            [f"| {c} | {p} | {o} | **{v}** | `{cmd}` |" for c, p, o, v, cmd in rows] +
+            ['', "Rules: 'does not hurt' holds when the mean bpc over the paired seeds is at most "
+             "0.03 bpc, or twice the larger seed spread, above the baseline's; 'at chance' is at "
+             "most twice 1/(vocab - 1)."])
+
+SECTIONS = {
+    'table2': ("Masked accuracy (%) on the second half, 256 fixed validation sequences, mean ± "
+               "half the range over seeds; each trained model is evaluated with every attention "
+               "on the same weights."),
+    'hashes': ("Bits per byte on the whole valid split (final checkpoint); each LSH model also "
+               "evaluated with 8 hashes."),
+    'qk': "Bits per byte on the whole valid split (final checkpoint).",
+    'reversible': "Bits per byte on the whole valid split (final checkpoint).",
+    'depth': "Bits per byte on the whole valid split (final checkpoint).",
+    'pattern': "Bits per byte on the whole valid split (final checkpoint).",
+}
+
+
+def missing_runs(results):
+    """{experiment: ['label seed s', ...]} for the planned CPU-scale runs not in results."""
+    out = {}
+    for name in ORDER:
+        have = {(r['label'], r['seed']) for r in results.get(name, {}).get('runs', [])}
+        todo = [f"{label} seed {seed}" for label, seed, _ in plan(name)
+                if (label, seed) not in have]
+        if todo:
+            out[name] = todo
+    return out
+
+
+def readme_section(results):
+    """The Markdown between the README's markers."""
+    lines = ['Generated by `python -m experiments.report` from `experiments/results/*.json`; '
+             'do not edit by hand.',
+             '']
+    lines += ['## Verdicts', ''] + verdicts_table(results) + ['']
+    missing = missing_runs(results)
+    if missing:
+        lines += ['Not run yet (each command resumes where the last one stopped): ' + '; '.join(
+            f"`{command(n)}`: {', '.join(todo)}" for n, todo in missing.items()) + '.', '']
+    if any(r['task'] == 'text' for r in results.values()):
+        c = next(r['corpus'] for r in results.values() if 'corpus' in r)
+        lines += [f"Corpus for the language models: the Python 3.11 documentation's "
+                  f"reStructuredText sources (Debian `python3.11-doc`), {c['bytes']:,} bytes, "
+                  f"md5 {c['md5']}, split 90/5/5 by data.py (`python -m experiments.reproduce corpus`).", '']
+    for name in ORDER + sorted(set(results) - set(ORDER)):
+        if name not in results:
+            continue
+        r = results[name]
+        lines += [f"### {r['title']}", '', f"`{command(name)}` ([results/{name}.json]"
+                  f"(results/{name}.json)). {SECTIONS.get(name, '')}", '']
+        lines += (table2_section(r) if name == 'table2' else
+                  lm_section(r, lsh8=name == 'hashes', at_step=400 if name == 'plateau' else None))
+        if name == 'plateau':
+            lines += [''] + untrained_section(r) + windows_section(r)
+        lines += ['', runs_line(r), '', f"![{name}](results/{name}.png)", '']
+        lines += NOTES[name](r) if name in NOTES else []
+    return '\n'.join(lines).rstrip() + '\n'
+
+
+def pct(result, label, eval_label):
+    mean, _ = mean_spread(eval_values(by_label(result).get(label, []), eval_label, 'accuracy'))
+    return '-' if mean is None else f'{100 * mean:.1f} %'
+
+
+def left_chance(result, label, above=0.2):
+    """Per seed, the first eval step with accuracy above `above` (chance is 1/15)."""
+    steps = [next((e['step'] for e in r['curve']['eval'] if e.get('accuracy', 0) > above),
+                  None) for r in by_label(result).get(label, []) if r['status'] == 'ok']
+    return ', '.join('never' if s is None else str(s) for s in steps) or '-'
+
+
+def failed_sentence(result):
+    failed = [f"{r['label']} seed {r['seed']}" for r in result['runs'] if r['status'] != 'ok']
+    return (f"Failed runs: {', '.join(failed)} (their errors are in results/"
+            f"{result['experiment']}.json)." if failed else "No run failed or diverged.")
+
+
+def table2_notes(result):
+    lsh = [l for l in by_label(result) if l.startswith('LSH')]
+    per_seed = '; '.join(f"{l}: " + ', '.join(
+        f"{100 * r['evals'].get(l, {}).get('accuracy', float('nan')):.1f} %"
+        for r in by_label(result)[l] if r['status'] == 'ok') for l in lsh)
+    chance = '; '.join(f"{l}: {left_chance(result, l)}" for l in by_label(result))
+    own = ', '.join(f"{l} {pct(result, l, l)}" for l in lsh)
+    to_full = ', '.join(f"{l} {pct(result, l, 'full')}" for l in lsh)
+    c = next((r['config'] for r in result['runs'] if r.get('config')), {})
+    T, m = (int(c[k]) if c.get(k) else None for k in ('seq_len', 'bucket_size'))
+    share = f"2 x {m} of {T} keys per round ({2 * m / T:.0%})" if T and m else "-"
+    return [
+        f"Each LSH-trained model under its own attention: {own}; the same weights under full "
+        f"attention: {to_full} (the paper: 0.8 % for every row; the fastai reproduction: "
+        f"{min(v[0] for k, v in FASTAI_TABLE2.items() if k != 'full'):.1f}-"
+        f"{max(v[0] for k, v in FASTAI_TABLE2.items() if k != 'full'):.1f} %). The full-trained "
+        f"model under LSH-1: {pct(result, 'full', 'LSH-1')} (the paper: "
+        f"{PAPER_TABLE2['full'][-1]} %, the fastai reproduction: {FASTAI_TABLE2['full'][-1]} %). "
+        f"Our full attention with shared QK normalises keys and masks a query's own key exactly "
+        f"as LSH does, so an LSH-trained model sees under it a superset of its windows.", '',
+        f"Sparsity at this size: an LSH query sees {share}.", '',
+        f"Per seed, own attention: {per_seed}. The first eval above 20 % accuracy (leaving "
+        f"chance), per seed: {chance}. {failed_sentence(result)}", '']
+
+
+def leaves(result, label):
+    """'step' (or 'a, b' over seeds; 'never' past the last step) at which a variant left the
+    plateau; '-' if it has no runs."""
+    runs = [r for r in by_label(result).get(label, []) if r['status'] == 'ok']
+    steps = [leave_step(r, PLATEAU_BPC) for r in runs]
+    return ', '.join('never' if s is None else str(s) for s in steps) or '-'
+
+
+def window(result, label, state, rounds, layer=0, key='prev_in_window'):
+    run = next((r for r in result['runs'] if r['label'] == label and r.get('windows')), None)
+    try:
+        return f"{run['windows'][state][rounds][layer][key]:.0%}"
+    except (TypeError, KeyError, IndexError):
+        return '-'
+
+
+def untrained(result, T, rounds, pos_emb='axial', key='prev_in_window'):
+    row = next((r for r in result.get('untrained_windows', []) if r['T'] == T and
+                r['pos_emb'] == pos_emb), None)
+    return f"{row[rounds][0][key]:.0%}" if row and rounds in row else '-'
+
+
+def hashes_notes(result):
+    lsh = [l for l in by_label(result) if l.startswith('LSH') and l != 'LSH-8']
+    own = {l: mean_spread(eval_values(by_label(result)[l], 'own', 'bpc'))[0] for l in lsh}
+    at8 = {l: mean_spread(eval_values(by_label(result)[l], 'LSH-8', 'bpc'))[0] for l in lsh}
+    pairs = '; '.join(f"{l} {cell(eval_values(by_label(result)[l], 'own', 'bpc'))} -> "
+                      f"{cell(eval_values(by_label(result)[l], 'LSH-8', 'bpc'))}" for l in lsh)
+    better = [l for l in lsh if own[l] is not None and at8[l] is not None and at8[l] < own[l]]
+    return [f"The step at which each model's valid bpc first falls below {PLATEAU_BPC} (leaving "
+            f"the bigram plateau): full attention {leaves(result, 'full, separate QK')} "
+            f"(separate QK), {leaves(result, 'full, shared QK')} (shared QK); " +
+            ', '.join(f"{l}: {leaves(result, l)}" for l in lsh + ['LSH-8']) + ". "
+            f"The same weights evaluated with 8 hashes instead of their own (own -> LSH-8): "
+            f"{pairs}; {len(better)} of {len(lsh)} evaluate better with 8. The fastai "
+            f"reproduction: LSH-4 at {FASTAI_LSH4_BPC[2]} / {FASTAI_LSH4_BPC[8]} test bpc "
+            f"evaluated with 2 / 8 hashes (enwik8, 3 layers, length 4096).", '']
+
+
+def plateau_notes(result):
+    g = lambda label: leaves(result, label)
+    w = lambda *a, **k: window(result, *a, **k)
+    u = lambda T, r, pos='axial': untrained(result, T, r, pos)
+    return [
+        f"Leaving the bigram plateau is learning to look at the previous few bytes. Trained, "
+        f"the full-attention model puts {w('full, shared QK', 'trained', 'LSH-1', key='prev_mass')}"
+        f" of layer 1's weight on the previous byte alone (untrained: "
+        f"{w('full, shared QK', 'untrained', 'LSH-1', key='prev_mass')}). LSH attention can "
+        f"learn that only for the queries whose windows hold those keys, and the windows are "
+        f"drawn afresh at every step. Untrained, the previous byte is in a query's windows for "
+        f"LSH-1 / 2 / 4 / 8 {u(256, 'LSH-1')} / {u(256, 'LSH-2')} / {u(256, 'LSH-4')} / "
+        f"{u(256, 'LSH-8')} of the queries at T = 256, and {u(512, 'LSH-1')} / "
+        f"{u(512, 'LSH-2')} / {u(512, 'LSH-4')} / {u(512, 'LSH-8')} at T = 512 with the same "
+        f"bucket; with sinusoidal positions, {u(256, 'LSH-4', 'sinusoidal')} for LSH-4 at 256. "
+        f"Trained, the LSH-4 model's windows hold it for {w('LSH-4', 'trained', 'LSH-4')} of "
+        f"the queries.", '',
+        f"Steps at which each left {PLATEAU_BPC} bpc: LSH-4 {g('LSH-4')}, full attention "
+        f"{g('full, shared QK')}, local attention (its window always holds the previous "
+        f"bytes) {g('local, bucket 16')}, LSH-4 with bucket 64 {g('LSH-4, bucket 64')}, "
+        f"LSH-4 with sinusoidal positions {g('LSH-4, sinusoidal')} (valid bpc "
+        f"{cell(eval_values(by_label(result).get('LSH-4, sinusoidal', []), 'own', 'bpc'))}). "
+        f"{run_note(result, 'LSH-4, sinusoidal')}", '']
+
+
+def run_note(result, label):
+    """The 'note' a results file keeps on a run (a measurement made outside the experiment);
+    it goes when the run is redone, since save_run replaces the whole record."""
+    return ' '.join(r['note'] for r in by_label(result).get(label, []) if r.get('note'))
+
+
+def bpc(result, label):
+    return cell(eval_values(by_label(result).get(label, []), 'own', 'bpc'))
+
+
+def qk_notes(result):
+    s, p = leave_steps(result, 'full, shared QK'), leave_steps(result, 'full, separate QK')
+    later = (sum(s) / len(s) > sum(p) / len(p)) if s and p and None not in s + p else None
+    order = {True: 'later than', False: 'no later than', None: 'at'}[later]
+    return [f"Shared QK: {bpc(result, 'full, shared QK')} bpc against separate QK's "
+            f"{bpc(result, 'full, separate QK')}; it left the plateau {order} separate QK "
+            f"(steps {leaves(result, 'full, shared QK')} against "
+            f"{leaves(result, 'full, separate QK')}). Shared QK here is the authors' form: keys "
+            f"normalised to unit length, no 1/sqrt(d) on the logits, a query's own key used only "
+            f"when nothing else is there. The fastai reproduction found shared QK worse; the "
+            f"paper, not worse.", '']
+
+
+def leave_steps(result, label):
+    return [leave_step(r, PLATEAU_BPC) for r in by_label(result).get(label, [])
+            if r['status'] == 'ok']
+
+
+def reversible_notes(result):
+    return [f"Reversible: {bpc(result, 'reversible')} bpc against ordinary layers' "
+            f"{bpc(result, 'ordinary')} (the fastai reproduction: a {FASTAI_REVERSIBLE_GAP} bpc "
+            f"gap; the paper: 'nearly the same'). They left the plateau at steps "
+            f"{leaves(result, 'reversible')} against {leaves(result, 'ordinary')}. The two "
+            f"streams are joined by {result['runs'][0]['config'].get('rev_join', 'mean')} here "
+            f"(`--rev_join`; trax's ReformerLM concatenates).", '']
+
+
+def pattern_notes(result):
+    c = next((r['config'] for r in result['runs'] if r.get('config')), {})
+    return [f"{c.get('n_layers')} layers each; " + '; '.join(
+        f"{l}: {bpc(result, l)} bpc, leaves {PLATEAU_BPC} at {leaves(result, l)}"
+        for l in by_label(result)) + ". Local layers give every query its previous bytes "
+            "from the first step (see `plateau`).", '']
+
+
+def depth_notes(result):
+    return [f"The same steps and tokens for every depth: 1 / 2 / 4 layers reach "
+            f"{bpc(result, '1 layer')} / {bpc(result, '2 layers')} / {bpc(result, '4 layers')} "
+            f"bpc. The fastai reproduction ran 3 / 6 / 12 layers at length 16K. A deeper model "
+            f"is slower per step: the wall-time panel compares at equal time.", '']
+
+
+NOTES = {'table2': table2_notes, 'hashes': hashes_notes, 'plateau': plateau_notes,
+         'qk': qk_notes, 'reversible': reversible_notes, 'depth': depth_notes,
+         'pattern': pattern_notes}
+
+
+def bench_block(bench, link):
+    """The README's benchmark summary from bench.py's speed.json: per n_hashes, ours and the
+    faster peer at the shortest and longest length and their ratio; links relative to `link`
+    (bench's folder as the README sees it)."""
+    try:
+        with open(os.path.join(bench, 'speed.json')) as f:
+            speed = json.load(f)
+    except OSError:
+        return f"No {link}/speed.json yet: `python bench.py speed`.\n"
+    sec = {(r['impl'], r.get('n_hashes'), r['length']): r['seconds'] for r in speed['rows']
+           if 'seconds' in r}
+    lengths = sorted({L for _, _, L in sec})
+    lo, hi = lengths[0], lengths[-1]
+    lines = [f"Generated by `python -m experiments.report` from `{link}/speed.json` "
+             f"(`python bench.py {speed['command']}`, {speed['date'][:10]}, commit {speed['code']}, {speed['device']}); do not edit by "
+             f"hand. Seconds per forward+backward of one attention layer, {speed['tokens']:,} "
+             f"tokens per step:", '',
+             f'| n_hashes | ours, {lo} / {hi} | faster peer, {lo} / {hi} | faster peer / ours |',
+             '|---|---|---|---|']
+    for h in sorted({h for i, h, _ in sec if i == 'ours'}):
+        ours = [sec.get(('ours', h, L)) for L in (lo, hi)]
+        peer = [min((v for (i, hh, LL), v in sec.items() if i != 'ours' and hh == h and LL == L),
+                    default=None) for L in (lo, hi)]
+        if None in ours + peer:
+            continue
+        lines.append(f"| {h} | {ours[0]:.2f} / {ours[1]:.2f} | {peer[0]:.2f} / {peer[1]:.2f} | "
+                     f"{peer[0] / ours[0]:.2f} / {peer[1] / ours[1]:.2f} |")
+    lines += ['', f"![speed]({link}/speed.png)", '',
+              f"Every benchmark, its method and its machine: [{link}/README.md]({link}/README.md)."]
+    return '\n'.join(lines) + '\n'
+
+
+def wrapped(block, width=100):
+    """block with its prose lines wrapped at width (tables and images stay one line each)."""
+    out = []
+    for line in block.split('\n'):
+        keep = line.startswith(('|', '![')) or len(line) <= width
+        out += [line] if keep else textwrap.wrap(line, width, break_on_hyphens=False,
+                                                 break_long_words=False)
+    return '\n'.join(out)
+
+
+def between(text, start, end, block, readme):
+    """text with block between the markers start and end; a clear error if they are missing."""
+    a, b = text.find(start), text.find(end)
+    if a < 0 or b < a:
+        raise SystemExit(f"error: {readme} has no '{start}' ... '{end}' markers; add them where "
+                         f"that section goes")
+    return text[:a + len(start)] + '\n' + block + text[b:]
+
+
+def write_readme(readme='README.md', results='experiments/results', results_md=None,
+                 bench='experiments/bench_results'):
+    """Write the full results to results_md (default: RESULTS.md beside the results folder, so
+    experiments/RESULTS.md) and, between the README's markers, the verdicts and a link to it;
+    error if the markers are missing. Returns the README's new text."""
+    with open(readme) as f:
+        text = f.read()
+    between(text, MARK_START, MARK_END, '', readme)   # fail before writing anything
+    between(text, BENCH_START, BENCH_END, '', readme)
+    loaded = load_results(results)
+    for name, result in loaded.items():   # the plots, redrawn from the same files
+        plot(result, os.path.join(results, f'{name}.png'))
+    results_md = results_md or os.path.join(os.path.dirname(os.path.abspath(results)), 'RESULTS.md')
+    with open(results_md + '.tmp', 'w') as f:
+        f.write('# Results, reproduced at CPU scale\n\n' + readme_section(loaded))
+    os.replace(results_md + '.tmp', results_md)
+    link = os.path.relpath(results_md, os.path.dirname(os.path.abspath(readme)))
+    block = '\n'.join([f"Generated by `python -m experiments.report` from the JSON; do not edit "
+                        f"by hand."] + [''] + verdicts_table(loaded) +
+                       ['', f"Every experiment in full, with its data, scale, tables, plots and "
+                            f"runs: [{link}]({link})."]) + '\n'
+    new = between(text, MARK_START, MARK_END, wrapped(block), readme)
+    bench_link = os.path.relpath(os.path.abspath(bench), os.path.dirname(os.path.abspath(readme)))
+    new = between(new, BENCH_START, BENCH_END, wrapped(bench_block(bench, bench_link)), readme)
+    with open(readme + '.tmp', 'w') as f:
+        f.write(new)
+    os.replace(readme + '.tmp', readme)
+    return new
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0])
+    p.add_argument('--results', default='experiments/results', help='where NAME.json lives')
+    p.add_argument('--readme', default='README.md', help='the README whose blocks are rewritten')
+    p.add_argument('--bench', default='experiments/bench_results', help="bench.py's JSON")
+    a = p.parse_args(argv)
+    write_readme(a.readme, a.results, bench=a.bench)
+    print(f"wrote {os.path.join(os.path.dirname(os.path.abspath(a.results)), 'RESULTS.md')} and "
+          f"{a.readme}'s results and bench blocks from {a.results}/*.json")
+
+
+if __name__ == '__main__':
+    main()
