@@ -77,7 +77,7 @@ def test_parallel_corpus_trains_and_translate_reads_the_checkpoint(tmp_path, cap
     result = translate.main([f'--out_dir={out}', '--eval', '--beam_size=2'])
     assert result['n_sentences'] == 4 and result['step'] == 3
     with pytest.raises(SystemExit, match="vocab_size"):   # resume with another tokenizer
-        train.main(flags[:-2] + ['--tokenizer=sentencepiece', '--vocab_size=40',
+        train.main(flags[:-2] + ['--tokenizer=sentencepiece', '--vocab_size=400',
                                  '--max_steps=4', f'--out_dir={out}', '--resume'])
 
 

@@ -42,19 +42,75 @@ def test_byte_tokenizer_round_trips_any_text(text):
 
 
 def test_sentencepiece_round_trips_and_is_cached(tmp_path):
-    tok = td.build_tokenizer("sentencepiece", PAIRS, str(tmp_path), "toy", vocab_size=80)
-    assert tok.vocab_size <= 80 and tok.sp.pad_id() == PAD and tok.sp.bos_id() == BOS
+    tok = td.build_tokenizer("sentencepiece", PAIRS, str(tmp_path), "toy", vocab_size=400)
+    assert tok.vocab_size <= 400 and tok.sp.pad_id() == PAD and tok.sp.bos_id() == BOS
     assert tok.sp.eos_id() == EOS
     for s, t in PAIRS[:50]:
         for text in (s, t):
             ids = tok.encode(text)
             assert min(ids) > EOS and tok.decode(ids + [EOS]) == text
     assert len(tok.encode(PAIRS[0][0])) < len(PAIRS[0][0])   # subwords, not characters
-    path = tmp_path / "toy.spm80.model"
+    path = tmp_path / "toy.spm400.model"
     mtime = path.stat().st_mtime_ns
-    again = td.build_tokenizer("sentencepiece", [("x", "y")], str(tmp_path), "toy", 80)
+    again = td.build_tokenizer("sentencepiece", [("x", "y")], str(tmp_path), "toy", 400)
     assert path.stat().st_mtime_ns == mtime and again.encode("Das Haus") == tok.encode("Das Haus")
     assert not [p for p in os.listdir(tmp_path) if ".part" in p]
+
+
+# A training text with what the default nmt_nfkc normalisation would rewrite (…, ½, full-width
+# letters, a no-break space), accents, CJK, emoji, and whitespace it would collapse.
+MIXED = ["Er sagte … nichts.", "Ein ½ Liter Milch, bitte.", "Café, naïve, résumé, Ärger.",
+         "東京は大きい都市です。", "Das ist gut 👍 und 🙂.", "two  spaces  here", " leading",
+         "trailing ", "a\ttab", "ＡＢＣ full width", "no\u00a0break space", "ﬁ ligature"] * 8
+
+
+@pytest.fixture(scope="module")
+def lossless_spm(tmp_path_factory):
+    pairs = list(zip(MIXED, MIXED[1:] + MIXED[:1]))
+    return td.build_tokenizer("sentencepiece", pairs, str(tmp_path_factory.mktemp("spm")),
+                              "mixed", vocab_size=400)
+
+
+@given(st.sampled_from(MIXED))
+def test_sentencepiece_returns_every_training_sentence_byte_for_byte(lossless_spm, text):
+    assert lossless_spm.decode(lossless_spm.encode(text) + [EOS]).encode() == text.encode()
+
+
+@given(st.text().filter(lambda s: "\u2581" not in s))
+def test_sentencepiece_returns_any_text_without_its_space_marker(lossless_spm, text):
+    """Characters the training text lacks take the byte fallback; UNK (3) never appears."""
+    ids = lossless_spm.encode(text)
+    assert 3 not in ids and lossless_spm.decode(ids) == text
+
+
+def test_unseen_character_round_trips_through_its_bytes(lossless_spm):
+    sp = lossless_spm.sp
+    ids = lossless_spm.encode("Жук")                    # Cyrillic: not in MIXED
+    assert [sp.id_to_piece(i) for i in ids[1:3]] == ["<0xD0>", "<0x96>"]   # 'Ж' = D0 96
+    assert lossless_spm.decode(ids) == "Жук" and lossless_spm.lossless()
+    # the one exception: sentencepiece's own space marker U+2581 comes back as a space
+    assert lossless_spm.decode(lossless_spm.encode("a\u2581b")) == "a b"
+
+
+def test_too_small_vocabulary_for_byte_fallback_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match=r"vocab_size=80 is too small .* at least \d+"):
+        td.build_tokenizer("sentencepiece", PAIRS, str(tmp_path), "toy", vocab_size=80)
+
+
+def test_an_old_lossy_sentencepiece_model_still_loads_with_a_warning(tmp_path, capsys):
+    """A cached file or checkpoint made with nmt_nfkc and no byte fallback tokenises as it was
+    trained (a checkpoint's model was trained on those ids) and says that it rewrites text."""
+    import sentencepiece as spm
+    texts = [s for pair in PAIRS for s in pair]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts),
+                                   model_prefix=str(tmp_path / "toy.spm80"), vocab_size=80,
+                                   pad_id=PAD, bos_id=BOS, eos_id=EOS, unk_id=3,
+                                   hard_vocab_limit=False, minloglevel=2)
+    tok = td.build_tokenizer("sentencepiece", PAIRS, str(tmp_path), "toy", vocab_size=80)
+    assert "nmt_nfkc" in capsys.readouterr().err and not tok.lossless()
+    assert tok.decode(tok.encode("Das … Haus")) == "Das ... Haus"
+    again = td.tokenizer_from_state(tok.state())
+    assert again.encode("Das Haus") == tok.encode("Das Haus") and not again.lossless()
 
 
 def test_unknown_tokenizer_is_a_value_error(tmp_path):
@@ -186,7 +242,7 @@ def test_parallel_stream_resumes_and_differs_per_rank():
 
 def test_tokenized_stream_refuses_another_tokenizer(tmp_path):
     ex, _ = td.encode_pairs(PAIRS, td.TranslationByteTokenizer(), 64)
-    spm = td.build_tokenizer("sentencepiece", PAIRS, str(tmp_path), "toy", vocab_size=80)
+    spm = td.build_tokenizer("sentencepiece", PAIRS, str(tmp_path), "toy", vocab_size=400)
     a = td.TokenizedStream(td.TranslationByteTokenizer(), ex, 64)
     a.batch(4)
     state = a.state_dict()

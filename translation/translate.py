@@ -27,8 +27,8 @@ import time
 import torch
 
 from translation.encdec import EOS, ReformerEncDec, beam_search, greedy_decode
-from translation.translation_data import (collate, encode_pairs, encode_splits, length_batches,
-                              load_parallel, tokenizer_from_state)
+from translation.translation_data import (LOSSY_WARNING, collate, encode_pairs, encode_splits,
+                                          length_batches, load_parallel, tokenizer_from_state)
 
 
 def _import_sacrebleu():
@@ -53,7 +53,10 @@ def load(out_dir, device="cpu"):
                          f"tokenizer: a language model, or the reverse task? use train.py "
                          f"--eval_only for those)")
     model = ReformerEncDec.from_checkpoint(path, map_location=device).to(device).eval()
-    return model, tokenizer_from_state(tokenizer), ckpt
+    tokenizer = tokenizer_from_state(tokenizer)
+    if tokenizer.kind == "sentencepiece" and not tokenizer.lossless():
+        print(LOSSY_WARNING.format(where=path), file=sys.stderr)
+    return model, tokenizer, ckpt
 
 
 @torch.no_grad()

@@ -27,7 +27,8 @@ valid/test data (which must keep every line to be scored); the counts are printe
 Tokenizers: sentencepiece (unigram, one joint vocabulary for both languages, --vocab_size, ~32K
 by default like the authors' 33,300), trained on the training text and cached next to the data;
 or bytes (--tokenizer=bytes, vocab 259), which need no dependency. Both reserve PAD 0, BOS 1,
-EOS 2 (encdec.py).
+EOS 2 (encdec.py). Both are lossless: decode(encode(s)) == s for any text s (sentencepiece: any s
+without U+2581, its own space marker), so sacreBLEU scores the model's words, not a rewriting.
 
 Shape legend: B batch (sentences), S source length, T target length.
 """
@@ -38,6 +39,7 @@ import json
 import os
 import random
 import re
+import sys
 import tarfile
 
 import numpy as np
@@ -69,8 +71,18 @@ class SentencePieceTokenizer:
     train() learns one vocabulary from both sides of the training text: German and English share
     most of their alphabet and many names, and a joint vocabulary lets the embeddings be tied.
     The model file sits next to the data and is reused when it exists.
+
+    Text in, the same text out: decode(encode(s)) == s byte for byte, for any s without U+2581
+    (sentencepiece's space marker '▁', which decodes as a space). Three trainer settings give it:
+    identity normalisation (the default nmt_nfkc would turn '…' into '...' and '½' into '1⁄2',
+    and sacreBLEU scores against the raw references), remove_extra_whitespaces=False (runs of
+    spaces, leading and trailing ones are kept) and byte_fallback=True (a character the training
+    text lacks is spelled as its UTF-8 bytes, not UNK, which decodes as ' ⁇ '). Byte fallback
+    costs 256 vocabulary entries, so vocab_size must exceed 256 + 4 + the characters of the text.
     """
     kind = "sentencepiece"
+    TRAINER = dict(normalization_rule_name="identity", remove_extra_whitespaces=False,
+                   byte_fallback=True)
 
     def __init__(self, model_path=None, proto=None):
         spm = _import_sentencepiece()
@@ -82,6 +94,12 @@ class SentencePieceTokenizer:
         """What a checkpoint keeps to rebuild it: the serialized model (a few hundred KB)."""
         return {"kind": self.kind, "proto": self.sp.serialized_model_proto()}
 
+    def lossless(self):
+        """False for a model trained without TRAINER's settings (files and checkpoints made
+        before them): it still loads and tokenises as it was trained, but rewrites some text."""
+        probe = "½ …  ж\t"
+        return self.decode(self.encode(probe)) == probe
+
     @classmethod
     def train(cls, texts, model_path, vocab_size, max_sentences=2_000_000, seed=0):
         """Train on an iterable of sentences (at most max_sentences, drawn at random when there
@@ -90,11 +108,20 @@ class SentencePieceTokenizer:
         spm.set_random_generator_seed(seed)            # its sampling of training sentences
         os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
         prefix = model_path[:-len(".model")] if model_path.endswith(".model") else model_path
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts), model_prefix=prefix + ".part", vocab_size=vocab_size,
-            pad_id=PAD, bos_id=BOS, eos_id=EOS, unk_id=3, character_coverage=1.0,
-            input_sentence_size=max_sentences, shuffle_input_sentence=True,
-            hard_vocab_limit=False, minloglevel=2)
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(texts), model_prefix=prefix + ".part",
+                vocab_size=vocab_size, pad_id=PAD, bos_id=BOS, eos_id=EOS, unk_id=3,
+                character_coverage=1.0, input_sentence_size=max_sentences,
+                shuffle_input_sentence=True, hard_vocab_limit=False, minloglevel=2,
+                **cls.TRAINER)
+        except RuntimeError as e:
+            need = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
+            if not need:
+                raise
+            raise ValueError(f"vocab_size={vocab_size} is too small for this text: it needs at "
+                             f"least {need.group(1)} (256 byte-fallback pieces, 4 reserved ids "
+                             f"and every character of the training text)") from None
         os.replace(prefix + ".part.model", model_path)     # the model appears only when complete
         os.remove(prefix + ".part.vocab")
         return cls(model_path)
@@ -108,6 +135,12 @@ class SentencePieceTokenizer:
     def decode(self, ids):
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         return self.sp.decode([i for i in ids if i > EOS])
+
+
+LOSSY_WARNING = ("warning: {where} holds a sentencepiece model trained with nmt_nfkc "
+                 "normalisation or without byte fallback: it rewrites some text ('…' -> '...', "
+                 "unseen characters -> ' ⁇ '), so BLEU is scored on rewritten output. Delete the "
+                 "file (or retrain the checkpoint) for a lossless one.")
 
 
 def _import_sentencepiece():
@@ -136,7 +169,10 @@ def build_tokenizer(kind, train_pairs, data_dir, name, vocab_size):
         raise ValueError(f"tokenizer={kind!r} is not one of ('sentencepiece', 'bytes')")
     path = os.path.join(data_dir, f"{name}.spm{vocab_size}.model")
     if os.path.exists(path):
-        return SentencePieceTokenizer(path)
+        tok = SentencePieceTokenizer(path)
+        if not tok.lossless():
+            print(LOSSY_WARNING.format(where=path), file=sys.stderr)
+        return tok
     print(f"training a sentencepiece vocabulary of {vocab_size} on {len(train_pairs):,} pairs "
           f"-> {path}")
     texts = (s for pair in train_pairs for s in pair)
