@@ -37,7 +37,7 @@ def test_side_by_side_run_writes_results(tmp_path):
                               for w in ("red", "big", "old")), encoding="utf-8")
     out = tmp_path / "r.json"
     results = ct.main([f"--data_path={corpus}", f"--data_dir={tmp_path}", "--budget_s=0.5",
-                       "--heldout=5", "--vocab_size=40", "--layers=1", "--d_model=16",
+                       "--heldout=5", "--vocab_size=400", "--layers=1", "--d_model=16",
                        "--n_heads=2", "--d_ff=32", "--max_tokens=200", "--beam_size=2",
                        "--log_interval=1", f"--out={out}"])
     saved = json.load(open(out))

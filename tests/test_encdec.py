@@ -1,6 +1,8 @@
 """Tests for encdec.py: the encoder-decoder and its decoding.
 
-Cached incremental decoding equals recomputing the whole prefix (logits to 1e-5, float32); beam
+Cached incremental decoding equals recomputing the whole prefix (logits to 1e-5, float32); greedy
+and beam search that drop finished sentences from the batch give exactly the outputs of the
+plain versions below, which keep every row and recompute the prefix; min_len holds EOS back; beam
 size 1 equals greedy; extra source padding changes nothing; the decoder is causal and reads the
 source; reversible gradients equal ordinary backprop (float64, dropout on); chunked loss equals
 unchunked. Models are tiny with weights drawn large (std 0.3 instead of 0.02), so outputs depend
@@ -8,12 +10,14 @@ strongly on every input and a broken path shows.
 
 Run: python -m pytest tests/test_encdec.py        (a few seconds on two CPU cores)
 """
+import math
+
 import pytest
 import torch
 from conftest import maybe_ordinary
 
-from translation.encdec import (BOS, EOS, PAD, EncDecConfig, ReformerEncDec, beam_search, greedy_decode,
-                    length_penalty)
+from translation.encdec import (BOS, EOS, PAD, EncDecConfig, ReformerEncDec, _strip, beam_search,
+                                greedy_decode, length_penalty)
 
 V = 13
 
@@ -60,6 +64,114 @@ def test_cached_step_equals_full_recompute(kw):
                           dim=1)
     assert want.std() > 0.5            # logits far from constant: the comparison has teeth
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+# -- the oracle: decoding as plain as it gets. Every row stays in the batch to the end, and each
+# step reruns the decoder over the whole prefix (no cache). Same search rules as encdec.py.
+
+def logp_recompute(model, tokens, memory, mask, min_len):
+    logp = torch.log_softmax(model.lm_head(model.decode(tokens, memory, mask)[:, -1]), -1)
+    logp[:, [PAD, BOS]] = -math.inf
+    if tokens.shape[1] - 1 < min_len:
+        logp[:, EOS] = -math.inf
+    return logp
+
+
+@torch.no_grad()
+def plain_greedy(model, src, max_len, min_len=1):
+    memory, mask = model.encode(src)
+    tokens = torch.full((len(src), 1), BOS)
+    done = torch.zeros(len(src), dtype=torch.bool)
+    for _ in range(max_len):
+        nxt = logp_recompute(model, tokens, memory, mask, min_len).argmax(-1).masked_fill(done, PAD)
+        tokens = torch.cat([tokens, nxt[:, None]], 1)
+        done |= nxt == EOS
+        if done.all():
+            break
+    return [_strip(row) for row in tokens.tolist()]
+
+
+@torch.no_grad()
+def plain_beam(model, src, k, alpha, max_len, min_len=1):
+    """fairseq's rules, one sentence at a time, hypotheses as Python lists."""
+    out = []
+    for b in range(len(src)):
+        memory, mask = model.encode(src[b:b + 1])
+        beams, done = [([BOS], 0.0)], []
+        for t in range(max_len):
+            seqs = torch.tensor([s for s, _ in beams])
+            logp = logp_recompute(model, seqs, memory.expand(len(beams), -1, -1),
+                                  mask.expand(len(beams), -1), min_len)
+            cand = torch.tensor([p for _, p in beams])[:, None] + logp        # (beams, V)
+            top, idx = cand.view(-1).topk(2 * k)
+            ext = [(beams[i // model.config.vocab_size][0] + [i % model.config.vocab_size], p)
+                   for p, i in zip(top.tolist(), idx.tolist())]
+            for rank, (s, p) in enumerate(ext):
+                if s[-1] == EOS and rank < k and len(done) < k:
+                    done.append((s, p / length_penalty(t + 1, alpha)))
+            if len(done) == k:
+                break
+            beams = [(s, p) for s, p in ext if s[-1] != EOS][:k]
+        else:
+            done += [(s, p / length_penalty(len(s) - 1, alpha)) for s, p in beams]
+        best = max(done, key=lambda d: d[1])          # the first of equal scores, as max()
+        out.append((_strip(best[0]), best[1]))
+    return out
+
+
+@pytest.mark.parametrize("B, max_len", [(1, 6), (4, 12), (7, 20)])
+@pytest.mark.parametrize("reversible", [True, False])
+def test_greedy_dropping_finished_rows_equals_plain_greedy(B, max_len, reversible):
+    lengths = []
+    for seed in range(3):
+        model = make_model(seed, reversible=reversible, tie_weights=False, eos_gain=1.8)
+        src, _ = batch(B=B, seed=seed)
+        want = plain_greedy(model, src, max_len, min_len=0)
+        assert greedy_decode(model, src, max_len, min_len=0) == want
+        assert greedy_decode(model, src, max_len, use_cache=False, min_len=0) == want
+        lengths += [len(h) for h in want]
+    assert len(set(lengths)) > 2 if B > 1 else True   # rows finished at different steps
+
+
+@pytest.mark.parametrize("B, k, max_len", [(1, 2, 6), (4, 3, 12), (7, 4, 20)])
+def test_beam_search_dropping_finished_sentences_equals_plain_beam_search(B, k, max_len):
+    lengths = []
+    for seed in range(3):
+        model = make_model(seed, reversible=seed != 1, tie_weights=False, eos_gain=1.5)
+        src, _ = batch(B=B, seed=seed)
+        want = plain_beam(model, src, k, 0.6, max_len, min_len=0)
+        hyps, scores = beam_search(model, src, k, 0.6, max_len, return_scores=True, min_len=0)
+        assert hyps == [h for h, _ in want]
+        torch.testing.assert_close(scores, torch.tensor([s for _, s in want]), rtol=0,
+                                   atol=1e-4)
+        lengths += [len(h) for h in hyps]
+    assert len(set(lengths)) > 2 if B > 1 else True
+
+
+@pytest.mark.parametrize("min_len", [0, 1, 3])
+def test_min_len_holds_eos_back_exactly_that_long(min_len):
+    """eos_gain 4: EOS wins as soon as it may, so the shortest output is exactly min_len."""
+    model = make_model(0, tie_weights=False, eos_gain=4.0)
+    src, _ = batch(B=6, seed=0)
+    for hyps in (greedy_decode(model, src, 10, min_len=min_len),
+                 beam_search(model, src, 3, 0.6, 10, min_len=min_len)):
+        assert min(len(h) for h in hyps) == min_len
+    assert greedy_decode(model, src, 10, min_len=min_len) == plain_greedy(model, src, 10, min_len)
+    assert ([h for h, _ in plain_beam(model, src, 3, 0.6, 10, min_len)]
+            == beam_search(model, src, 3, 0.6, 10, min_len=min_len))
+    if min_len == 1:                                    # the default
+        assert greedy_decode(model, src, 10) == greedy_decode(model, src, 10, min_len=1)
+        assert beam_search(model, src, 3, 0.6, 10) == beam_search(model, src, 3, 0.6, 10,
+                                                                  min_len=1)
+
+
+@pytest.mark.parametrize("min_len", [-1, 1.5, "2"])
+def test_bad_min_len_is_a_value_error(min_len):
+    model = make_model()
+    src, _ = batch()
+    for decode in (greedy_decode, beam_search):
+        with pytest.raises(ValueError, match=f"min_len={min_len!r} must be an integer >= 0"):
+            decode(model, src, max_len=4, min_len=min_len)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.6])

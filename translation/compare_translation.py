@@ -85,8 +85,10 @@ class TorchTransformerMT(nn.Module):
         return self.lm_head(h)                                             # (B, V)
 
     @staticmethod
-    def reorder_cache(cache, rows):
-        cache["tokens"] = cache["tokens"][rows]
+    def reorder_cache(cache, rows, n):
+        """Row i becomes row rows[i] (encdec.ReformerEncDec.reorder_cache); n is not needed."""
+        for name in ("tokens", "memory", "mask"):
+            cache[name] = cache[name][rows]
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

@@ -155,14 +155,20 @@ class CrossAttention(nn.Module):
         k, v = self.kv(memory).chunk(2, dim=-1)
         return _split_heads(k, self.n_heads), _split_heads(v, self.n_heads)
 
-    def forward(self, x, memory_mask, memory=None, kv=None):
-        """x (B, T, C); memory (B, S, C) or its kv; memory_mask (B, S), True at real tokens."""
+    @staticmethod
+    def mask_bias(memory_mask, dtype):
+        """memory_mask (B, S) -> the additive bias (B, 1, 1, S) of the softmax's logits. Masked
+        keys get a finite -1e9, as in lsh_attention: exp() of it is exactly 0 in float32, so
+        extra padding changes nothing, and no row is NaN."""
+        bias = torch.zeros(memory_mask.shape, dtype=dtype, device=memory_mask.device)
+        return bias.masked_fill(~memory_mask, MASKED_LOGIT)[:, None, None, :]
+
+    def forward(self, x, memory_mask, memory=None, kv=None, bias=None):
+        """x (B, T, C); memory (B, S, C) or its kv; memory_mask (B, S), True at real tokens, or
+        its mask_bias (decoding computes both once per sentence)."""
         k, v = kv if kv is not None else self.memory_kv(memory)
         q = _split_heads(self.q(x), self.n_heads)                       # (B, nh, T, hs)
-        # Masked keys get a finite -1e9, as in lsh_attention: exp() of it is exactly 0 in float32,
-        # so extra padding changes nothing, and no row is NaN.
-        bias = torch.zeros(memory_mask.shape, dtype=q.dtype, device=q.device)
-        bias = bias.masked_fill(~memory_mask, MASKED_LOGIT)[:, None, None, :]   # (B, 1, 1, S)
+        bias = self.mask_bias(memory_mask, q.dtype) if bias is None else bias   # (B, 1, 1, S)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
         return self.out(_merge_heads(y))                                 # (B, T, C)
@@ -186,12 +192,12 @@ class DecoderAttentionSublayer(nn.Module):
     def forward(self, x, memory_mask, memory=None, cache=None, t=None):
         if cache is None:
             a = self.self_attn(x)                                        # (B, T, C)
-            kv = None
+            kv = bias = None
         else:
             sa = self.self_attn
             a = sa.drop(self_attention_step(sa.attn, sa.ln(x), cache, t))  # (B, 1, C)
-            kv = cache["memory_kv"]
-        c = self.cross(self.ln(x + a), memory_mask, memory=memory, kv=kv)
+            kv, bias = cache["memory_kv"], cache["memory_bias"]
+        c = self.cross(self.ln(x + a), memory_mask, memory=memory, kv=kv, bias=bias)
         return a + self.drop(c)
 
 
@@ -255,17 +261,22 @@ class ReformerEncDec(nn.Module):
 
     def start_cache(self, memory, memory_mask, max_len, repeat=1):
         """A decoding cache for max_len target positions: per decoder layer, empty self-attention
-        keys/values (B * repeat, nh, max_len, hs) and the cross-attention keys/values of memory,
-        computed once per sentence and repeated for the `repeat` beams of each."""
+        keys/values (B * repeat, nh, max_len, hs), a spare buffer of each for reorder_cache, and
+        the cross-attention keys/values of memory and its mask bias, computed once per sentence
+        and repeated for the `repeat` beams of each."""
         B, C, nh = memory.shape[0], self.config.d_model, self.config.n_heads
         shape = (B * repeat, nh, max_len, C // nh)
+        mask = memory_mask.repeat_interleave(repeat, 0)                  # (B repeat, S)
+        bias = CrossAttention.mask_bias(mask, memory.dtype)              # (B repeat, 1, 1, S)
         layers = []
         for layer in self._decoder_layers():
             k, v = layer.f.cross.memory_kv(memory)                       # (B, nh, S, hs) each
-            layers.append({"k": memory.new_zeros(shape), "v": memory.new_zeros(shape),
+            layers.append({**{name: memory.new_zeros(shape) for name in
+                              ("k", "v", "k_spare", "v_spare")},
                            "memory_kv": (k.repeat_interleave(repeat, 0),
-                                         v.repeat_interleave(repeat, 0))})
-        return {"layers": layers, "memory_mask": memory_mask.repeat_interleave(repeat, 0)}
+                                         v.repeat_interleave(repeat, 0)),
+                           "memory_bias": bias})
+        return {"layers": layers, "memory_mask": mask}
 
     def step(self, token, t, cache):
         """Logits (B, V) of the token after position t, given token (B,) at position t and the
@@ -287,12 +298,30 @@ class ReformerEncDec(nn.Module):
         return self.lm_head(self.ln_f(x))[:, 0]                          # (B, V)
 
     @staticmethod
-    def reorder_cache(cache, rows):
-        """Keep the self-attention cache of the given rows (beam search: each new beam continues
-        an old one). The cross-attention keys/values are the same for every beam of a sentence
-        and beams never leave their sentence, so they stay."""
+    def reorder_cache(cache, rows, n):
+        """Row i of the cache becomes row rows[i]: beam search's new beams continue old ones, and
+        both decoders drop the rows of finished sentences (rows then lists fewer rows), so later
+        steps compute only the live ones. n: the positions filled so far.
+
+        Only the filled prefix :n of the self-attention keys/values moves, with index_select
+        into the spare buffer, which then becomes the live one (the two swap roles every step).
+        Copying into place would need a temporary (the source rows overlap the destination), and
+        `k[rows]` copies all max_len positions; the spare costs one more buffer of memory. A
+        per-row index of parents (no copy, a gather inside attention) would read as much every
+        step and make attention less plain. The cross-attention keys/values of a row are its
+        sentence's, the same for all its beams, so they move only when the row count changes."""
+        shrink = len(rows) != len(cache["memory_mask"])
+        if shrink:
+            cache["memory_mask"] = cache["memory_mask"].index_select(0, rows)
+            bias = cache["layers"][0]["memory_bias"].index_select(0, rows)   # shared by layers
         for layer in cache["layers"]:
-            layer["k"], layer["v"] = layer["k"][rows], layer["v"][rows]
+            for name in ("k", "v"):
+                live, spare = layer[name], layer[name + "_spare"][:len(rows)]
+                torch.index_select(live[:, :, :n], 0, rows, out=spare[:, :, :n])
+                layer[name], layer[name + "_spare"] = spare, live
+            if shrink:
+                layer["memory_kv"] = tuple(m.index_select(0, rows) for m in layer["memory_kv"])
+                layer["memory_bias"] = bias
 
     def set_attention(self, attn=None, n_hashes=None):
         """Switch the encoder's self-attention after training (paper Table 2); the decoder's
@@ -321,17 +350,24 @@ def _max_len(model, src, max_len):
     return min(model.config.max_seq_len, max_len or src.shape[1] + 50)
 
 
-def _next_token_logp(model, tokens, t, memory, memory_mask, cache):
+def _check_min_len(min_len):
+    if not isinstance(min_len, int) or min_len < 0:
+        raise ValueError(f"min_len={min_len!r} must be an integer >= 0 (the fewest tokens "
+                         f"before EOS; 0 allows an empty output)")
+
+
+def _next_token_logp(model, tokens, t, memory, memory_mask, cache, min_len=0):
     """log P (B, V) of the token at position t + 1 given tokens (B, t + 1), from the cache, or
     (cache None) by rerunning the decoder over the whole prefix. PAD and BOS are never a next
-    token (no target is either): they get -inf, after the softmax, so the other tokens keep the
-    model's log-probabilities."""
+    token (no target is either), nor EOS before min_len tokens (t < min_len): they get -inf,
+    after the softmax, so the other tokens keep the model's log-probabilities."""
     if cache is not None:
         logits = model.step(tokens[:, -1], t, cache)                     # (B, V)
     else:
         logits = model.lm_head(model.decode(tokens, memory, memory_mask)[:, -1])
     logp = F.log_softmax(logits.float(), dim=-1)
-    return logp.index_fill(1, torch.tensor([PAD, BOS], device=logp.device), -math.inf)
+    banned = [PAD, BOS, EOS] if t < min_len else [PAD, BOS]
+    return logp.index_fill(1, torch.tensor(banned, device=logp.device), -math.inf)
 
 
 def _strip(ids):
@@ -346,24 +382,34 @@ def _strip(ids):
 
 
 @torch.no_grad()
-def greedy_decode(model, src, max_len=None, use_cache=True):
-    """The argmax token at every step, for a batch src (B, S). use_cache=False reruns the decoder
-    over the whole prefix at every step (the reference, and bench.py's baseline).
-    Returns B lists of token ids, EOS and padding removed."""
+def greedy_decode(model, src, max_len=None, use_cache=True, min_len=1):
+    """The argmax token at every step, for a batch src (B, S), at least min_len tokens before
+    EOS (1: never an empty output). use_cache=False reruns the decoder over the whole prefix at
+    every step (the reference, and bench.py's baseline). A sentence that reaches EOS leaves the
+    batch: later steps compute only the others. Returns B lists of token ids, EOS removed."""
+    _check_min_len(min_len)
     model.eval()
     memory, memory_mask = model.encode(src)
     B, L = src.shape[0], _max_len(model, src, max_len)
-    tokens = torch.full((B, 1), BOS, dtype=torch.long, device=src.device)
-    done = torch.zeros(B, dtype=torch.bool, device=src.device)
+    out = torch.full((B, L + 1), PAD, dtype=torch.long, device=src.device)
+    out[:, 0] = BOS
+    live = torch.arange(B, device=src.device)          # the rows of src still decoding
+    tokens = out[:, :1]                                # their prefixes, (B_live, t + 1)
     cache = model.start_cache(memory, memory_mask, L) if use_cache else None
     for t in range(L):
-        logp = _next_token_logp(model, tokens, t, memory, memory_mask, cache)
-        nxt = logp.argmax(-1).masked_fill(done, PAD)                     # (B,)
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        done |= nxt == EOS
-        if done.all():
+        nxt = _next_token_logp(model, tokens, t, memory, memory_mask, cache, min_len).argmax(-1)
+        out[live, t + 1] = nxt
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)                # (B_live, t + 2)
+        going = (nxt != EOS).nonzero()[:, 0]
+        if len(going) == 0:
             break
-    return [_strip(row) for row in tokens.tolist()]
+        if len(going) < len(live):                     # some finished: drop their rows
+            live, tokens = live[going], tokens[going]
+            if use_cache:
+                model.reorder_cache(cache, going, t + 1)
+            else:
+                memory, memory_mask = memory[going], memory_mask[going]
+    return [_strip(row) for row in out.tolist()]
 
 
 def length_penalty(length, alpha):
@@ -373,9 +419,11 @@ def length_penalty(length, alpha):
 
 
 @torch.no_grad()
-def beam_search(model, src, beam_size=4, alpha=0.6, max_len=None, return_scores=False):
+def beam_search(model, src, beam_size=4, alpha=0.6, max_len=None, return_scores=False,
+                min_len=1):
     """Beam search for a batch src (B, S): beam_size hypotheses per sentence, ranked by
-    log P(Y | X) / length_penalty(|Y|) (defaults: Vaswani et al.'s beam 4, alpha 0.6).
+    log P(Y | X) / length_penalty(|Y|) (defaults: Vaswani et al.'s beam 4, alpha 0.6), each at
+    least min_len tokens before EOS (1: never an empty output).
 
     Each step extends the k live hypotheses of every sentence by every token and takes the 2k
     best extensions (by log-probability). An extension ending in EOS that ranks among the first
@@ -384,7 +432,8 @@ def beam_search(model, src, beam_size=4, alpha=0.6, max_len=None, return_scores=
     hypotheses, and its answer is the best of them by the length-penalised score; after max_len
     steps the live ones compete too. These are fairseq's rules; with k = 1 they make beam search
     exactly greedy decoding, for any alpha (tests/test_encdec.py). (tensor2tensor instead keeps
-    searching while a live hypothesis could still beat a finished one.)
+    searching while a live hypothesis could still beat a finished one.) A done sentence leaves
+    the batch: its k rows are dropped from the cache, and later steps compute only the others.
     Returns B lists of token ids, EOS and padding removed (and, with return_scores, a (B,)
     tensor of their scores: log P / length_penalty, EOS included in both when it was reached).
     """
@@ -392,11 +441,13 @@ def beam_search(model, src, beam_size=4, alpha=0.6, max_len=None, return_scores=
     if k < 1 or 2 * k > V - 2:
         raise ValueError(f"beam_size={beam_size} must be >= 1 and at most (vocab_size - 2) / 2 "
                          f"= {(V - 2) // 2}: each step keeps 2k of the V - 2 possible tokens")
+    _check_min_len(min_len)
     model.eval()
     memory, memory_mask = model.encode(src)
     B, L, dev = src.shape[0], _max_len(model, src, max_len), src.device
     cache = model.start_cache(memory, memory_mask, L, repeat=k)
-    seqs = torch.full((B, k, 1), BOS, dtype=torch.long, device=dev)     # live hypotheses
+    live = torch.arange(B, device=dev)                 # the sentences still searching
+    seqs = torch.full((B, k, 1), BOS, dtype=torch.long, device=dev)     # their live hypotheses
     # Only beam 0 starts alive: k copies of the same start would fill the beam with duplicates.
     alive = torch.full((B, k), -1e9, device=dev)
     alive[:, 0] = 0.0                                                    # log P of each live one
@@ -405,35 +456,44 @@ def beam_search(model, src, beam_size=4, alpha=0.6, max_len=None, return_scores=
     n_done = torch.zeros(B, dtype=torch.long, device=dev)
     first_k = torch.arange(2 * k, device=dev) < k
     for t in range(L):
-        logp = _next_token_logp(model, seqs.view(B * k, -1), t, None, None, cache)  # (B k, V)
-        cand = (alive[:, :, None] + logp.view(B, k, V)).view(B, k * V)  # (B, k V)
-        top, idx = cand.topk(2 * k, dim=-1)                              # (B, 2k), best first
+        Bl = len(live)                                                   # live sentences
+        logp = _next_token_logp(model, seqs.view(Bl * k, -1), t, None, None, cache, min_len)
+        cand = (alive[:, :, None] + logp.view(Bl, k, V)).view(Bl, k * V)  # (Bl, k V)
+        top, idx = cand.topk(2 * k, dim=-1)                              # (Bl, 2k), best first
         origin, token = idx // V, idx % V
         ext = torch.cat([seqs.gather(1, origin[:, :, None].expand(-1, -1, t + 1)),
-                         token[:, :, None]], dim=2)                      # (B, 2k, t + 2)
+                         token[:, :, None]], dim=2)                      # (Bl, 2k, t + 2)
         is_eos = token == EOS
         # 1) finish the EOS extensions among the first k, into the sentence's free slots
-        finish = is_eos & first_k                                        # (B, 2k)
-        slot = n_done[:, None] + finish.cumsum(1) - 1
-        finish &= slot < k                                               # a done sentence: none
+        finish = is_eos & first_k                                        # (Bl, 2k)
+        slot = n_done[live][:, None] + finish.cumsum(1) - 1
+        finish &= slot < k
         b, c = finish.nonzero(as_tuple=True)
-        rows = b * k + slot[b, c]
+        rows = live[b] * k + slot[b, c]
         done_score[rows] = top[b, c] / length_penalty(t + 1, alpha)
         done_seqs[rows, :t + 2] = ext[b, c]
-        n_done += finish.sum(1)
-        if (n_done >= k).all():
-            break
+        n_done[live] += finish.sum(1)
         # 2) alive: the k best extensions that did not end
-        alive, j = torch.where(is_eos, -math.inf, top).topk(k, dim=-1)   # (B, k)
+        alive, j = torch.where(is_eos, -math.inf, top).topk(k, dim=-1)   # (Bl, k)
         seqs = ext.gather(1, j[:, :, None].expand(-1, -1, t + 2))
-        model.reorder_cache(cache, (torch.arange(B, device=dev)[:, None] * k
-                                    + origin.gather(1, j)).view(-1))
+        # 3) sentences with k finished hypotheses leave; the others' beams pick their cache rows
+        going = (n_done[live] < k).nonzero()[:, 0]                       # (Bl',)
+        if len(going) == 0:
+            break
+        live, alive, seqs = live[going], alive[going], seqs[going]
+        model.reorder_cache(cache, (going[:, None] * k + origin.gather(1, j)[going]).view(-1),
+                            t + 1)
     # Sentences not done after max_len steps: their live hypotheses compete as they are.
-    open_ = (n_done < k)[:, None] & (alive > -1e8)
-    live_score = torch.where(open_, alive / length_penalty(seqs.shape[2] - 1, alpha), -math.inf)
+    live_score = torch.full((B, k), -math.inf, device=dev)
+    if len(live):
+        open_ = (n_done[live] < k)[:, None] & (alive > -1e8)
+        live_score[live] = torch.where(open_, alive / length_penalty(seqs.shape[2] - 1, alpha),
+                                       -math.inf)
     scores = torch.cat([done_score.view(B, k), live_score], 1)           # (B, 2k)
     best_score, best = scores.max(1)
-    done_seqs, seqs = done_seqs.view(B, k, -1), seqs.tolist()
-    hyps = [_strip(done_seqs[b, i].tolist() if i < k else seqs[b][i - k])
+    done_seqs = done_seqs.view(B, k, -1)
+    where = {b: i for i, b in enumerate(live.tolist())}   # sentence -> its row in seqs
+    seqs = seqs.tolist()
+    hyps = [_strip(done_seqs[b, i].tolist() if i < k else seqs[where[b]][i - k])
             for b, i in enumerate(best.tolist())]
     return (hyps, best_score) if return_scores else hyps
