@@ -14,7 +14,7 @@ import torch
 import translation.translate as translate
 import translation.translation_data as td
 from data import masked_accuracy
-from translation.encdec import EncDecConfig, ReformerEncDec
+from translation.encdec import EOS, EncDecConfig, ReformerEncDec
 
 REFS = ["The cat sat on a mat.", "Das ist ein kleines Haus, nicht wahr?", "Zwei Wörter."]
 HYPS = ["The cat sat on the mat.", "Das ist ein kleines Haus?", "Zwei Wörter."]
@@ -83,6 +83,21 @@ def test_translate_file_and_eval_from_a_checkpoint(tmp_path, capsys):
     assert "signature: nrefs:1|case:mixed" in printed and "teacher-forced token accuracy" in printed
     assert result["n_sentences"] == 4 and 0 <= result["bleu"] <= 100
     assert json.load(open(out / "eval_test.json"))["step"] == 7
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_min_len_reaches_every_hypothesis(beam_size):
+    """translate_examples passes min_len to the decoder: no hypothesis is shorter."""
+    tok = td.TranslationByteTokenizer()
+    examples, _ = td.encode_pairs(list(zip(HYPS, REFS)), tok, 64)
+    model = tiny_model(tok.vocab_size).eval()
+    eos_first = lambda module, inputs, logits: logits.index_add(   # EOS is the argmax everywhere
+        -1, torch.tensor([EOS]), torch.full((*logits.shape[:-1], 1), 100.0))
+    model.lm_head.register_forward_hook(eos_first)
+    for min_len in (0, 7):
+        hyps = translate.translate_examples(model, examples, beam_size=beam_size,
+                                            min_len=min_len)
+        assert [len(h) for h in hyps] == [min_len] * len(hyps)
 
 
 def test_missing_or_wrong_checkpoint(tmp_path):

@@ -60,26 +60,29 @@ def load(out_dir, device="cpu"):
 
 
 @torch.no_grad()
-def translate_examples(model, examples, beam_size=4, alpha=0.6, max_tokens=4096, device="cpu"):
+def translate_examples(model, examples, beam_size=4, alpha=0.6, max_tokens=4096, device="cpu",
+                       min_len=1):
     """Decode tokenised examples [(src_ids, _)] in length-sorted batches of at most max_tokens
-    source tokens; returns the hypotheses' token ids in the input order."""
+    source tokens, each hypothesis at least min_len tokens; returns the hypotheses' token ids
+    in the input order."""
     out = [None] * len(examples)
     for batch in length_batches(examples, max_tokens):
         src = collate([examples[i] for i in batch], device)[0]             # (B, S)
         if beam_size == 1:
-            hyps = greedy_decode(model, src)                               # the same, faster
+            hyps = greedy_decode(model, src, min_len=min_len)              # the same, faster
         else:
-            hyps = beam_search(model, src, beam_size=beam_size, alpha=alpha)
+            hyps = beam_search(model, src, beam_size=beam_size, alpha=alpha, min_len=min_len)
         for i, h in zip(batch, hyps):
             out[i] = h
     return out
 
 
-def translate(model, tokenizer, lines, beam_size=4, alpha=0.6, max_tokens=4096, device="cpu"):
+def translate(model, tokenizer, lines, beam_size=4, alpha=0.6, max_tokens=4096, device="cpu",
+              min_len=1):
     """Translations of raw sentences (sources longer than max_seq_len are truncated)."""
     examples, _ = encode_pairs([(s, "") for s in lines], tokenizer, model.config.max_seq_len,
                                long="truncate")
-    ids = translate_examples(model, examples, beam_size, alpha, max_tokens, device)
+    ids = translate_examples(model, examples, beam_size, alpha, max_tokens, device, min_len)
     return [tokenizer.decode(h) for h in ids]
 
 
@@ -118,12 +121,13 @@ def exact_match(model, examples, beam_size=1, max_tokens=4096, device="cpu"):
     return sum(h == t[:-1].tolist() for h, (_, t) in zip(hyps, examples)) / len(examples)
 
 
-def evaluate(model, tokenizer, pairs, beam_size=4, alpha=0.6, max_tokens=4096, device="cpu"):
+def evaluate(model, tokenizer, pairs, beam_size=4, alpha=0.6, max_tokens=4096, device="cpu",
+             min_len=1):
     """Translate the sources of raw pairs [(source, reference)], score with sacreBLEU against
     the raw references, and add the teacher-forced token accuracy. Returns a dict."""
     examples = encode_splits({"eval": pairs}, tokenizer, model.config.max_seq_len)["eval"]
     t0 = time.time()
-    ids = translate_examples(model, examples, beam_size, alpha, max_tokens, device)
+    ids = translate_examples(model, examples, beam_size, alpha, max_tokens, device, min_len)
     hyps = [tokenizer.decode(h) for h in ids]
     seconds = time.time() - t0
     result = sacrebleu_scores(hyps, [r for _, r in pairs])
@@ -211,10 +215,13 @@ def main(argv=None):
                    "1 = greedy)")
     p.add_argument("--alpha", type=float, default=0.6, help="GNMT length penalty exponent")
     p.add_argument("--max_tokens", type=int, default=4096, help="source tokens per batch")
+    p.add_argument("--min_len", type=int, default=1, help="the fewest tokens a translation "
+                   "has (EOS is held back until then; 1: never empty)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     model, tokenizer, ckpt = load(a.out_dir, a.device)
-    opts = dict(beam_size=a.beam_size, alpha=a.alpha, max_tokens=a.max_tokens, device=a.device)
+    opts = dict(beam_size=a.beam_size, alpha=a.alpha, max_tokens=a.max_tokens, device=a.device,
+                min_len=a.min_len)
     if a.eval:
         args = ckpt["args"]
         splits, _ = load_parallel(args["dataset"], args["data_dir"], args.get("data_path"),
