@@ -3,9 +3,9 @@ Translate with a trained encoder-decoder Reformer (encdec.py), and score transla
 paper's Table 4 does: decode with beam search, detokenise, and compare with sacreBLEU against the
 raw (untokenised) references.
 
-    python -m translation.translate --out_dir=out-wmt14 --input=news.en > news.de     # one sentence per line
-    echo "The house is very old." | python -m translation.translate --out_dir=out-ding   # stdin by default
-    python -m translation.translate --out_dir=out-wmt14 --eval                        # sacreBLEU on the test set
+    python -m translation.translate --out_dir=out-wmt14 --input=news.en > news.de   # a line each
+    echo "The house is very old." | python -m translation.translate --out_dir=out-ding   # stdin
+    python -m translation.translate --out_dir=out-wmt14 --eval             # sacreBLEU, test set
     python -m translation.translate --out_dir=out-wmt14 --eval --split=valid --beam_size=1
 
 --eval prints sacreBLEU's signature, BLEU and chrF of the beam-search translations of the
