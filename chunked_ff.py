@@ -31,7 +31,8 @@ Shape legend: B batch, T time, C channels (d_model), V vocabulary size, N = B * 
 
 Public names:
     chunked(fn, x, n_chunks, dim=1)                          fn applied piece by piece along dim
-    ChunkedFeedForward(d_model, d_ff, n_chunks, dropout, activation)      (B, T, C) -> (B, T, C)
+    ChunkedFeedForward(d_model, d_ff, n_chunks, dropout, activation, hidden_dropout)
+                                                                         (B, T, C) -> (B, T, C)
     chunked_cross_entropy(hidden, weight, targets, n_chunks, bias=None, label_smoothing=0.0)
                                                                           mean loss, a scalar
 
@@ -83,7 +84,8 @@ class ChunkedFeedForward(nn.Module):
     feed-forward block. activation: 'gelu' or 'relu'.
     """
 
-    def __init__(self, d_model, d_ff, n_chunks=1, dropout=0.0, activation="gelu"):
+    def __init__(self, d_model, d_ff, n_chunks=1, dropout=0.0, activation="gelu",
+                 hidden_dropout=None):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"ChunkedFeedForward: activation={activation!r}, expected one of "
@@ -93,10 +95,12 @@ class ChunkedFeedForward(nn.Module):
         self.w1 = nn.Linear(d_model, d_ff)
         self.w2 = nn.Linear(d_ff, d_model)
         self.dropout = nn.Dropout(dropout)
+        # the hidden layer's own rate (fairseq's --relu_dropout); None: the same as the output's
+        self.hidden_dropout = nn.Dropout(dropout if hidden_dropout is None else hidden_dropout)
 
     def ff(self, x):
         """The unchunked layer on one piece: (B, t, C) -> (B, t, C)."""
-        h = self.dropout(ACTIVATIONS[self.activation](self.w1(x)))  # (B, t, d_ff)
+        h = self.hidden_dropout(ACTIVATIONS[self.activation](self.w1(x)))  # (B, t, d_ff)
         return self.dropout(self.w2(h))
 
     def forward(self, x):

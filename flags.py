@@ -66,7 +66,9 @@ def add_config_flags(group, config_class, defaults, skip=()):
     for f in dataclasses.fields(config_class):
         if f.name in skip:
             continue
-        if type(f.default) is bool:
+        if f.metadata.get("type"):   # a field whose default None means "as another flag"
+            kw = dict(type=f.metadata["type"])
+        elif type(f.default) is bool:
             kw = dict(type=str2bool, nargs='?', const=True)
         else:
             kw = dict(type=type(f.default), choices={'pos_emb': POS_EMBS, 'rev_join': REV_JOINS,

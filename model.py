@@ -52,7 +52,13 @@ class ModelConfig:
     d_ff: int = field(default=128, metadata={"help": (
         "feed-forward width (Table 2: 256; enwik8: 4096)")})
     dropout: float = field(default=0.0, metadata={"help": (
-        "dropout; the reversible backward replays its masks exactly (enwik8: 0.1-0.2)")})
+        "dropout on the embeddings and every sub-layer's output, and by default on the "
+        "attention weights and the FF hidden layer too; the reversible backward replays its "
+        "masks exactly (enwik8: 0.1-0.2)")})
+    attn_dropout: float = field(default=None, metadata={"type": float, "help": (
+        "dropout on the attention weights; None: --dropout")})
+    relu_dropout: float = field(default=None, metadata={"type": float, "help": (
+        "dropout on the feed-forward hidden layer; None: --dropout")})
     attn: str = field(default="lsh", metadata={"help": (
         "attention in every layer: lsh (Section 2), full (the baseline of Table 2, Figure 5) "
         "or local; for evaluation also full_dot (the authors' dot-product attention: "
@@ -143,8 +149,15 @@ class ModelConfig:
         if self.rev_join == "concat" and self.tie_weights:
             raise ValueError("rev_join='concat' gives a (V, 2C) output layer, which cannot be "
                              "tied to the (V, C) embedding: add tie_weights=False")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        for name in ("dropout", "attn_dropout", "relu_dropout"):
+            p = getattr(self, name)
+            if p is not None and not 0.0 <= p < 1.0:
+                raise ValueError(f"{name}={p} must be in [0, 1)")
+
+    def rate(self, name):
+        """The dropout rate `name` (attn_dropout or relu_dropout) stands for: --dropout if None."""
+        p = getattr(self, name)
+        return self.dropout if p is None else p
 
 
 # -----------------------------------------------------------------------------------------------
@@ -232,7 +245,7 @@ class AttentionSublayer(nn.Module):
         self.ln = nn.LayerNorm(cfg.d_model)
         self.attn = LSHSelfAttention(cfg.d_model, cfg.n_heads, bucket_size=cfg.bucket_size,
                                      n_hashes=cfg.n_hashes, causal=causal, attn=kind,
-                                     shared_qk=cfg.shared_qk, dropout=cfg.dropout,
+                                     shared_qk=cfg.shared_qk, dropout=cfg.rate("attn_dropout"),
                                      dedup=cfg.dedup, impl=cfg.impl)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -247,7 +260,7 @@ class FeedForwardSublayer(nn.Module):
         super().__init__()
         self.ln = nn.LayerNorm(cfg.d_model)
         self.ff = ChunkedFeedForward(cfg.d_model, cfg.d_ff, n_chunks=cfg.ff_chunks,
-                                     dropout=cfg.dropout)
+                                     dropout=cfg.dropout, hidden_dropout=cfg.rate("relu_dropout"))
 
     def forward(self, x):
         return self.ff(self.ln(x))

@@ -342,3 +342,10 @@ def test_saved_memory_is_flat_in_depth_when_reversible():
             got[reversible, depth] = saved_bytes(model, src, tgt_in, targets)
     assert got[True, 1] == got[True, 4]
     assert got[False, 4] > 2 * got[False, 1] > 2 * got[True, 1]
+
+
+def test_cross_attention_takes_attn_dropout():
+    model = make_model(dropout=0.1, attn_dropout=0.25)
+    crosses = [m for m in model.modules() if type(m).__name__ == "CrossAttention"]
+    assert crosses and all(c.dropout == 0.25 for c in crosses)
+    assert make_model(dropout=0.1).decoder.blocks[0].f.cross.dropout == 0.1

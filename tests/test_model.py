@@ -363,3 +363,39 @@ def test_sinusoidal_positions_do_not_drown_the_tokens():
     for pos_emb in ("axial", "absolute"):   # learned positions start at the tokens' scale
         m = ReformerLM(tiny(pos_emb=pos_emb))
         assert (m.tok_emb(x) * token_scale(m.config)).std() < 0.05
+
+
+def test_dropout_knobs_reach_their_layers():
+    """--dropout: embeddings and sub-layer outputs; --attn_dropout: the attention weights;
+    --relu_dropout: the FF hidden layer. Left out, both follow --dropout (one rate everywhere)."""
+    from chunked_ff import ChunkedFeedForward
+    from lsh_attention import LSHSelfAttention
+    for kw, (p, attn, relu) in ((dict(dropout=0.1), (0.1, 0.1, 0.1)),
+                                (dict(dropout=0.1, attn_dropout=0.3, relu_dropout=0.2),
+                                 (0.1, 0.3, 0.2))):
+        model = ReformerLM(tiny(**kw))
+        kinds = [type(m) for m in model.modules()]
+        assert kinds.count(LSHSelfAttention) == kinds.count(ChunkedFeedForward) == 2
+        for m in model.modules():
+            if isinstance(m, LSHSelfAttention):
+                assert m.dropout == attn
+            elif isinstance(m, ChunkedFeedForward):
+                assert (m.dropout.p, m.hidden_dropout.p) == (p, relu)
+            elif isinstance(m, torch.nn.Dropout) and m not in {
+                    f for ff in model.modules() if isinstance(ff, ChunkedFeedForward)
+                    for f in (ff.dropout, ff.hidden_dropout)}:
+                assert m.p == p   # the embedding's and the attention sub-layer's output
+
+
+def test_relu_dropout_alone_changes_the_training_forward_only_through_the_ff():
+    torch.manual_seed(0)
+    x, y = batch()
+    model = ReformerLM(tiny(attn="full", relu_dropout=0.5)).double()
+    plain = ReformerLM(tiny(attn="full")).double()
+    plain.load_state_dict(model.state_dict())
+    torch.manual_seed(1)
+    assert not torch.allclose(model(x, y)[1], plain(x, y)[1])   # the hidden layer drops units
+    model.eval(), plain.eval()
+    torch.testing.assert_close(model(x, y)[1], plain(x, y)[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="attn_dropout=1.0 must be in"):
+        tiny(attn_dropout=1.0)

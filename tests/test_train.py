@@ -268,3 +268,12 @@ def test_offline_enwik8_is_a_message_not_a_traceback(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and 'Traceback' not in p.stderr, p.stderr
     assert 'could not download' in p.stderr and 'place it by hand' in p.stderr, p.stderr
+
+
+def test_dropout_knob_flags():
+    args = flags.parse_args(['--dropout=0.1', '--relu_dropout=0.3'])
+    config = flags.model_config(args)
+    assert (config.attn_dropout, config.relu_dropout) == (None, 0.3)
+    assert (config.rate('attn_dropout'), config.rate('relu_dropout')) == (0.1, 0.3)
+    with pytest.raises(SystemExit):
+        flags.parse_args(['--attn_dropout=1.5'])

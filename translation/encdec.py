@@ -186,7 +186,7 @@ class DecoderAttentionSublayer(nn.Module):
         super().__init__()
         self.self_attn = AttentionSublayer(cfg, "full", causal=True)
         self.ln = nn.LayerNorm(cfg.d_model)
-        self.cross = CrossAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.cross = CrossAttention(cfg.d_model, cfg.n_heads, cfg.rate("attn_dropout"))
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, memory_mask, memory=None, cache=None, t=None):
