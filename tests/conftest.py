@@ -5,6 +5,7 @@ profiles: `dev` (random examples, the default) and `ci` (derandomised, fixed exa
 `HYPOTHESIS_PROFILE=ci`, which .ci/run sets) so CI is reproducible.
 """
 import contextlib
+import functools
 import os
 import sys
 
@@ -23,19 +24,19 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 torch.set_num_threads(1)
 
 
+def plain_forward(stack, x1, x2, **kwargs):
+    """A reversible.ReversibleSequence's blocks as a plain loop: ordinary autograd saves every
+    activation. The reference of each test of the reversible backward."""
+    for block in stack.blocks:
+        x1, x2 = block(x1, x2, **kwargs)
+    return x1, x2
+
+
 @contextlib.contextmanager
 def ordinary_autograd(*stacks):
-    """Run reversible.ReversibleSequence stacks as a plain loop over the same blocks, so ordinary
-    autograd saves every activation: the reference of each test of the reversible backward."""
-    def plain_loop(stack):
-        def forward(x1, x2, **kwargs):
-            for block in stack.blocks:
-                x1, x2 = block(x1, x2, **kwargs)
-            return x1, x2
-        return forward
-
+    """Run the stacks through plain_forward while inside."""
     for stack in stacks:
-        stack.forward = plain_loop(stack)    # an instance attribute: nn.Module.__call__ finds it
+        stack.forward = functools.partial(plain_forward, stack)   # nn.Module.__call__ finds it
     try:
         yield
     finally:
