@@ -46,8 +46,8 @@ from data import (IGNORE_INDEX, ByteStream, DownloadError, DuplicationTask, bits
 from flags import model_config, parse_args   # the command line: python train.py -h
 from model import ModelConfig, ReformerLM
 from translation.encdec import EncDecConfig, ReformerEncDec
-from translation.translation_data import (TRANSLATION_DATASETS, setup_translation, translation_eval_batches,
-                              translation_metrics)
+from translation.translation_data import (TRANSLATION_DATASETS, setup_translation,
+                                          translation_eval_batches, translation_metrics)
 
 
 # ----------------------------------------------------------------------------- where it runs
@@ -270,7 +270,8 @@ class Family:
 
 def translation_report(model, args, data, run):
     """The end of a translation run: exact match on the reverse task's held-out strings, or
-    greedy sacreBLEU on the first valid_size valid pairs (python -m translation.translate --eval: beam, test)."""
+    greedy sacreBLEU on the first valid_size valid pairs (beam search on the test set:
+    python -m translation.translate --eval)."""
     from translation.translate import evaluate as bleu, exact_match   # sacrebleu only now
     if args.dataset == 'reverse':
         return {'exact_match': exact_match(model, data['task'].heldout_set(args.valid_size),

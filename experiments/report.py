@@ -107,12 +107,13 @@ def runs_line(result):
     loads = [r['load_before'][0] for r in runs] + [r['load_after'][0] for r in runs]
     m = result['machine']
     c = runs[0]['config'] if runs else {}
+    noisy = max(loads) > m['cores']
     s = (f"{len(runs)} run(s), seeds {sorted({r['seed'] for r in runs})}, "
          f"steps of {c.get('batch_size')} x {c.get('seq_len')} tokens, "
          f"{len(failed)} failed{(' (' + ', '.join(failed) + ')') if failed else ''}; "
          f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, OMP_NUM_THREADS={m['threads']}; "
          f"1-minute load average {min(loads):.1f}-{max(loads):.1f} during the runs"
-         f"{' (above the core count: other jobs shared the machine, so wall times are noisy)' if max(loads) > m['cores'] else ''}.")
+         f"{' (above the core count: other jobs shared the machine, so wall times are noisy)' if noisy else ''}.")
     return s
 
 
@@ -428,9 +429,7 @@ def table2_notes(result):
 def leaves(result, label):
     """'step' (or 'a, b' over seeds; 'never' past the last step) at which a variant left the
     plateau; '-' if it has no runs."""
-    runs = [r for r in by_label(result).get(label, []) if r['status'] == 'ok']
-    steps = [leave_step(r, PLATEAU_BPC) for r in runs]
-    return ', '.join('never' if s is None else str(s) for s in steps) or '-'
+    return ', '.join('never' if s is None else str(s) for s in leave_steps(result, label)) or '-'
 
 
 def window(result, label, state, rounds, layer=0, key='prev_in_window'):
@@ -451,8 +450,7 @@ def hashes_notes(result):
     lsh = [l for l in by_label(result) if l.startswith('LSH') and l != 'LSH-8']
     own = {l: mean_spread(eval_values(by_label(result)[l], 'own', 'bpc'))[0] for l in lsh}
     at8 = {l: mean_spread(eval_values(by_label(result)[l], 'LSH-8', 'bpc'))[0] for l in lsh}
-    pairs = '; '.join(f"{l} {cell(eval_values(by_label(result)[l], 'own', 'bpc'))} -> "
-                      f"{cell(eval_values(by_label(result)[l], 'LSH-8', 'bpc'))}" for l in lsh)
+    pairs = '; '.join(f"{l} {bpc(result, l)} -> {bpc(result, l, 'LSH-8')}" for l in lsh)
     better = [l for l in lsh if own[l] is not None and at8[l] is not None and at8[l] < own[l]]
     return [f"The step at which each model's valid bpc first falls below {PLATEAU_BPC} (leaving "
             f"the bigram plateau): full attention {leaves(result, 'full, separate QK')} "
@@ -485,7 +483,7 @@ def plateau_notes(result):
         f"{g('full, shared QK')}, local attention (its window always holds the previous "
         f"bytes) {g('local, bucket 16')}, LSH-4 with bucket 64 {g('LSH-4, bucket 64')}, "
         f"LSH-4 with sinusoidal positions {g('LSH-4, sinusoidal')} (valid bpc "
-        f"{cell(eval_values(by_label(result).get('LSH-4, sinusoidal', []), 'own', 'bpc'))}). "
+        f"{bpc(result, 'LSH-4, sinusoidal')}). "
         f"{run_note(result, 'LSH-4, sinusoidal')}", '']
 
 
@@ -495,8 +493,9 @@ def run_note(result, label):
     return ' '.join(r['note'] for r in by_label(result).get(label, []) if r.get('note'))
 
 
-def bpc(result, label):
-    return cell(eval_values(by_label(result).get(label, []), 'own', 'bpc'))
+def bpc(result, label, eval_label='own'):
+    """'mean ± spread' valid bpc of a variant's runs, evaluated with eval_label."""
+    return cell(eval_values(by_label(result).get(label, []), eval_label, 'bpc'))
 
 
 def qk_notes(result):

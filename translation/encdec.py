@@ -394,17 +394,16 @@ def greedy_decode(model, src, max_len=None, use_cache=True, min_len=1):
     out = torch.full((B, L + 1), PAD, dtype=torch.long, device=src.device)
     out[:, 0] = BOS
     live = torch.arange(B, device=src.device)          # the rows of src still decoding
-    tokens = out[:, :1]                                # their prefixes, (B_live, t + 1)
     cache = model.start_cache(memory, memory_mask, L) if use_cache else None
     for t in range(L):
-        nxt = _next_token_logp(model, tokens, t, memory, memory_mask, cache, min_len).argmax(-1)
+        prefix = out[live, :t + 1]                                       # (B_live, t + 1)
+        nxt = _next_token_logp(model, prefix, t, memory, memory_mask, cache, min_len).argmax(-1)
         out[live, t + 1] = nxt
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)                # (B_live, t + 2)
         going = (nxt != EOS).nonzero()[:, 0]
         if len(going) == 0:
             break
         if len(going) < len(live):                     # some finished: drop their rows
-            live, tokens = live[going], tokens[going]
+            live = live[going]
             if use_cache:
                 model.reorder_cache(cache, going, t + 1)
             else:
