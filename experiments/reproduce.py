@@ -106,11 +106,15 @@ DUP_BASE = ['--dataset=duplication', '--vocab_size=16', '--seq_len=128', '--buck
 # experiment changes one thing. T = 256 and bucket 16: an LSH query sees 32 of 256 keys per round
 # (1/8). T = 512 (1/16) would double the cost of every run; lr 3e-3 with 50 warmup steps
 # (not 1e-3) because at 1e-3 even full attention sat on the bigram plateau for ~600 steps.
+# The runs finish: cosine decay to 10 % of the peak over LM_STEPS steps (see `length`), and the
+# evals during training use 32 fixed batches (131,072 tokens), so the exit steps hold.
+LM_STEPS = 2400
 LM_BASE = ['--dataset=text', f'--data_path={CORPUS}', '--data_dir=data', '--seq_len=256',
            '--n_layers=2', '--d_model=128', '--d_ff=256', '--n_heads=4', '--bucket_size=16',
            '--pos_emb=axial', '--attn=full', '--shared_qk=False', '--reversible=False',
-           '--batch_size=16', '--lr=3e-3', '--warmup=50', '--max_steps=600',
-           '--eval_interval=50', '--eval_iters=4']
+           '--batch_size=16', '--lr=3e-3', '--warmup=50', '--lr_schedule=cosine',
+           f'--max_steps={LM_STEPS}', '--eval_interval=100', '--eval_iters=32']
+PLATEAU = ['--lr_schedule=constant', '--max_steps=600']   # the plateau diagnostic's runs
 LM_PAPER = ['@configs/enwik8_ablation.args', '--attn=full', '--shared_qk=False',
             '--reversible=False']
 
@@ -126,8 +130,12 @@ EXPERIMENTS = {
         variants=[('full', ['--attn=full']), ('LSH-1', ['--attn=lsh', '--n_hashes=1']),
                   ('LSH-2', ['--attn=lsh', '--n_hashes=2']),
                   ('LSH-4', ['--attn=lsh', '--n_hashes=4'])],
+        # The five columns of the paper's table, then the authors' dot-product full attention and
+        # each of its three conventions alone (lsh_attention.FULL_KINDS): which one collapses?
         evals=lambda label: [('full', ['--eval_attn=full'])] + [
-            (f'LSH-{r}', ['--eval_attn=lsh', f'--eval_n_hashes={r}']) for r in (8, 4, 2, 1)]),
+            (f'LSH-{r}', ['--eval_attn=lsh', f'--eval_n_hashes={r}']) for r in (8, 4, 2, 1)] + [
+            (kind, [f'--eval_attn={kind}'])
+            for kind in ('full_dot', 'full_scaled', 'full_self', 'full_raw_keys')]),
     'hashes': dict(
         title='Figure 4: LSH attention with 1, 2, 4, 8 hash rounds against full attention',
         task='text', base=LM_BASE, paper_base=lambda label: LM_PAPER, seeds=[0, 1],
@@ -139,9 +147,14 @@ EXPERIMENTS = {
         task='text', base=LM_BASE, paper_base=lambda label: LM_PAPER, seeds=[0, 1],
         variants=[FULL_SEP, FULL_SHARED], evals=lambda label: [('own', [])]),
     'reversible': dict(
-        title='Figure 3 right: reversible against ordinary residual layers (full attention)',
-        task='text', base=LM_BASE, paper_base=lambda label: LM_PAPER, seeds=[0, 1],
-        variants=[('ordinary', []), ('reversible', ['--reversible=True'])],
+        title='Figure 3 right: reversible against ordinary residual layers (full attention), '
+              'and the two ways to join the streams',
+        task='text', base=LM_BASE, paper_base=lambda label: LM_PAPER, seeds=[0, 1, 2],
+        # mean: (x1 + x2) / 2, LayerNorm(C), the tied output layer (the fastai reproduction);
+        # concat: [x1, x2], LayerNorm(2C), an untied Linear(2C, V) (trax ReformerLM, Hugging Face)
+        variants=[('ordinary', []), ('reversible', ['--reversible=True']),
+                  ('reversible, concat', ['--reversible=True', '--rev_join=concat',
+                                          '--tie_weights=False'])],
         evals=lambda label: [('own', [])]),
     'depth': dict(
         title="The fastai reproduction (ML Reproducibility Challenge 2020), Section 4.8: 1, 2 and 4 "
@@ -161,12 +174,13 @@ EXPERIMENTS = {
     'plateau': dict(
         title='Diagnostic: why LSH leaves the bigram plateau later than full attention',
         task='text', base=LM_BASE, paper_base=lambda label: LM_PAPER, seeds=[0],
-        # The first two are the hashes runs (600 steps); the diagnostic ones stop at 400: the
-        # learning rate is constant after warmup, so up to step 400 their curves compare.
-        variants=[FULL_SHARED, LSH(4)] + [(label, flags + ['--max_steps=400']) for label, flags in [
-                  ('LSH-4, sinusoidal', LSH(4)[1] + ['--pos_emb=sinusoidal']),
-                  ('local, bucket 16', ['--attn=local', '--shared_qk=True']),
-                  ('LSH-4, bucket 64', LSH(4)[1] + ['--bucket_size=64'])]],
+        # About the start of a run: the learning rate is constant after warmup, so up to step 400
+        # the curves of the 600-step runs and of the 400-step diagnostic ones compare.
+        variants=[(label, flags + PLATEAU) for label, flags in [FULL_SHARED, LSH(4)]] + [
+            (label, flags + PLATEAU + ['--max_steps=400']) for label, flags in [
+                ('LSH-4, sinusoidal', LSH(4)[1] + ['--pos_emb=sinusoidal']),
+                ('local, bucket 16', ['--attn=local', '--shared_qk=True']),
+                ('LSH-4, bucket 64', LSH(4)[1] + ['--bucket_size=64'])]],
         evals=lambda label: [('own', [])], analyse=True),
 }
 ORDER = ['table2', 'hashes', 'qk', 'reversible', 'depth', 'pattern', 'plateau']
