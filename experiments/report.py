@@ -82,6 +82,13 @@ FASTAI_TABLE2 = {'full': [100, 1.37, 1.85, 3.00, 4.56], 'LSH-4': [46.54, 99.71, 
                'LSH-2': [75.94, 96.60, 97.45, 97.08, 86.06],
                'LSH-1': [70.65, 76.61, 79.68, 79.34, 56.09]}
 TABLE2_EVALS = ['full', 'LSH-8', 'LSH-4', 'LSH-2', 'LSH-1']
+# The authors' dot-product full attention, and each of its three conventions alone
+# (lsh_attention.FULL_KINDS): the paper's table has no such columns.
+TABLE2_DOT = ['full_dot', 'full_scaled', 'full_self', 'full_raw_keys']
+# What the paper ran each claim on (docs/sources.md), beside our data and scale.
+PAPER_DATA = {'table2': 'duplication, vocab 128, T 1024, 1 layer, d 256',
+              'hashes': 'imagenet64', 'qk': 'enwik8 and imagenet64',
+              'reversible': 'enwik8 and imagenet64'}
 PLATEAU_BPC = 3.0   # below this a model has left the bigram plateau (~3.35 bpc on this corpus)
 
 
@@ -119,16 +126,27 @@ def runs_line(result):
 
 def table2_section(result):
     groups = by_label(result)
-    lines = ['| trained \\ evaluated | ' + ' | '.join(TABLE2_EVALS) + ' |',
-             '|---' * (len(TABLE2_EVALS) + 1) + '|']
+    cols = TABLE2_EVALS + TABLE2_DOT
+    lines = ['| trained \\ evaluated | ' + ' | '.join(cols) + ' |', '|---' * (len(cols) + 1) + '|']
     for label, runs in groups.items():
-        cells = [cell(eval_values(runs, e, 'accuracy'), percent=True) for e in TABLE2_EVALS]
+        cells = [cell(eval_values(runs, e, 'accuracy'), percent=True) for e in cols]
         lines.append(f'| **{label}** (ours) | ' + ' | '.join(cells) + ' |')
         for name, table in (('paper', PAPER_TABLE2), ('fastai', FASTAI_TABLE2)):
             if label in table:
                 lines.append(f'| {label} ({name}) | ' + ' | '.join(f'{v:g}' for v in table[label])
-                             + ' |')
+                             + ' |' * (len(TABLE2_DOT) + 1))
     return lines
+
+
+def data_scale(result):
+    """Our data and model size, from the runs' flags: what a verdict stands on."""
+    c = next((r['config'] for r in result['runs'] if r.get('config')), {})
+    size = (f"{c.get('n_layers')} layers, d {c.get('d_model')}, T {c.get('seq_len')}, "
+            f"{c.get('max_steps')} steps")
+    if result['task'] == 'duplication':
+        return f"duplication, vocab {c.get('vocab_size')}; {size}"
+    mb = result.get('corpus', {}).get('bytes', 0) / 1e6
+    return f"text (Python docs, {mb:.1f} MB); {size}"
 
 
 def bpc_at(run, step):
@@ -207,27 +225,98 @@ def mean_of(result, label, eval_label='own', metric='bpc', seeds=None):
     return mean_spread(eval_values(runs, eval_label, metric))
 
 
-def tolerance(result, labels, seeds=None):
-    """What 'does not hurt' allows: 0.03 bpc, or twice the largest seed spread if that is more."""
-    spreads = [mean_of(result, l, seeds=seeds)[1] or 0 for l in labels]
-    return max([0.03] + [2 * s for s in spreads])
-
-
 def seeds_note(seeds):
     return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))}"
 
 
+# ----------------------------------------------------------------------------- verdicts
+# A verdict compares runs that have finished learning, on paired seeds (the same seed: the same
+# batches and, where the shapes agree, the same initial weights), with a 95 % interval.
+
+MARGIN = 0.03        # bpc: what 'does not hurt' allows, and what 'finished' allows in the last 20 %
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262}   # Student's t, 97.5 % quantile, by degrees of freedom (n seeds - 1)
+PAIRED_RULE = (f"Rule: the per-seed differences (same seed, same batches) give a mean and a 95 % "
+               f"interval (Student's t, n - 1 degrees of freedom); 'does not hurt' holds when the "
+               f"whole interval lies below +{MARGIN} bpc, does not hold when it lies above, and "
+               f"is not settled otherwise, or with one seed, or while a compared run is still "
+               f"learning (its valid bpc fell by more than {MARGIN} over its last 20 % of steps).")
+
+
+def last_fifth_drop(run):
+    """How much the train-time valid bpc fell over the run's last 20 % of steps (None: too few
+    evals): from the last eval at or before 80 % of the final step to the final one."""
+    ev = [(e['step'], e['bpc']) for e in run['curve']['eval'] if 'bpc' in e]
+    if len(ev) < 2:
+        return None
+    end, final = ev[-1]
+    before = [b for s, b in ev if s <= 0.8 * end]
+    return before[-1] - final if before else None
+
+
+def still_learning(result, labels):
+    """'' if every finished run of labels has flattened (its bpc fell by at most MARGIN over its
+    last 20 % of steps), else a phrase saying how many have not, and by how much they fell."""
+    runs = [r for l in labels for r in by_label(result).get(l, []) if r['status'] == 'ok']
+    drops = [last_fifth_drop(r) for r in runs]
+    learning = [d for d in drops if d is None or d > MARGIN]
+    if not learning:
+        return ''
+    known = [d for d in learning if d is not None]
+    fell = (f", falling {min(known):.3f}-{max(known):.3f} bpc over the last 20 % of steps"
+            if known else '')
+    return f"{len(learning)} of {len(runs)} runs still learning at the end{fell}"
+
+
+def paired_difference(result, base, other, eval_label='own', metric='bpc'):
+    """other - base per seed, over the seeds both finished: {'seeds', 'diffs', 'mean', 'lo',
+    'hi'} (lo and hi: the 95 % t interval; None with one seed), or None without a pair."""
+    value = lambda label: {r['seed']: r['evals'].get(eval_label, {}).get(metric)
+                           for r in by_label(result).get(label, []) if r['status'] == 'ok'}
+    b, o = value(base), value(other)
+    seeds = sorted(s for s in b if s in o and b[s] is not None and o[s] is not None)
+    if not seeds:
+        return None
+    d = [o[s] - b[s] for s in seeds]
+    mean = sum(d) / len(d)
+    lo = hi = None
+    if len(d) > 1:
+        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
+        half = T_975.get(len(d) - 1, 1.96) * sd / math.sqrt(len(d))
+        lo, hi = mean - half, mean + half
+    return {'seeds': seeds, 'diffs': d, 'mean': mean, 'lo': lo, 'hi': hi}
+
+
+def interval_text(p):
+    per = ', '.join(f'{x:+.3f}' for x in p['diffs'])
+    ci = '' if p['lo'] is None else f", 95 % interval [{p['lo']:+.3f}, {p['hi']:+.3f}]"
+    return f"difference {p['mean']:+.3f}{ci} ({seeds_note(p['seeds'])}: {per})"
+
+
+def no_worse_word(result, p, labels):
+    """The verdict of a 'does not hurt' claim from its paired difference p (PAIRED_RULE)."""
+    learning = still_learning(result, labels)
+    if learning:
+        return 'not settled: ' + learning
+    if p['lo'] is None:
+        return 'not settled: one seed'
+    if p['hi'] <= MARGIN:
+        return 'holds'
+    if p['lo'] > MARGIN:
+        return 'does not hold'
+    return f'not settled: the interval straddles +{MARGIN}'
+
+
 def no_worse_verdict(result, base, other, claim, paper):
-    """A 'does not hurt' claim: other's mean bpc within the tolerance of base's, same seeds."""
-    seeds = paired_seeds(result, [base, other])
-    (b, _), (o, _) = mean_of(result, base, seeds=seeds), mean_of(result, other, seeds=seeds)
+    """A 'does not hurt' claim: other's bpc against base's, paired by seed."""
+    p = paired_difference(result, base, other)
     name = result['experiment']
-    if not seeds or b is None or o is None:
+    if p is None:
         return claim, paper, '-', 'not measured yet', command(name)
-    tol = tolerance(result, [base, other], seeds)
-    ours = (f"{other} {o:.3f} bpc, {base} {b:.3f} (difference {o - b:+.3f}, tolerance "
-            f"{tol:.3f}; {seeds_note(seeds)})")
-    return claim, paper, ours, 'holds' if o - b <= tol else 'does not hold', command(name)
+    (b, _), (o, _) = (mean_of(result, l, seeds=set(p['seeds'])) for l in (base, other))
+    ours = f"{other} {o:.3f} bpc, {base} {b:.3f}: {interval_text(p)}"
+    return claim, paper, ours, no_worse_word(result, p, [base, other]), command(name)
+
 
 def hashes_verdict(result):
     labels = ['full, shared QK'] + [f'LSH-{r}' for r in (1, 2, 4, 8)]
@@ -235,18 +324,19 @@ def hashes_verdict(result):
     seeds = paired_seeds(result, labels)
     full = mean_of(result, 'full, shared QK', seeds=seeds)[0]
     lsh = {r: mean_of(result, f'LSH-{r}', seeds=seeds)[0] for r in (1, 2, 4, 8)}
-    if not seeds or full is None or any(v is None for v in lsh.values()):
+    p = paired_difference(result, 'full, shared QK', 'LSH-8')
+    if not seeds or full is None or any(v is None for v in lsh.values()) or p is None:
         return claim, paper, '-', 'not measured yet', command('hashes')
-    tol = tolerance(result, ['full, shared QK', 'LSH-8'], seeds)
-    falling = all(lsh[a] >= lsh[b] - tol for a, b in ((1, 2), (2, 4), (4, 8)))
-    close = lsh[8] - full <= tol
-    word = ('holds' if falling and close else
-            'partly: bpc falls with the rounds, but LSH-8 stays above full attention by more '
-            'than the tolerance' if falling else 'does not hold')
+    falling = all(lsh[a] >= lsh[b] for a, b in ((1, 2), (2, 4), (4, 8)))
+    word = no_worse_word(result, p, labels)
+    if word in ('holds', 'does not hold'):
+        word = ('holds' if falling and word == 'holds' else
+                'partly: bpc falls with the rounds, but LSH-8 stays above full attention'
+                if falling else 'does not hold: bpc does not fall with every doubling')
     nums = ', '.join(f'LSH-{r} {v:.3f}' for r, v in lsh.items())
-    ours = (f"{nums} against full (shared QK) {full:.3f} bpc (tolerance {tol:.3f}; "
-            f"{seeds_note(seeds)})")
+    ours = f"{nums} against full (shared QK) {full:.3f} bpc; LSH-8 - full: {interval_text(p)}"
     return claim, paper, ours, word, command('hashes')
+
 
 def bench_verdicts(bench='experiments/bench_results'):
     """The speed and memory claims, from bench.py's saved runs (not redone here)."""
@@ -284,49 +374,64 @@ def bench_verdicts(bench='experiments/bench_results'):
         rows.append((claim, paper, '-', 'not measured yet', 'python bench.py memory-depth'))
     return rows
 
-def table2_verdict(result):
+def table2_verdict(result, kind='full', claim=None):
     """The paper's collapse: LSH-trained models at chance (1/(vocab - 1)) under full attention
-    while the full-trained model is not. Rule: at most twice chance counts as at chance."""
-    claim, paper = "LSH-trained models fall to chance under full attention", 'Table 2'
+    of the given kind while the full-trained model is not. Rule: at most twice chance counts as
+    at chance."""
+    claim = claim or "LSH-trained models fall to chance under full attention"
+    paper = f"Table 2 ({PAPER_DATA['table2']})"
     groups = by_label(result)
     lsh = [l for l in groups if l.startswith('LSH')]
     vocab = next((r['config'].get('vocab_size') for r in result['runs'] if r.get('config')), None)
-    acc = {l: mean_spread(eval_values(groups[l], 'full', 'accuracy'))[0] for l in lsh}
-    if not lsh or vocab is None or any(v is None for v in acc.values()):
+    acc = {l: mean_spread(eval_values(groups[l], kind, 'accuracy'))[0] for l in groups}
+    if not lsh or vocab is None or any(acc[l] is None for l in lsh):
         return claim, paper, '-', 'not measured yet', command('table2')
     chance = 1 / (int(vocab) - 1)
-    ours = (', '.join(f"{l} {100 * v:.1f} %" for l, v in acc.items()) +
-            f" under full attention (chance {100 * chance:.1f} %; paper 0.8 %)")
-    fell = [l for l, v in acc.items() if v <= 2 * chance]
+    full = acc.get('full')
+    ours = (', '.join(f"{l} {100 * acc[l]:.1f} %" for l in lsh) + f" under {kind}" +
+            ('' if full is None else f"; the full-trained model {100 * full:.1f} %") +
+            f" (chance {100 * chance:.1f} %; the paper: 0.8 % and 100 %)")
+    fell = [l for l in lsh if acc[l] <= 2 * chance]
     word = ('holds' if len(fell) == len(lsh) else 'does not hold' if not fell else
             f"partly: {', '.join(fell)} only")
+    if fell and full is not None and full <= 2 * chance:
+        word += ', but the full-trained model falls too'
     return claim, paper, ours, word, command('table2')
 
 
 def verdict_rows(results):
-    """(claim, paper, ours, verdict, command) for every claim of the paper we test."""
+    """(claim, paper, our data and scale, ours, verdict, command) for every claim we test."""
     missing = lambda claim, paper, name: (claim, paper, '-', 'not measured yet', command(name))
-    rows = [table2_verdict(results['table2']) if 'table2' in results else
-            missing("LSH-trained models fall to chance under full attention", 'Table 2', 'table2'),
+    t2 = results.get('table2')
+    rows = [table2_verdict(t2) if t2 else missing(
+                "LSH-trained models fall to chance under full attention", 'Table 2', 'table2'),
+            table2_verdict(t2, 'full_dot', "... under the authors' dot-product full attention "
+                           "(`--eval_attn=full_dot`)") if t2 else missing(
+                "... under the authors' dot-product attention", 'Table 2', 'table2'),
             hashes_verdict(results['hashes']) if 'hashes' in results else
             missing('LSH approaches full attention as hash rounds grow', 'Figure 4', 'hashes')]
     for name, base, other, claim, paper in (
             ('qk', 'full, separate QK', 'full, shared QK', 'Shared QK does not hurt',
              'Figure 3 left'),
-            ('reversible', 'ordinary', 'reversible', 'Reversible layers do not hurt',
-             'Figure 3 right')):
+            ('reversible', 'ordinary', 'reversible', 'Reversible layers do not hurt (mean join)',
+             'Figure 3 right'),
+            ('reversible', 'ordinary', 'reversible, concat',
+             'Reversible layers do not hurt (concat join, as trax)', 'Figure 3 right')):
         rows.append(no_worse_verdict(results[name], base, other, claim, paper)
                     if name in results else missing(claim, paper, name))
-    return rows + bench_verdicts()
+    rows = [(c, p if '(' in p else f"{p} ({PAPER_DATA[n]})", data_scale(results[n])
+             if n in results else '-', o, v, cmd) for (c, p, o, v, cmd), n in
+            zip(rows, ['table2', 'table2', 'hashes', 'qk', 'reversible', 'reversible'])]
+    return rows + [(c, p, 'bench.py sizes', o, v, cmd)
+                   for c, p, o, v, cmd in bench_verdicts()]
 
 
 def verdicts_table(results):
     rows = verdict_rows(results)
-    return (['| claim | paper | ours, at CPU scale | verdict | command |', '|---|---|---|---|---|'] +
-            [f"| {c} | {p} | {o} | **{v}** | `{cmd}` |" for c, p, o, v, cmd in rows] +
-            ['', "Rules: 'does not hurt' holds when the mean bpc over the paired seeds is at most "
-             "0.03 bpc, or twice the larger seed spread, above the baseline's; 'at chance' is at "
-             "most twice 1/(vocab - 1)."])
+    return (['| claim | paper (its data) | our data and scale | ours | verdict | command |',
+             '|---|---|---|---|---|---|'] +
+            [f"| {c} | {p} | {d} | {o} | **{v}** | `{cmd}` |" for c, p, d, o, v, cmd in rows] +
+            ['', PAIRED_RULE + " 'At chance' is at most twice 1/(vocab - 1)."])
 
 SECTIONS = {
     'table2': ("Masked accuracy (%) on the second half, 256 fixed validation sequences, mean ± "
@@ -401,6 +506,53 @@ def failed_sentence(result):
             f"{result['experiment']}.json)." if failed else "No run failed or diverged.")
 
 
+def stopped_improving(run, tol=0.01):
+    """(final own accuracy, the first eval step after which accuracy never rose more than tol
+    above its value there) of a Table 2 run; the step is the last one while it still improves."""
+    ev = [(e['step'], e['accuracy']) for e in run['curve']['eval'] if 'accuracy' in e]
+    if not ev:
+        return None, None
+    step = next(s for i, (s, a) in enumerate(ev) if max(b for _, b in ev[i:]) - a <= tol)
+    return ev[-1][1], step
+
+
+def stuck_sentence(result, target=0.99):
+    """The runs below target accuracy at the end: stuck (flat since a step) or still learning."""
+    out = []
+    for r in result['runs']:
+        if r['status'] != 'ok':
+            continue
+        final, step = stopped_improving(r)
+        if final is not None and final < target:
+            end = r['curve']['eval'][-1]['step']
+            out.append(f"{r['label']} seed {r['seed']} at {100 * final:.1f} % "
+                       + (f"(stuck: no gain above 1 point after step {step})" if step < end
+                          else "(still improving at the last step)"))
+    return (f"Runs below {100 * target:.0f} % at the end: " + '; '.join(out) + '.' if out else
+            f"Every run reached {100 * target:.0f} % under its own attention.")
+
+
+def conventions_sentence(result):
+    """Which single convention of the authors' full attention makes LSH-trained models fall."""
+    groups = by_label(result)
+    lsh = [l for l in groups if l.startswith('LSH')]
+    have = lambda l, k: [v for v in eval_values(groups[l], k, 'accuracy') if v is not None]
+    if not lsh or any(not have(l, k) for l in lsh for k in TABLE2_DOT):
+        return 'The dot-product evaluations have not been run yet (`' + command('table2') + '`).'
+    vocab = int(next(r['config']['vocab_size'] for r in result['runs']))
+    chance = 1 / (vocab - 1)
+    per = {k: {l: mean_spread(eval_values(groups[l], k, 'accuracy'))[0] for l in groups}
+           for k in TABLE2_DOT}
+    text = '; '.join(f"{k}: " + ', '.join(f"{l} {100 * v:.1f} %" for l, v in per[k].items()
+                                          if v is not None) for k in TABLE2_DOT)
+    alone = [k for k in TABLE2_DOT[1:] if all(per[k][l] <= 2 * chance for l in lsh)]
+    verdict = (f"Alone, {' and '.join(alone)} bring{'s' if len(alone) == 1 else ''} every "
+               f"LSH-trained model to chance." if alone else
+               "No single convention alone brings every LSH-trained model to chance.")
+    return (f"Under the authors' dot-product full attention and each of its conventions alone "
+            f"(mean over seeds): {text}. {verdict} Chance is {100 * chance:.1f} %.")
+
+
 def table2_notes(result):
     lsh = [l for l in by_label(result) if l.startswith('LSH')]
     per_seed = '; '.join(f"{l}: " + ', '.join(
@@ -422,8 +574,9 @@ def table2_notes(result):
         f"Our full attention with shared QK normalises keys and masks a query's own key exactly "
         f"as LSH does, so an LSH-trained model sees under it a superset of its windows.", '',
         f"Sparsity at this size: an LSH query sees {share}.", '',
+        conventions_sentence(result), '',
         f"Per seed, own attention: {per_seed}. The first eval above 20 % accuracy (leaving "
-        f"chance), per seed: {chance}. {failed_sentence(result)}", '']
+        f"chance), per seed: {chance}. {stuck_sentence(result)} {failed_sentence(result)}", '']
 
 
 def leaves(result, label):
@@ -517,12 +670,13 @@ def leave_steps(result, label):
 
 
 def reversible_notes(result):
-    return [f"Reversible: {bpc(result, 'reversible')} bpc against ordinary layers' "
-            f"{bpc(result, 'ordinary')} (the fastai reproduction: a {FASTAI_REVERSIBLE_GAP} bpc "
-            f"gap; the paper: 'nearly the same'). They left the plateau at steps "
-            f"{leaves(result, 'reversible')} against {leaves(result, 'ordinary')}. The two "
-            f"streams are joined by {result['runs'][0]['config'].get('rev_join', 'mean')} here "
-            f"(`--rev_join`; trax's ReformerLM concatenates).", '']
+    return [f"Reversible, the streams joined by their mean (tied output): "
+            f"{bpc(result, 'reversible')} bpc; joined by concatenation, LayerNorm(2C) and an "
+            f"untied output (trax's ReformerLM, Hugging Face): {bpc(result, 'reversible, concat')};"
+            f" ordinary layers: {bpc(result, 'ordinary')} (the fastai reproduction: a "
+            f"{FASTAI_REVERSIBLE_GAP} bpc gap with the mean; the paper: 'nearly the same'). They "
+            f"left the plateau at steps {leaves(result, 'reversible')}, "
+            f"{leaves(result, 'reversible, concat')} and {leaves(result, 'ordinary')}.", '']
 
 
 def pattern_notes(result):
@@ -613,8 +767,8 @@ def write_readme(readme='README.md', results='experiments/results', results_md=N
         f.write('# Results, reproduced at CPU scale\n\n' + readme_section(loaded))
     os.replace(results_md + '.tmp', results_md)
     link = os.path.relpath(results_md, os.path.dirname(os.path.abspath(readme)))
-    block = '\n'.join([f"Generated by `python -m experiments.report` from the JSON; do not edit "
-                        f"by hand."] + [''] + verdicts_table(loaded) +
+    block = "\n".join(["Generated by `python -m experiments.report` from the JSON; do not edit "
+                        "by hand."] + [''] + verdicts_table(loaded) +
                        ['', f"Every experiment in full, with its data, scale, tables, plots and "
                             f"runs: [{link}]({link})."]) + '\n'
     new = between(text, MARK_START, MARK_END, wrapped(block), readme)

@@ -123,8 +123,9 @@ def lm_result(name, values, task='text'):
     runs = []
     for label, per_seed in values.items():
         for seed, bpc in enumerate(per_seed):
-            ev = [{'step': 50, 'bpc': 3.4, 'time_s': 10.0}, {'step': 100, 'bpc': bpc,
-                                                            'time_s': 20.0}]
+            ev = [{'step': 50, 'bpc': 3.4, 'time_s': 10.0},     # flat over the last 20 %:
+                  {'step': 80, 'bpc': bpc + 0.01, 'time_s': 16.0},   # it has finished
+                  {'step': 100, 'bpc': bpc, 'time_s': 20.0}]
             runs.append({'label': label, 'seed': seed, 'status': 'ok', 'wall_s': 21.0,
                          'config': {'max_steps': '100', 'batch_size': '4', 'seq_len': '8'},
                          'load_before': [1.0, 1, 1], 'load_after': [2.0, 2, 2],
@@ -153,15 +154,17 @@ def test_readme_section_is_generated_between_the_markers(tmp_path):
     assert 'old text' not in text
     inside = text.split(report.MARK_START)[1].split(report.MARK_END)[0]
     assert '[RESULTS.md](RESULTS.md)' in inside and '| full, shared QK |' not in inside
-    assert '| Shared QK does not hurt | Figure 3 left |' in inside   # the verdicts table
+    assert '| Shared QK does not hurt | Figure 3 left (enwik8 and imagenet64) |' in inside
     inside = (tmp_path / 'RESULTS.md').read_text()   # the full results, tables and plots
     assert '| full, shared QK | 100 | 3.220 ± 0.020 | never, never | 20, 20 |' in inside
-    assert '| full, separate QK | 100 | 2.510 ± 0.010 | 72, 73 | 20, 20 |' in inside
-    assert ('| Shared QK does not hurt | Figure 3 left | full, shared QK 3.220 bpc, full, separate '
-            'QK 2.510 (difference +0.710, tolerance 0.040; seeds 0, 1) | **does not hold** |') in inside
-    assert '| Reversible layers do not hurt | Figure 3 right |' in inside
+    assert '| full, separate QK | 100 | 2.510 ± 0.010 | 63, 64 | 20, 20 |' in inside
+    assert ('| Shared QK does not hurt | Figure 3 left (enwik8 and imagenet64) | text (Python '
+            'docs, 0.0 MB); None layers, d None, T 8, 100 steps | full, shared QK 3.220 bpc, full, '
+            'separate QK 2.510: difference +0.710, 95 % interval [+0.583, +0.837] (seeds 0, 1: '
+            '+0.700, +0.720) | **does not hold** |') in inside
+    assert '| Reversible layers do not hurt (mean join) | Figure 3 right' in inside
     assert '| **holds** | `python -m experiments.reproduce reversible` |' in inside
-    assert ('| LSH approaches full attention as hash rounds grow | Figure 4 | - | '
+    assert ('| LSH approaches full attention as hash rounds grow | Figure 4 (imagenet64) | - | - | '
             '**not measured yet** |') in inside
     assert 'python -m experiments.reproduce qk' in inside and 'results/qk.png' in inside
     assert os.path.getsize(tmp_path / 'results' / 'qk.png') > 1000   # redrawn from the file
@@ -280,3 +283,61 @@ def test_rerun_with_other_steps_changes_the_numbers_in_the_generated_text(tiny, 
         texts.append((bpc, full, readme.read_text()))
     (bpc1, full1, readme1), (bpc6, full6, readme6) = texts
     assert bpc1 != bpc6 and bpc1 not in readme6 and f"| full, shared QK | 1 |" not in full6
+
+
+def test_paired_verdicts_give_the_interval_and_follow_the_rule():
+    """'does not hurt' from per-seed differences and a 95 % t interval (3 seeds: t = 4.303)."""
+    def verdict(other, base=(2.0, 2.1, 2.2), last_drop=0.0):
+        r = lm_result('reversible', {'ordinary': list(base), 'reversible': list(other)})
+        for run in r['runs']:   # the eval at 80 % of the steps, `last_drop` above the final one
+            run['curve']['eval'][1]['bpc'] = run['curve']['eval'][2]['bpc'] + last_drop
+        return report.no_worse_verdict(r, 'ordinary', 'reversible', 'claim', 'paper')[2:4]
+    ours, word = verdict([2.01, 2.12, 2.20])           # diffs +0.01, +0.02, 0: sd 0.01
+    assert word == 'not settled: the interval straddles +0.03'
+    half = 4.303 * 0.01 / 3 ** 0.5
+    assert f'95 % interval [{0.01 - half:+.3f}, {0.01 + half:+.3f}]' in ours
+    assert 'seeds 0, 1, 2: +0.010, +0.020, +0.000' in ours
+    assert verdict([2.005, 2.105, 2.205])[1] == 'holds'              # interval [+0.005, +0.005]
+    assert verdict([2.1, 2.2, 2.3])[1] == 'does not hold'            # [+0.1, +0.1]
+    assert verdict([2.1], base=[2.0])[1] == 'not settled: one seed'
+    # a run still falling more than 0.03 bpc over its last 20 % of steps settles nothing
+    assert verdict([2.005, 2.105, 2.205], last_drop=0.05)[1] == (
+        'not settled: 6 of 6 runs still learning at the end, falling 0.050-0.050 bpc over the '
+        'last 20 % of steps')
+    assert verdict([2.005, 2.105, 2.205], last_drop=0.02)[1] == 'holds'
+
+
+def table2_result(acc):
+    """A results/table2.json with {label: {eval: accuracy}} for one seed and a curve."""
+    runs = [{'label': label, 'seed': 0, 'status': 'ok',
+             'config': {'vocab_size': '16', 'seq_len': '128', 'bucket_size': '16'},
+             'curve': {'eval': [{'step': s, 'accuracy': a} for s, a in
+                                ((100, 0.3), (200, 0.5), (300, 0.503), (400, 0.506))]},
+             'evals': {k: {'accuracy': v} for k, v in evals.items()}} for label, evals in acc.items()]
+    return {'experiment': 'table2', 'task': 'duplication', 'runs': runs}
+
+
+def test_table2_collapse_under_the_authors_attention_and_which_convention():
+    low, high = 0.05, 0.97          # chance is 1/15 = 6.7 %; twice chance counts as at chance
+    conv = lambda dot, scaled, self_, raw: {'full_dot': dot, 'full_scaled': scaled,
+                                            'full_self': self_, 'full_raw_keys': raw}
+    r = table2_result({'full': {'full': 1.0, 'LSH-4': 0.9, **conv(0.99, 0.99, 0.99, 0.99)},
+                       'LSH-2': {'full': 0.8, 'LSH-2': 0.95, **conv(low, high, low, high)},
+                       'LSH-4': {'full': 0.7, 'LSH-4': 0.96, **conv(low, high, low, high)}})
+    assert report.table2_verdict(r)[3] == 'does not hold'          # ours: no collapse
+    claim, paper, ours, word, _ = report.table2_verdict(r, 'full_dot')
+    assert word == 'holds' and 'LSH-2 5.0 %, LSH-4 5.0 % under full_dot' in ours
+    assert 'the full-trained model 99.0 %' in ours
+    text = report.conventions_sentence(r)
+    assert 'Alone, full_self brings every LSH-trained model to chance.' in text
+    r['runs'][0]['evals']['full_dot'] = {'accuracy': low}                       # the full-trained one falls too
+    assert report.table2_verdict(r, 'full_dot')[3] == 'holds, but the full-trained model falls too'
+    r['runs'][1]['evals']['full_dot'] = {'accuracy': high}
+    assert report.table2_verdict(r, 'full_dot')[3].startswith('partly: LSH-4 only')
+    # runs below 99 %: stuck since the step after which accuracy never rose by a point
+    assert report.stuck_sentence(r) == (
+        'Runs below 99 % at the end: full seed 0 at 50.6 % (stuck: no gain above 1 point after '
+        'step 200); LSH-2 seed 0 at 50.6 % (stuck: no gain above 1 point after step 200); LSH-4 '
+        'seed 0 at 50.6 % (stuck: no gain above 1 point after step 200).')
+    r['runs'][0]['curve']['eval'][-1]['accuracy'] = 0.6
+    assert 'full seed 0 at 60.0 % (still improving at the last step)' in report.stuck_sentence(r)
