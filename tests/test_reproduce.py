@@ -341,3 +341,14 @@ def test_table2_collapse_under_the_authors_attention_and_which_convention():
         'seed 0 at 50.6 % (stuck: no gain above 1 point after step 200).')
     r['runs'][0]['curve']['eval'][-1]['accuracy'] = 0.6
     assert 'full seed 0 at 60.0 % (still improving at the last step)' in report.stuck_sentence(r)
+
+
+def test_hashes_suspects_are_named_by_their_paired_intervals():
+    r = lm_result('hashes', {'LSH-4': [2.30, 2.32, 2.34], 'LSH-4, dedup': [2.20, 2.23, 2.24],
+                             'local + LSH-4': [2.31, 2.31, 2.36]})
+    text = report.suspects_sentence(r)
+    assert 'dedup at 4 rounds: difference -0.097' in text        # -0.10, -0.09, -0.10
+    assert 'The numbers point to dedup at 4 rounds.' in text     # local's interval holds zero
+    r = lm_result('hashes', {'LSH-4': [2.30, 2.32, 2.34], 'LSH-4, dedup': [2.31, 2.33, 2.34]})
+    assert report.suspects_sentence(r).endswith(
+        'No fix lowers bpc with its whole interval below zero.')
