@@ -385,7 +385,7 @@ def table2_verdict(result, kind='full', claim=None):
     vocab = next((r['config'].get('vocab_size') for r in result['runs'] if r.get('config')), None)
     acc = {l: mean_spread(eval_values(groups[l], kind, 'accuracy'))[0] for l in groups}
     if not lsh or vocab is None or any(acc[l] is None for l in lsh):
-        return claim, paper, '-', 'not measured yet', command('table2')
+        return claim, paper, '-', 'not measured yet', command(result['experiment'])
     chance = 1 / (int(vocab) - 1)
     full = acc.get('full')
     ours = (', '.join(f"{l} {100 * acc[l]:.1f} %" for l in lsh) + f" under {kind}" +
@@ -396,20 +396,26 @@ def table2_verdict(result, kind='full', claim=None):
             f"partly: {', '.join(fell)} only")
     if fell and full is not None and full <= 2 * chance:
         word += ', but the full-trained model falls too'
-    return claim, paper, ours, word, command('table2')
+    return claim, paper, ours, word, command(result['experiment'])
 
 
 def verdict_rows(results):
     """(claim, paper, our data and scale, ours, verdict, command) for every claim we test."""
     missing = lambda claim, paper, name: (claim, paper, '-', 'not measured yet', command(name))
-    t2 = results.get('table2')
-    rows = [table2_verdict(t2) if t2 else missing(
-                "LSH-trained models fall to chance under full attention", 'Table 2', 'table2'),
-            table2_verdict(t2, 'full_dot', "... under the authors' dot-product full attention "
-                           "(`--eval_attn=full_dot`)") if t2 else missing(
-                "... under the authors' dot-product attention", 'Table 2', 'table2'),
-            hashes_verdict(results['hashes']) if 'hashes' in results else
-            missing('LSH approaches full attention as hash rounds grow', 'Figure 4', 'hashes')]
+    rows = []   # (experiment, verdict row)
+    for name in ('table2', 'table2_sparse'):
+        t2 = results.get(name)
+        if t2 is None and name != 'table2':
+            continue
+        claim = "LSH-trained models fall to chance under full attention"
+        dot = "... under the authors' dot-product full attention (`--eval_attn=full_dot`)"
+        rows += [(name, table2_verdict(t2, claim=claim) if t2 else
+                  missing(claim, 'Table 2', name)),
+                 (name, table2_verdict(t2, 'full_dot', dot) if t2 else
+                  missing(dot, 'Table 2', name))]
+    rows.append(('hashes', hashes_verdict(results['hashes']) if 'hashes' in results else
+                 missing('LSH approaches full attention as hash rounds grow', 'Figure 4',
+                         'hashes')))
     for name, base, other, claim, paper in (
             ('qk', 'full, separate QK', 'full, shared QK', 'Shared QK does not hurt',
              'Figure 3 left'),
@@ -417,13 +423,12 @@ def verdict_rows(results):
              'Figure 3 right'),
             ('reversible', 'ordinary', 'reversible, concat',
              'Reversible layers do not hurt (concat join, as trax)', 'Figure 3 right')):
-        rows.append(no_worse_verdict(results[name], base, other, claim, paper)
-                    if name in results else missing(claim, paper, name))
-    rows = [(c, p if '(' in p else f"{p} ({PAPER_DATA[n]})", data_scale(results[n])
-             if n in results else '-', o, v, cmd) for (c, p, o, v, cmd), n in
-            zip(rows, ['table2', 'table2', 'hashes', 'qk', 'reversible', 'reversible'])]
-    return rows + [(c, p, 'bench.py sizes', o, v, cmd)
-                   for c, p, o, v, cmd in bench_verdicts()]
+        rows.append((name, no_worse_verdict(results[name], base, other, claim, paper)
+                     if name in results else missing(claim, paper, name)))
+    rows = [(c, p if '(' in p else f"{p} ({PAPER_DATA[n.split('_')[0]]})",
+             data_scale(results[n]) if n in results else '-', o, v, cmd)
+            for n, (c, p, o, v, cmd) in rows]
+    return rows + [(c, p, 'bench.py sizes', o, v, cmd) for c, p, o, v, cmd in bench_verdicts()]
 
 
 def verdicts_table(results):
@@ -478,13 +483,15 @@ def readme_section(results):
             continue
         r = results[name]
         lines += [f"### {r['title']}", '', f"`{command(name)}` ([results/{name}.json]"
-                  f"(results/{name}.json)). {SECTIONS.get(name, '')}", '']
-        lines += (table2_section(r) if name == 'table2' else
+                  f"(results/{name}.json)). "
+                  f"{SECTIONS.get(name, SECTIONS['table2'] if r['task'] == 'duplication' else '')}", '']
+        lines += (table2_section(r) if r['task'] == 'duplication' else
                   lm_section(r, lsh8=name == 'hashes', at_step=400 if name == 'plateau' else None))
         if name == 'plateau':
             lines += [''] + untrained_section(r) + windows_section(r)
         lines += ['', runs_line(r), '', f"![{name}](results/{name}.png)", '']
-        lines += NOTES[name](r) if name in NOTES else []
+        notes = NOTES.get(name, table2_notes if r['task'] == 'duplication' else None)
+        lines += notes(r) if notes else []
     return '\n'.join(lines).rstrip() + '\n'
 
 
@@ -538,7 +545,8 @@ def conventions_sentence(result):
     lsh = [l for l in groups if l.startswith('LSH')]
     have = lambda l, k: [v for v in eval_values(groups[l], k, 'accuracy') if v is not None]
     if not lsh or any(not have(l, k) for l in lsh for k in TABLE2_DOT):
-        return 'The dot-product evaluations have not been run yet (`' + command('table2') + '`).'
+        return ('The dot-product evaluations have not been run yet (`'
+                + command(result['experiment']) + '`).')
     vocab = int(next(r['config']['vocab_size'] for r in result['runs']))
     chance = 1 / (vocab - 1)
     per = {k: {l: mean_spread(eval_values(groups[l], k, 'accuracy'))[0] for l in groups}
