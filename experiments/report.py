@@ -387,15 +387,16 @@ def table2_verdict(result, kind='full', claim=None):
     if not lsh or vocab is None or any(acc[l] is None for l in lsh):
         return claim, paper, '-', 'not measured yet', command(result['experiment'])
     chance = 1 / (int(vocab) - 1)
-    full = acc.get('full')
+    ref = kind if kind in groups else 'full'   # trained with the attention it is evaluated with
+    full = acc.get(ref)
     ours = (', '.join(f"{l} {100 * acc[l]:.1f} %" for l in lsh) + f" under {kind}" +
-            ('' if full is None else f"; the full-trained model {100 * full:.1f} %") +
+            ('' if full is None else f"; the model trained with {ref}: {100 * full:.1f} %") +
             f" (chance {100 * chance:.1f} %; the paper: 0.8 % and 100 %)")
     fell = [l for l in lsh if acc[l] <= 2 * chance]
     word = ('holds' if len(fell) == len(lsh) else 'does not hold' if not fell else
             f"partly: {', '.join(fell)} only")
     if fell and full is not None and full <= 2 * chance:
-        word += ', but the full-trained model falls too'
+        word += f', but the model trained with {ref} falls too'
     return claim, paper, ours, word, command(result['experiment'])
 
 

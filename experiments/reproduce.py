@@ -123,14 +123,19 @@ FULL_SEP = ('full, separate QK', [])
 FULL_SHARED = ('full, shared QK', ['--shared_qk=True'])
 LSH = lambda r: (f'LSH-{r}', ['--attn=lsh', '--shared_qk=True', f'--n_hashes={r}'])
 
+# full_dot: trained with the authors' full attention (q.k / sqrt(hs), self allowed, raw keys),
+# the reference for evaluating every model with it.
+TABLE2_VARIANTS = [('full', ['--attn=full'])] + [
+    (f'LSH-{r}', ['--attn=lsh', f'--n_hashes={r}']) for r in (1, 2, 4)] + [
+    ('full_dot', ['--attn=full_dot'])]
+
 EXPERIMENTS = {
     'table2': dict(
         title='Table 2: the duplication task, trained with one attention, evaluated with another',
         task='duplication', base=DUP_BASE, seeds=[0, 1, 2],   # 3: the spread is large
-        paper_base=lambda label: [f"@configs/duplication_{label.lower().replace('-', '')}.args"],
-        variants=[('full', ['--attn=full']), ('LSH-1', ['--attn=lsh', '--n_hashes=1']),
-                  ('LSH-2', ['--attn=lsh', '--n_hashes=2']),
-                  ('LSH-4', ['--attn=lsh', '--n_hashes=4'])],
+        paper_base=lambda label: [  # full_dot: the full row's file, its --attn replaced
+            f"@configs/duplication_{label.lower().replace('-', '').replace('_dot', '')}.args"],
+        variants=TABLE2_VARIANTS,
         # The five columns of the paper's table, then the authors' dot-product full attention and
         # each of its three conventions alone (lsh_attention.FULL_KINDS): which one collapses?
         evals=lambda label: [('full', ['--eval_attn=full'])] + [
@@ -148,9 +153,7 @@ EXPERIMENTS = {
         + ['--vocab_size=32', '--seq_len=256', '--n_layers=1', '--d_model=256', '--d_ff=256',
            '--max_steps=2000'],
         paper_base=lambda label: EXPERIMENTS['table2']['paper_base'](label),
-        variants=[('full', ['--attn=full']), ('LSH-1', ['--attn=lsh', '--n_hashes=1']),
-                  ('LSH-2', ['--attn=lsh', '--n_hashes=2']),
-                  ('LSH-4', ['--attn=lsh', '--n_hashes=4'])],
+        variants=TABLE2_VARIANTS,
         evals=lambda label: EXPERIMENTS['table2']['evals'](label)),
     'hashes': dict(
         title='Figure 4: LSH attention with 1, 2, 4, 8 hash rounds against full attention',

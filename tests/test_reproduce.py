@@ -321,24 +321,26 @@ def test_table2_collapse_under_the_authors_attention_and_which_convention():
     low, high = 0.05, 0.97          # chance is 1/15 = 6.7 %; twice chance counts as at chance
     conv = lambda dot, scaled, self_, raw: {'full_dot': dot, 'full_scaled': scaled,
                                             'full_self': self_, 'full_raw_keys': raw}
-    r = table2_result({'full': {'full': 1.0, 'LSH-4': 0.9, **conv(0.99, 0.99, 0.99, 0.99)},
+    r = table2_result({'full': {'full': 1.0, 'LSH-4': 0.9, **conv(low, 0.99, low, 0.99)},
+                       'full_dot': {'full': 0.9, **conv(0.99, 0.99, 0.99, 0.99)},
                        'LSH-2': {'full': 0.8, 'LSH-2': 0.95, **conv(low, high, low, high)},
                        'LSH-4': {'full': 0.7, 'LSH-4': 0.96, **conv(low, high, low, high)}})
     assert report.table2_verdict(r)[3] == 'does not hold'          # ours: no collapse
     claim, paper, ours, word, _ = report.table2_verdict(r, 'full_dot')
     assert word == 'holds' and 'LSH-2 5.0 %, LSH-4 5.0 % under full_dot' in ours
-    assert 'the full-trained model 99.0 %' in ours
+    assert 'the model trained with full_dot: 99.0 %' in ours   # not 'full' (at chance here)
     text = report.conventions_sentence(r)
     assert 'Alone, full_self brings every LSH-trained model to chance.' in text
-    r['runs'][0]['evals']['full_dot'] = {'accuracy': low}                       # the full-trained one falls too
-    assert report.table2_verdict(r, 'full_dot')[3] == 'holds, but the full-trained model falls too'
-    r['runs'][1]['evals']['full_dot'] = {'accuracy': high}
+    r['runs'][1]['evals']['full_dot'] = {'accuracy': low}   # the full_dot-trained one falls too
+    assert report.table2_verdict(r, 'full_dot')[3] == (
+        'holds, but the model trained with full_dot falls too')
+    r['runs'][2]['evals']['full_dot'] = {'accuracy': high}
     assert report.table2_verdict(r, 'full_dot')[3].startswith('partly: LSH-4 only')
     # runs below 99 %: stuck since the step after which accuracy never rose by a point
+    stuck = 'at 50.6 % (stuck: no gain above 1 point after step 200)'
     assert report.stuck_sentence(r) == (
-        'Runs below 99 % at the end: full seed 0 at 50.6 % (stuck: no gain above 1 point after '
-        'step 200); LSH-2 seed 0 at 50.6 % (stuck: no gain above 1 point after step 200); LSH-4 '
-        'seed 0 at 50.6 % (stuck: no gain above 1 point after step 200).')
+        f'Runs below 99 % at the end: full seed 0 {stuck}; full_dot seed 0 {stuck}; '
+        f'LSH-2 seed 0 {stuck}; LSH-4 seed 0 {stuck}.')
     r['runs'][0]['curve']['eval'][-1]['accuracy'] = 0.6
     assert 'full seed 0 at 60.0 % (still improving at the last step)' in report.stuck_sentence(r)
 
