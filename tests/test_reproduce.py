@@ -331,6 +331,9 @@ def test_table2_collapse_under_the_authors_attention_and_which_convention():
     assert 'the model trained with full_dot: 99.0 %' in ours   # not 'full' (at chance here)
     text = report.conventions_sentence(r)
     assert 'Alone, full_self brings every LSH-trained model to chance.' in text
+    assert "This is a finding about the paper's 0.8 %" in text     # full (self masked) too
+    r['runs'][0]['evals']['full_self'] = {'accuracy': high}
+    assert "finding" not in report.conventions_sentence(r)
     r['runs'][1]['evals']['full_dot'] = {'accuracy': low}   # the full_dot-trained one falls too
     assert report.table2_verdict(r, 'full_dot')[3] == (
         'holds, but the model trained with full_dot falls too')
