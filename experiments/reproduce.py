@@ -384,6 +384,19 @@ def save_run(path, header, run):
     return out
 
 
+def recorded(path, label, seed, argv, eval_labels):
+    """The run of results/NAME.json with this label, seed and flags, if it finished and has
+    every eval: what a new checkout (without out/) need not train again. None otherwise."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        runs = json.load(f)['runs']
+    return next((r for r in runs if (r['label'], r['seed']) == (label, seed) and
+                 r['config'] == flag_dict(argv) and r['status'] == 'ok' and
+                 all(e in r['evals'] and 'status' not in r['evals'][e] for e in eval_labels)),
+                None)
+
+
 def final_metric(task):
     return 'accuracy' if task == 'duplication' else 'bpc'
 
@@ -407,6 +420,10 @@ def run_experiment(name, seeds=None, paper=False, steps=None, device=None, root=
             out['untrained_windows'] = json.load(f)
     for label, seed, argv in plan(name, seeds, paper, steps, extra, only):
         out_dir = os.path.join(root, run_key(argv))
+        kept = recorded(path, label, seed, argv, [e for e, _ in exp['evals'](label)])
+        if kept and not os.path.exists(out_dir):   # a new checkout: out/ is not in git
+            print(f"[{name}] {label}, seed {seed}: done, in {path}", flush=True)
+            continue
         print(f"[{name}] {label}, seed {seed}: {out_dir}", flush=True)
         with locked(os.path.join(out_dir, 'run')):   # the run, its evals and analysis
             record = train_run(argv, out_dir, device)

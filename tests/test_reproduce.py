@@ -11,6 +11,7 @@ speed; one test runs the real subprocess.
 import contextlib
 import json
 import os
+import shutil
 
 import pytest
 
@@ -92,6 +93,14 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resumed(tiny):
     reproduce.run_experiment('tiny', seeds=[0])
     assert len(tiny) == n   # nothing re-run, not even the evals or the failed run
     assert json.load(open('experiments/results/tiny.json'))['runs'][0]['evals'] == first['runs'][0]['evals']
+    # a new checkout has the results but not out/: finished runs are not trained again
+    shutil.move('out', 'out.old')
+    reproduce.run_experiment('tiny', seeds=[0])
+    assert len(tiny) == n + 1   # only the failed run is tried again
+    assert json.load(open('experiments/results/tiny.json'))['runs'][0] == first['runs'][0]
+    shutil.rmtree('out')
+    shutil.move('out.old', 'out')
+    n += 1
     # an interrupted run: its checkpoint is there, its run.json (written last) is not
     lsh = first['runs'][1]
     os.remove(os.path.join(lsh['out_dir'], 'run.json'))
