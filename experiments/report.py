@@ -244,14 +244,15 @@ PAIRED_RULE = (f"Rule: the per-seed differences (same seed, same batches) give a
 
 
 def last_fifth_drop(run):
-    """How much the train-time valid bpc fell over the run's last 20 % of steps (None: too few
-    evals): from the last eval at or before 80 % of the final step to the final one."""
+    """How much the train-time valid bpc fell over the run's last 20 % of steps (None: no eval
+    at or before 80 % of the final step): from its value at 80 % of the final step (linear
+    between the evals around it) to the final eval's."""
     ev = [(e['step'], e['bpc']) for e in run['curve']['eval'] if 'bpc' in e]
-    if len(ev) < 2:
+    if len(ev) < 2 or ev[0][0] > 0.8 * ev[-1][0]:
         return None
-    end, final = ev[-1]
-    before = [b for s, b in ev if s <= 0.8 * end]
-    return before[-1] - final if before else None
+    at = 0.8 * ev[-1][0]
+    (s0, b0), (s1, b1) = next((p, q) for p, q in zip(ev, ev[1:]) if p[0] <= at <= q[0])
+    return b0 + (b1 - b0) * (at - s0) / (s1 - s0) - ev[-1][1]
 
 
 def still_learning(result, labels):
