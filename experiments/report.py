@@ -115,8 +115,14 @@ def runs_line(result):
     m = result['machine']
     c = runs[0]['config'] if runs else {}
     noisy = max(loads) > m['cores']
+    sched = {'cosine': 'cosine decay to 10 %'}.get(c.get('lr_schedule'), c.get('lr_schedule', 'constant'))
+    evals = ''
+    if c.get('eval_iters') and c.get('batch_size') and c.get('seq_len'):
+        n = int(c['eval_iters']) * int(c['batch_size']) * int(c['seq_len'])
+        evals = f"train-time evals on {c['eval_iters']} fixed batches ({n:,} tokens), "
     s = (f"{len(runs)} run(s), seeds {sorted({r['seed'] for r in runs})}, "
-         f"steps of {c.get('batch_size')} x {c.get('seq_len')} tokens, "
+         f"steps of {c.get('batch_size')} x {c.get('seq_len')} tokens, lr {c.get('lr')} "
+         f"({sched} after {c.get('warmup')} warmup steps), {evals}"
          f"{len(failed)} failed{(' (' + ', '.join(failed) + ')') if failed else ''}; "
          f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, OMP_NUM_THREADS={m['threads']}; "
          f"1-minute load average {min(loads):.1f}-{max(loads):.1f} during the runs"
