@@ -163,7 +163,8 @@ def bpc_at(run, step):
 def lm_section(result, lsh8=False, at_step=None):
     head = (['model', 'steps', 'valid bpc'] + (['with LSH-8'] if lsh8 else []) +
             ([f'bpc at step {at_step} (train-time eval)'] if at_step else []) +
-            [f'leaves {PLATEAU_BPC} bpc at step', 'training time (s)'])
+            [f'leaves {PLATEAU_BPC} bpc at step', 'bpc fell over the last 20 %',
+             'training time (s)'])
     lines = ['| ' + ' | '.join(head) + ' |', '|---' * len(head) + '|']
     for label, runs in by_label(result).items():
         ok = [r for r in runs if r['status'] == 'ok']
@@ -175,6 +176,8 @@ def lm_section(result, lsh8=False, at_step=None):
             row.append(cell([bpc_at(r, at_step) for r in ok]))
         steps = [leave_step(r, PLATEAU_BPC) for r in ok]
         row.append(', '.join('never' if s is None else str(s) for s in steps) or '-')
+        drops = [last_fifth_drop(r) for r in ok]
+        row.append(', '.join('-' if d is None else f'{d:.3f}' for d in drops) or '-')
         # training time from the curve (added up over a resume), not the subprocess's wall_s
         row.append(', '.join(f"{r['curve']['eval'][-1]['time_s']:.0f}" for r in ok
                              if r['curve']['eval']) or '-')
@@ -453,6 +456,9 @@ SECTIONS = {
     'hashes': ("Bits per byte on the whole valid split (final checkpoint); each LSH model also "
                "evaluated with 8 hashes."),
     'qk': "Bits per byte on the whole valid split (final checkpoint).",
+    'length': (f"Bits per byte on the whole valid split (final checkpoint); a run has finished "
+               f"when its train-time valid bpc fell by at most {MARGIN} over its last 20 % of "
+               f"steps."),
     'reversible': "Bits per byte on the whole valid split (final checkpoint).",
     'depth': "Bits per byte on the whole valid split (final checkpoint).",
     'pattern': "Bits per byte on the whole valid split (final checkpoint).",

@@ -165,8 +165,8 @@ def test_readme_section_is_generated_between_the_markers(tmp_path):
     assert '[RESULTS.md](RESULTS.md)' in inside and '| full, shared QK |' not in inside
     assert '| Shared QK does not hurt | Figure 3 left (enwik8 and imagenet64) |' in inside
     inside = (tmp_path / 'RESULTS.md').read_text()   # the full results, tables and plots
-    assert '| full, shared QK | 100 | 3.220 ± 0.020 | never, never | 20, 20 |' in inside
-    assert '| full, separate QK | 100 | 2.510 ± 0.010 | 63, 64 | 20, 20 |' in inside
+    assert '| full, shared QK | 100 | 3.220 ± 0.020 | never, never | 0.010, 0.010 | 20, 20 |' in inside
+    assert '| full, separate QK | 100 | 2.510 ± 0.010 | 63, 64 | 0.010, 0.010 | 20, 20 |' in inside
     assert ('| Shared QK does not hurt | Figure 3 left (enwik8 and imagenet64) | text (Python '
             'docs, 0.0 MB); None layers, d None, T 8, 100 steps | full, shared QK 3.220 bpc, full, '
             'separate QK 2.510: difference +0.710, 95 % interval [+0.583, +0.837] (seeds 0, 1: '
