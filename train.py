@@ -376,7 +376,7 @@ def print_setup(args, config, model, run, step):
             'full': f"all {args.seq_len}", 'local': f"2 x {config.bucket_size}"}
     translation = isinstance(config, EncDecConfig)
     kinds = dict.fromkeys(config.layer_attn())   # each kind once, in order
-    attn = ', '.join(f"{a} (a query sees {sees[a]} keys)" for a in kinds)
+    attn = ', '.join(f"{a} (a query sees {sees.get(a, sees['full'])} keys)" for a in kinds)
     layers = (f"{config.n_layers} encoder layers of {attn} + {config.n_dec_layers} decoder "
               f"layers (causal full, cross-attention)" if translation
               else f"{config.n_layers} layers of {attn}")

@@ -184,6 +184,7 @@ def test_nan_loss_stops_with_step_and_checkpoint(tmp_path, monkeypatch):
     ['--precision=fp16', '--attn=full', '--shared_qk=False'],
     ['--ff_chunks=2', '--attn_pattern=local,lsh', '--pos_emb=absolute'],   # no logits with targets
     ['--attn=full', '--shared_qk=False', '--reversible=False', '--pos_emb=sinusoidal'],
+    ['--attn=full_dot'], ['--attn_pattern=full_self,lsh'],   # the evaluation kinds train too
 ])
 def test_variants_train(tmp_path, flags):
     m = run(tmp_path, '--max_steps=2', *flags)
