@@ -242,9 +242,11 @@ def evaluate(model, batches, device, ctx, seed, accuracy):
                 if logits is None and (accuracy or smoothed):   # ff_chunks > 1: no logits
                     logits, _ = model(*x)
             nats, count = nats + loss.item() * n, count + n
-            nll += loss.item() * n if not smoothed else F.cross_entropy(
-                logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX,
-                reduction='sum').item()
+            if smoothed:   # -log p(target) summed over the n targets, from the same logits
+                nll += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
+                                       ignore_index=IGNORE_INDEX, reduction='sum').item()
+            else:          # the loss is the NLL
+                nll += loss.item() * n
             if accuracy:
                 correct += masked_accuracy(logits, y)[0]
     model.train()

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import tarfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -249,6 +250,24 @@ def test_real_tokens_count_source_and_target_without_padding():
           (np.array([5, EOS]), np.array([7, 8, 9, EOS]))]
     batch = td.collate(ex)                     # src (2, 3), targets (2, 4): 14 slots, 11 real
     assert td.real_tokens(batch) == (3 + 2) + (2 + 4)
+
+
+def test_translation_evals_score_the_whole_split_in_token_batches():
+    """Every valid pair, each once, in batches of at most run.micro padded tokens, on each rank
+    its share: the split that ckpt_best.pt is chosen on is the whole of it."""
+    ex, _ = td.encode_pairs(PAIRS, td.TranslationByteTokenizer(), 64)
+    args = SimpleNamespace(dataset="parallel", seq_len=64, eval_iters=1, valid_size=2)
+    for world in (1, 2):
+        seen = 0
+        for rank in range(world):
+            run = SimpleNamespace(micro=256, rank=rank, world=world)
+            for full in (True, False):
+                batches = td.translation_eval_batches(args, {"valid": ex}, "valid", run, full)
+                assert all(s.shape[0] * max(s.shape[1], t.shape[1]) <= 256 for s, t, _ in batches)
+                n = sum(len(s) for s, _, _ in batches)
+                assert n == len(ex[rank::world])
+            seen += n
+        assert seen == len(ex) == 200
 
 
 def test_tokenized_stream_refuses_another_tokenizer(tmp_path):
