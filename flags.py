@@ -187,7 +187,7 @@ def parse_args(argv=None):
         p.error(f"need --lr > 0, --warmup >= 0, --clip >= 0 and --average_last >= 0, got "
                 f"{a.lr}, {a.warmup}, {a.clip}, {a.average_last}")
     world = int(os.environ.get('WORLD_SIZE', 1))
-    flag, batch = ('--max_tokens', a.max_tokens) if translation else ('--batch_size', a.batch_size)
+    flag, batch = '--max_tokens' if translation else '--batch_size', step_batch(a)
     if batch % (world * a.grad_accum):
         p.error(f"{flag}={batch} must be divisible by world_size x --grad_accum = "
                 f"{world} x {a.grad_accum}, so that every micro-batch has the same size")
