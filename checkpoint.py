@@ -10,6 +10,8 @@ in train.py (save_training_state, resume_from, restore); tests/test_fault.py kil
         while training:
             ...one optimizer step...
             if stop.requested: save, then exit
+    save_checkpoint('out/ckpt_avg.pt', average_checkpoints(['out/ckpt_eval_900.pt', ...]))
+    python checkpoint.py out/ckpt_avg.pt out/ckpt_eval_*.pt   # the same, from the shell
 
 Why each piece:
   - atomic write: torch.save goes to ckpt.pt.tmp, fsync'ed, then os.replace renames it over
@@ -53,7 +55,7 @@ def save_checkpoint(path, ckpt):
     with open(path + '.tmp', 'rb') as f:
         os.fsync(f.fileno())   # on disk before the rename, so a power cut cannot leave a hole
     if os.environ.get(TEST_SLOW_SAVE):   # tests/test_fault.py kills the process in this window
-        print(f"{TEST_SLOW_SAVE}: in save_checkpoint", flush=True)
+        print(f"{TEST_SLOW_SAVE}: in save_checkpoint {path}", flush=True)
         time.sleep(float(os.environ[TEST_SLOW_SAVE]))
     os.replace(path + '.tmp', path)   # atomic
 
@@ -70,6 +72,37 @@ def load_checkpoint(path, flag):
         raise SystemExit(f"error: {flag}: {path} is not a readable checkpoint (truncated or "
                          f"corrupted: {type(e).__name__}: {why}). It is left as it is; move it "
                          f"away to start afresh.")
+
+
+def average_checkpoints(paths):
+    """The parameter mean of checkpoints of one model (as fairseq's average_checkpoints.py and
+    Vaswani et al. Section 6.1, who average the last 5 or 20): the newest checkpoint's dict (the
+    highest 'step'; in a tie the later path) with every floating-point tensor of 'model'
+    replaced by its mean over the paths, summed in float64 and rounded once to its dtype, and
+    'averaged_steps' added. Other tensors (integer buffers) are the newest's. ValueError if the
+    models differ in names or shapes.
+
+        save_checkpoint('out/ckpt_avg.pt', average_checkpoints(glob.glob('out/ckpt_eval_*.pt')))
+    """
+    if not paths:
+        raise ValueError("average_checkpoints needs at least one checkpoint, got none")
+    loaded = [(p, load_checkpoint(p, 'average_checkpoints')) for p in paths]
+    loaded.sort(key=lambda pc: pc[1].get('step') or 0)   # stable: ties keep the given order
+    ckpts = [c for _, c in loaded]
+    newest = ckpts[-1]['model']
+    for path, c in loaded:
+        shapes = {k: tuple(v.shape) for k, v in c['model'].items()}
+        if shapes != {k: tuple(v.shape) for k, v in newest.items()}:
+            raise ValueError(f"average_checkpoints: {path} holds other parameters than "
+                             f"{loaded[-1][0]} (names or shapes differ): not the same model")
+    mean = {}
+    for k, v in newest.items():
+        if not v.is_floating_point():
+            mean[k] = v
+            continue
+        total = sum(c['model'][k].double() for c in ckpts)
+        mean[k] = (total / len(ckpts)).to(v.dtype)
+    return {**ckpts[-1], 'model': mean, 'averaged_steps': [c.get('step') for c in ckpts]}
 
 
 def params_fingerprint(model):
@@ -109,3 +142,17 @@ class StopSignal:
     def __exit__(self, *exc):
         for s, handler in self.old.items():
             signal.signal(s, handler)
+
+
+if __name__ == '__main__':
+    import argparse
+    p = argparse.ArgumentParser(description="Average checkpoints' parameters (average_checkpoints)")
+    p.add_argument('output', help='the averaged checkpoint to write, e.g. out/ckpt_avg.pt')
+    p.add_argument('inputs', nargs='+', help='checkpoints of one model, in any order')
+    a = p.parse_args()
+    try:
+        avg = average_checkpoints(a.inputs)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    save_checkpoint(a.output, avg)
+    print(f"{a.output}: the mean of {len(a.inputs)} checkpoints, steps {avg['averaged_steps']}")

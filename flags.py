@@ -24,22 +24,27 @@ DESCRIPTION = ("Train a Reformer language model (Kitaev, Kaiser, Levskaya, ICLR 
 # 2-core CPU in a few minutes (README). The run's own defaults:
 DEFAULT_RUN = dict(seq_len=64, batch_size=32, lr=6e-3, warmup=20, max_steps=800, eval_interval=100)
 
-# Translation (translation/encdec.py): EncDecConfig's model, then these. reverse: the synthetic
-# task, small enough for a 2-core CPU in a few minutes (README); no dropout or smoothing (the task
-# is noiseless). parallel: a small corpus (~30K pairs) on a 2-core CPU in about an hour, about
-# 4K padded tokens a step. wmt14: the authors' reformer_wmt_ende.gin schedule, Adam with 8K
-# warmup and rsqrt decay (their 0.088 * rsqrt(8000) is --lr=9.8e-4), length 256, 128 x 256
-# padded tokens per step; the paper's model sizes are in configs/wmt14_*.args.
+# Translation (translation/encdec.py): EncDecConfig's model, then these. A translation batch is
+# --max_tokens padded tokens (B x max(S, T) summed over a step's batches), in length-bucketed
+# batches of similar-length pairs; --batch_size (sequences) is the language model's. reverse: the
+# synthetic task, small enough for a 2-core CPU in a few minutes (README); no dropout or smoothing
+# (the task is noiseless); 544 = 32 strings of at most 17 tokens. parallel: a small corpus (~30K
+# pairs) on a 2-core CPU in under an hour, EncDecConfig's 3 + 3 layers at d 256; the same recipe,
+# written out with its reasons, is configs/parallel_small.args. wmt14: the authors'
+# reformer_wmt_ende.gin schedule, Adam with 8K warmup and rsqrt decay (their 0.088 * rsqrt(8000)
+# is --lr=9.8e-4), length 256, 128 x 256 padded tokens per step; the paper's model sizes are in
+# configs/wmt14_*.args.
 TRANSLATION_RUN = {
     'reverse': dict(vocab_size=20, n_layers=2, n_dec_layers=2, d_model=64, n_heads=4,
-                    d_ff=128, dropout=0.0, label_smoothing=0.0, seq_len=17, batch_size=32,
+                    d_ff=128, dropout=0.0, label_smoothing=0.0, seq_len=17, max_tokens=544,
                     lr=3e-3, warmup=100, lr_schedule='cosine', max_steps=1500,
                     eval_interval=250, valid_size=500),
-    'parallel': dict(seq_len=128, batch_size=32, lr=1.5e-3, warmup=60, lr_schedule='rsqrt',
-                     max_steps=1500, eval_interval=250),
-    'wmt14': dict(vocab_size=32000, seq_len=256, batch_size=128, lr=9.8e-4, warmup=8000,
+    'parallel': dict(seq_len=128, max_tokens=4096, lr=1.5e-3, warmup=60, lr_schedule='rsqrt',
+                     max_steps=1200, eval_interval=200),
+    'wmt14': dict(vocab_size=32000, seq_len=256, max_tokens=32768, lr=9.8e-4, warmup=8000,
                   lr_schedule='rsqrt', max_steps=100000, eval_interval=2000),
 }
+SMALL_CORPUS_ARGS = 'configs/parallel_small.args'   # TRANSLATION_RUN['parallel'], written out
 
 
 def str2bool(s):
@@ -87,7 +92,9 @@ def build_parser():
                    default='duplication',
                    help='duplication: the synthetic task of Table 2; enwik8 or a text file: bytes; '
                         'translation (translation/): reverse (synthetic), parallel (--data_path='
-                        'FILE.tsv or SRC,TGT), wmt14 (en-de, paper Table 4)')
+                        f'FILE.tsv or SRC,TGT; its defaults: a small corpus on a 2-core CPU in '
+                        f'under an hour, the recipe of @{SMALL_CORPUS_ARGS}), wmt14 (en-de, '
+                        f'paper Table 4; @configs/wmt14_*.args)')
     g.add_argument('--data_dir', default='data', help='where enwik8.zip and the splits live')
     g.add_argument('--data_path', default=None, help='the file for --dataset=text')
     g.add_argument('--enwik8_split', choices=['byte', 't2t'], default='byte',
@@ -107,7 +114,11 @@ def build_parser():
     add_config_flags(g, EncDecConfig, {}, skip={f.name for f in dataclasses.fields(ModelConfig)})
     g = p.add_argument_group('optimisation')
     g.add_argument('--batch_size', type=int, default=DEFAULT_RUN['batch_size'],
-                   help='global batch: sequences per optimizer step, all ranks and micro-steps')
+                   help='language model: the global batch, sequences per optimizer step, all '
+                        'ranks and micro-steps (translation counts tokens: --max_tokens)')
+    g.add_argument('--max_tokens', type=int, default=None,
+                   help='translation: the global batch, padded tokens per optimizer step (B x '
+                        'max(S, T) of each length-bucketed batch, all ranks and micro-steps)')
     g.add_argument('--grad_accum', type=int, default=1,
                    help='micro-steps per optimizer step on each rank (less memory, same batch)')
     g.add_argument('--optimizer', choices=['adam', 'adafactor'], default='adam',
@@ -126,9 +137,13 @@ def build_parser():
     g.add_argument('--eval_interval', type=int, default=DEFAULT_RUN['eval_interval'],
                    help='evaluate and save a checkpoint every this many steps, and at the end')
     g.add_argument('--eval_iters', type=int, default=20,
-                   help='enwik8/text: validation batches per eval (--eval_only: the whole split)')
+                   help='enwik8/text: validation batches per eval (--eval_only: the whole split; '
+                        'a translation corpus is always scored whole)')
     g.add_argument('--valid_size', type=int, default=256,
                    help='duplication: sequences in the fixed validation set')
+    g.add_argument('--average_last', type=int, default=0,
+                   help='keep the weights of the last N evals (ckpt_eval_STEP.pt) and write their '
+                        'parameter mean, ckpt_avg.pt, at the end (0: neither)')
     g.add_argument('--eval_only', **boolean,
                    help='evaluate the checkpoint in --out_dir on the whole split, then exit')
     g.add_argument('--eval_split', choices=['valid', 'test'], default='valid',
@@ -142,7 +157,9 @@ def build_parser():
     g.add_argument('--precision', choices=['fp32', 'bf16', 'fp16'], default='fp32',
                    help='autocast dtype of the forward pass; fp16 adds a GradScaler')
     g.add_argument('--compile', help='torch.compile the model', **boolean)
-    g.add_argument('--out_dir', default='out', help='ckpt.pt, log.jsonl and loss.png go here')
+    g.add_argument('--out_dir', default='out',
+                   help='ckpt.pt (the last step), ckpt_best.pt (the lowest validation NLL), '
+                        'log.jsonl and loss.png go here')
     g.add_argument('--resume', type=resume_flag, nargs='?', const=True, default=False,
                    help="continue exactly from out_dir/ckpt.pt; auto: continue it if it exists, "
                         "else start afresh (torchrun --max_restarts, SLURM --requeue)")
@@ -156,21 +173,25 @@ def parse_args(argv=None):
     """Parse and check the flags; a bad value or combination is an argparse error naming it."""
     p = build_parser()
     dataset = p.parse_known_args(argv)[0].dataset
-    if dataset in TRANSLATION_DATASETS:   # other defaults: EncDecConfig's, then the task's
+    translation = dataset in TRANSLATION_DATASETS
+    if translation:   # other defaults: EncDecConfig's, then the task's; no sequence batch
         p.set_defaults(**{**{f.name: f.default for f in dataclasses.fields(EncDecConfig)},
-                          'max_seq_len': None, **TRANSLATION_RUN[dataset]})
+                          'max_seq_len': None, 'batch_size': None, **TRANSLATION_RUN[dataset]})
     a = p.parse_args(argv)
-    for name in ('seq_len', 'batch_size', 'grad_accum', 'max_steps', 'eval_interval', 'eval_iters',
-                 'valid_size', 'log_interval'):
+    check_batch_unit(p, a, translation)
+    for name in ('seq_len', 'grad_accum', 'max_steps', 'eval_interval', 'eval_iters',
+                 'valid_size', 'log_interval', 'max_tokens' if translation else 'batch_size'):
         if getattr(a, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(a, name)}")
-    if a.lr <= 0 or a.warmup < 0 or a.clip < 0:
-        p.error(f"need --lr > 0, --warmup >= 0 and --clip >= 0, got {a.lr}, {a.warmup}, {a.clip}")
+    if a.lr <= 0 or a.warmup < 0 or a.clip < 0 or a.average_last < 0:
+        p.error(f"need --lr > 0, --warmup >= 0, --clip >= 0 and --average_last >= 0, got "
+                f"{a.lr}, {a.warmup}, {a.clip}, {a.average_last}")
     world = int(os.environ.get('WORLD_SIZE', 1))
-    if a.batch_size % (world * a.grad_accum):
-        p.error(f"--batch_size={a.batch_size} must be divisible by world_size x --grad_accum = "
+    flag, batch = '--max_tokens' if translation else '--batch_size', step_batch(a)
+    if batch % (world * a.grad_accum):
+        p.error(f"{flag}={batch} must be divisible by world_size x --grad_accum = "
                 f"{world} x {a.grad_accum}, so that every micro-batch has the same size")
-    if a.dataset in TRANSLATION_DATASETS:
+    if translation:
         check_translation(p, a)
     elif a.dataset == 'duplication':
         a.vocab_size = a.vocab_size or ModelConfig.vocab_size
@@ -199,7 +220,34 @@ def parse_args(argv=None):
     return a
 
 
+def check_batch_unit(p, a, translation):
+    """A language model's batch is --batch_size sequences; a translation batch is --max_tokens
+    padded tokens (sentences vary in length, so a count of sentences says little). Each flag
+    given to the other family is an error that names the right one."""
+    if translation and a.batch_size is not None:
+        p.error(f"--batch_size={a.batch_size} counts sequences, a language model's batch; a "
+                f"translation batch is counted in tokens: give --max_tokens, the padded tokens "
+                f"per step (--max_tokens={a.batch_size * a.seq_len} is {a.batch_size} pairs of "
+                f"--seq_len={a.seq_len} at most)")
+    if not translation and a.max_tokens is not None:
+        p.error(f"--max_tokens={a.max_tokens} counts a translation batch in tokens; "
+                f"--dataset={a.dataset} trains a language model, whose batch is --batch_size "
+                f"sequences of --seq_len tokens")
+
+
+def step_batch(args):
+    """The global batch of one optimizer step, in the family's unit: --max_tokens padded tokens
+    for translation, --batch_size sequences for a language model."""
+    return args.batch_size if args.max_tokens is None else args.max_tokens
+
+
 def check_translation(p, a):
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    micro = a.max_tokens // (world * a.grad_accum)
+    if micro < a.seq_len:
+        p.error(f"--max_tokens={a.max_tokens} gives micro-batches of {micro} tokens (world_size "
+                f"{world} x --grad_accum {a.grad_accum}), fewer than one pair of --seq_len="
+                f"{a.seq_len}; raise --max_tokens to at least {world * a.grad_accum * a.seq_len}")
     if a.dataset == 'reverse':
         if a.seq_len < 5:
             p.error(f"--dataset=reverse needs --seq_len >= 5 (strings of 4 .. seq_len - 1 "

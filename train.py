@@ -17,15 +17,20 @@ Several nodes and SLURM: see the README. All flags: python train.py --help (they
 the checkpoints' machinery in checkpoint.py). In an @FILE flags are separated by spaces or newlines
 and '#' starts a comment; flags after it on the command line win.
 
-The global batch is --batch_size sequences, batch_size * seq_len tokens per optimizer step whatever
-the number of processes: each of the world_size ranks runs --grad_accum micro-steps of
-batch_size / (world_size * grad_accum) sequences. Rank 0 writes into --out_dir: ckpt.pt (model,
-optimizer, scaler, step, RNG states, data position, config, args), log.jsonl (the training loss
-every --log_interval steps and every eval) and, at the end, loss.png. SIGTERM or Ctrl-C stops after
-the current optimizer step with a checkpoint; a second signal stops at once.
+The global batch of a language model is --batch_size sequences, batch_size * seq_len tokens per
+optimizer step whatever the number of processes: each of the world_size ranks runs --grad_accum
+micro-steps of batch_size / (world_size * grad_accum) sequences. A translation batch is counted in
+tokens: --max_tokens padded tokens per step, split the same way, in batches of pairs of similar
+length. Rank 0 writes into --out_dir: ckpt.pt (model, optimizer, scaler, step, RNG states, data
+position, config, args), ckpt_best.pt (the weights of the eval with the lowest validation NLL,
+not label-smoothed), log.jsonl (the training loss every --log_interval steps and every eval), at
+the end loss.png, and under --average_last=N the last N evals' weights (ckpt_eval_STEP.pt) and
+their mean (ckpt_avg.pt). SIGTERM or Ctrl-C stops after the current optimizer step with a
+checkpoint; a second signal stops at once.
 """
 import dataclasses
 import gc
+import glob
 import json
 import math
 import os
@@ -35,18 +40,19 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import plot
-from checkpoint import (StopSignal, load_checkpoint, params_fingerprint, rng_state, save_checkpoint,
-                        set_rng_state)
+from checkpoint import (StopSignal, average_checkpoints, load_checkpoint, params_fingerprint,
+                        rng_state, save_checkpoint, set_rng_state)
 from data import (IGNORE_INDEX, ByteStream, DownloadError, DuplicationTask, bits_per_char,
                   masked_accuracy, prepare_dataset)
-from flags import model_config, parse_args   # the command line: python train.py -h
+from flags import model_config, parse_args, step_batch   # the command line: python train.py -h
 from model import ModelConfig, ReformerLM
 from translation.encdec import EncDecConfig, ReformerEncDec
-from translation.translation_data import (TRANSLATION_DATASETS, setup_translation,
+from translation.translation_data import (TRANSLATION_DATASETS, real_tokens, setup_translation,
                                           translation_eval_batches, translation_metrics)
 
 
@@ -60,7 +66,8 @@ class Run:
     local_rank: int
     world: int
     device: str
-    micro: int   # sequences per micro-step on this rank: batch_size / (world * grad_accum)
+    micro: int   # one micro-step's batch on this rank: step_batch / (world * grad_accum), in
+                 # sequences (a language model) or padded tokens (translation)
 
     @property
     def master(self):   # rank 0 alone prints progress and writes files
@@ -79,7 +86,7 @@ def setup_run(args):
             torch.cuda.set_device(device)
         dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
         world = dist.get_world_size()
-    return Run(ddp, rank, local_rank, world, device, args.batch_size // (world * args.grad_accum))
+    return Run(ddp, rank, local_rank, world, device, step_batch(args) // (world * args.grad_accum))
 
 
 def all_reduce_sum(values, run):
@@ -133,7 +140,8 @@ def eval_batches(args, paths, split, run, full):
     return [stream.batch(run.micro) for _ in range(args.eval_iters)]
 
 
-def metrics(args, nats, correct, count):
+def metrics(args, nats, nll_nats, correct, count):
+    """A language model's loss is its NLL (no label smoothing): nll_nats equals nats."""
     if args.dataset == 'duplication':
         return {'loss': nats / count, 'accuracy': correct / count}
     return {'loss': nats / count, 'bpc': bits_per_char(nats, count)}
@@ -172,12 +180,15 @@ def get_lr(step, args):
     return args.lr * warm
 
 
-def forward_backward(model, train_data, scaler, ctx, args, run):
-    """The gradients of one optimizer step; returns the loss averaged over micro-steps and ranks."""
+def forward_backward(model, train_data, scaler, ctx, args, run, count_tokens):
+    """The gradients of one optimizer step; returns (the loss averaged over micro-steps and ranks,
+    the tokens of the step's batches summed over them, as count_tokens counts them)."""
     loss_sum = torch.zeros((), device=run.device)
+    tokens = 0
     for i in range(args.grad_accum):
         # every rank its own batch: (x, y) for a language model, (src, tgt_in, y) for translation
         batch = train_data.batch(run.micro, run.device)
+        tokens = tokens + count_tokens(batch)
         # DDP all-reduces gradients in backward; no_sync skips that on all but the last micro-step
         with model.no_sync() if run.ddp and i < args.grad_accum - 1 else nullcontext():
             with ctx:
@@ -186,7 +197,8 @@ def forward_backward(model, train_data, scaler, ctx, args, run):
             # gradient the mean over the rank's batch; DDP then averages over the ranks
             scaler.scale(loss / args.grad_accum).backward()
         loss_sum += loss.detach().float()
-    return all_reduce_sum([loss_sum.item() / args.grad_accum], run)[0] / run.world
+    loss, tokens = all_reduce_sum([loss_sum.item() / args.grad_accum, float(tokens)], run)
+    return loss / run.world, tokens
 
 
 def optimizer_step(model, optimizer, scaler, clip):
@@ -205,14 +217,18 @@ def optimizer_step(model, optimizer, scaler, clip):
 
 @torch.no_grad()
 def evaluate(model, batches, device, ctx, seed, accuracy):
-    """Sums over this rank's batches: (nats, correct argmax predictions, counted targets).
+    """Sums over this rank's batches: (nats of the loss, nats of the NLL, correct argmax
+    predictions, counted targets). The two nats differ for a label-smoothed model (translation):
+    its loss is the smoothed cross-entropy it trains on, its NLL is -log p(target), the number
+    whose exp is a perplexity and by which ckpt_best.pt is chosen.
 
     LSH draws random rotations at eval time too. A forked RNG with a fixed seed gives every eval the
     same rotations and leaves the training RNG untouched: evaluating never shifts training's draws,
     so a resumed run matches an uninterrupted one whatever the evals in between.
     """
     model.eval()
-    nats = correct = count = 0
+    smoothed = getattr(model.config, 'label_smoothing', 0.0) > 0
+    nats = nll = correct = count = 0
     cuda = [torch.device(device).index or 0] if device.startswith('cuda') else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
@@ -223,14 +239,18 @@ def evaluate(model, batches, device, ctx, seed, accuracy):
                 continue
             with ctx:
                 logits, loss = model(*x, y)   # loss: the mean over the n counted targets
+                if logits is None and (accuracy or smoothed):   # ff_chunks > 1: no logits
+                    logits, _ = model(*x)
             nats, count = nats + loss.item() * n, count + n
+            if smoothed:   # -log p(target) summed over the n targets, from the same logits
+                nll += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(),
+                                       ignore_index=IGNORE_INDEX, reduction='sum').item()
+            else:          # the loss is the NLL
+                nll += loss.item() * n
             if accuracy:
-                if logits is None:   # ff_chunks > 1 computes the loss in chunks, without logits
-                    with ctx:
-                        logits, _ = model(*x)
                 correct += masked_accuracy(logits, y)[0]
     model.train()
-    return nats, correct, count
+    return nats, nll, correct, count
 
 
 def validate(fam, model, batches, args, run, ctx):
@@ -247,6 +267,8 @@ def has_accuracy(args):
 
 def describe(m):
     score = f"accuracy {100 * m['accuracy']:.2f}%" if 'accuracy' in m else f"bpc {m['bpc']:.4f}"
+    if 'nll' in m:   # translation: the loss is label-smoothed, the NLL is not
+        return f"loss {m['loss']:.4f} (as trained), nll {m['nll']:.4f}, ppl {m['ppl']:.2f}, {score}"
     return f"loss {m['loss']:.4f}, {score}"
 
 
@@ -265,6 +287,8 @@ class Family:
     eval_batches: object   # (args, paths, split, run, full) -> iterable of (x, y)
     evaluate: object       # (model, batches, device, ctx, seed, accuracy) -> sums to all-reduce
     metrics: object        # (args, *those sums) -> {'loss': ..., ...}
+    count_tokens: object   # (batch) -> the tokens that tok/s counts
+    tokens_name: str       # the log's name for tok/s, saying what it counts
     report: object = None  # (model, args, data, run) -> final metrics beyond the loss, or None
 
 
@@ -281,9 +305,17 @@ def translation_report(model, args, data, run):
     return {'valid_bleu_greedy': r['bleu'], 'bleu_signature': r['bleu_signature']}
 
 
-LANGUAGE_MODEL = Family(ModelConfig, ReformerLM, setup_data, eval_batches, evaluate, metrics)
+def lm_tokens(batch):
+    """Every token of a language model's batch (x, y) is real: B x T."""
+    return batch[0].numel()
+
+
+LANGUAGE_MODEL = Family(ModelConfig, ReformerLM, setup_data, eval_batches, evaluate, metrics,
+                        lm_tokens, 'tokens_per_s')
+# translation's tok/s: the source and target tokens that are not padding (translation_data)
 TRANSLATION = Family(EncDecConfig, ReformerEncDec, setup_translation, translation_eval_batches,
-                     evaluate, translation_metrics, translation_report)
+                     evaluate, translation_metrics, real_tokens, 'real_src_tgt_tokens_per_s',
+                     translation_report)
 
 
 def family(args):
@@ -294,8 +326,16 @@ def family(args):
 
 # ----------------------------------------------------------------------------- checkpoints and logs
 
-def ckpt_path(args):
-    return os.path.join(args.out_dir, 'ckpt.pt')
+def ckpt_path(args, kind='last'):
+    """out_dir/ckpt.pt (last: the training state), ckpt_best.pt or ckpt_avg.pt (weights)."""
+    name = {'last': 'ckpt.pt', 'best': 'ckpt_best.pt', 'avg': 'ckpt_avg.pt'}[kind]
+    return os.path.join(args.out_dir, name)
+
+
+def eval_checkpoints(out_dir):
+    """The ckpt_eval_STEP.pt files in out_dir, oldest step first."""
+    paths = glob.glob(os.path.join(out_dir, 'ckpt_eval_*.pt'))
+    return sorted(paths, key=lambda p: int(os.path.basename(p)[len('ckpt_eval_'):-len('.pt')]))
 
 
 def save_training_state(args, run, step, best_val, model, optimizer, scaler, train_data, config):
@@ -310,6 +350,42 @@ def save_training_state(args, run, step, best_val, model, optimizer, scaler, tra
             'scaler': scaler.state_dict(), 'step': step, 'rng': states,
             'data': train_data.state_dict(), 'model_args': dataclasses.asdict(config),
             'args': vars(args), 'best_val': best_val})
+
+
+def weights_checkpoint(s, args, valid):
+    """What translate.py and sample.py read, without the training state: the model, its config,
+    the flags, the step, the data's state (a translation corpus keeps its tokenizer there) and
+    the validation metrics of these weights."""
+    return {'model': s.raw_model.state_dict(), 'model_args': dataclasses.asdict(s.config),
+            'args': vars(args), 'step': s.step, 'data': s.train_data.state_dict(), 'valid': valid}
+
+
+def keep_eval_weights(s, args, run, valid):
+    """After an eval, on rank 0: ckpt_best.pt when the validation NLL is the lowest so far (for
+    translation not the label-smoothed loss, which rewards spreading probability), and under
+    --average_last=N this eval's weights as ckpt_eval_STEP.pt, all but the newest N deleted."""
+    nll = valid.get('nll', valid['loss'])   # a language model's loss is its NLL
+    improved = nll < s.best_val
+    s.best_val = min(s.best_val, nll)
+    if not run.master or not (improved or args.average_last):
+        return
+    weights = weights_checkpoint(s, args, valid)
+    if improved:
+        save_checkpoint(ckpt_path(args, 'best'), weights)
+    if args.average_last:
+        save_checkpoint(os.path.join(args.out_dir, f'ckpt_eval_{s.step}.pt'), weights)
+        for old in eval_checkpoints(args.out_dir)[:-args.average_last]:
+            os.remove(old)
+
+
+def write_average(args, step):
+    """--average_last=N at the end, on rank 0: ckpt_avg.pt, the parameter mean of the newest N
+    ckpt_eval_STEP.pt up to `step` (checkpoint.average_checkpoints). Returns their steps."""
+    paths = [p for p in eval_checkpoints(args.out_dir)
+             if int(os.path.basename(p)[len('ckpt_eval_'):-len('.pt')]) <= step]
+    avg = average_checkpoints(paths[-args.average_last:])
+    save_checkpoint(ckpt_path(args, 'avg'), avg)
+    return avg['averaged_steps']
 
 
 def resume_from(args, config):
@@ -382,9 +458,13 @@ def print_setup(args, config, model, run, step):
               else f"{config.n_layers} layers of {attn}")
     print(f"model: {model.num_params():,} parameters, {layers}, reversible={config.reversible}")
     print(f"data: {args.dataset}, vocab {config.vocab_size}, seq_len {args.seq_len}")
-    print(f"tokens per step: {args.batch_size * args.seq_len:,} = {args.batch_size} sequences x "
-          f"{args.seq_len} = {run.world} rank(s) x {args.grad_accum} grad-accumulation step(s) x "
-          f"{run.micro} sequences x {args.seq_len}")
+    split = f"{run.world} rank(s) x {args.grad_accum} grad-accumulation step(s) x {run.micro:,}"
+    if translation:
+        print(f"tokens per step: at most {args.max_tokens:,} padded (B x max(S, T)) = {split} "
+              f"padded tokens, in batches of pairs of similar length")
+    else:
+        print(f"tokens per step: {args.batch_size * args.seq_len:,} = {args.batch_size} sequences "
+              f"x {args.seq_len} = {split} sequences x {args.seq_len}")
     print(f"device: {run.device}, dtype: {args.precision}, optimizer: {args.optimizer}, lr "
           f"{args.lr:g} ({args.lr_schedule}, warmup {args.warmup}), steps {step} -> "
           f"{args.max_steps}")
@@ -404,7 +484,7 @@ class State:
     valid: list
     ctx: object                   # the autocast context of the forward pass
     step: int = 0
-    best_val: float = float('inf')
+    best_val: float = float('inf')   # the lowest validation NLL so far: ckpt_best.pt's
     saved_step: int = None        # the step of the last checkpoint written or resumed
     overflows: int = 0            # fp16 steps skipped in a row
 
@@ -432,13 +512,15 @@ def setup_training(args, run, fam):
     return s, paths
 
 
-def train_step(s, args, run):
-    """One optimizer step at s.step; returns (loss, lr, tokens/s). Stops on a NaN loss."""
+def train_step(s, fam, args, run):
+    """One optimizer step at s.step; returns (loss, lr, tokens/s as fam counts them). Stops on a
+    NaN loss."""
     t0 = time.time()
     lr = get_lr(s.step, args)
     for group in s.optimizer.param_groups:
         group['lr'] = lr
-    loss = forward_backward(s.model, s.train_data, s.scaler, s.ctx, args, run)
+    loss, tokens = forward_backward(s.model, s.train_data, s.scaler, s.ctx, args, run,
+                                    fam.count_tokens)
     if not math.isfinite(loss):   # the same on every rank: the loss was all-reduced
         stop_on_nan(args, loss, s.step, s.saved_step)
     skipped = optimizer_step(s.raw_model, s.optimizer, s.scaler, args.clip)
@@ -446,12 +528,12 @@ def train_step(s, args, run):
     if s.overflows >= 3 and run.master:
         tqdm.write(f"warning: step {s.step}: fp16 gradients overflowed {s.overflows} steps in a "
                    f"row; those updates were skipped (loss scale now {s.scaler.get_scale():g})")
-    return loss, lr, args.batch_size * args.seq_len / (time.time() - t0)
+    return loss, lr, tokens / (time.time() - t0)
 
 
 def eval_and_log(s, fam, args, run, t_start):
     last = validate(fam, s.raw_model, s.valid, args, run, s.ctx)
-    s.best_val = min(s.best_val, last['loss'])
+    keep_eval_weights(s, args, run, last)
     log(args, run, {'kind': 'eval', 'step': s.step, **last, 'time_s': time.time() - t_start})
     if run.master:
         tqdm.write(f"step {s.step}: valid {describe(last)}")
@@ -475,12 +557,12 @@ def train(args, run):
     with StopSignal() as stop:
         while s.step < args.max_steps:
             s.step += 1
-            loss, lr, tokens_per_s = train_step(s, args, run)
+            loss, lr, tokens_per_s = train_step(s, fam, args, run)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            bar.set_postfix({'loss': f"{loss:.4f}", fam.tokens_name: f"{tokens_per_s:,.0f}"})
             if s.step % args.log_interval == 0:
                 log(args, run, {'kind': 'train', 'step': s.step, 'loss': loss, 'lr': lr,
-                                'tokens_per_s': tokens_per_s})
+                                fam.tokens_name: tokens_per_s})
             # every rank stops at the same step: stop when any rank got a signal
             stopping = all_reduce_sum([stop.requested], run)[0] > 0 and s.step < args.max_steps
             at_eval = s.step % args.eval_interval == 0 or s.step == args.max_steps
@@ -499,7 +581,8 @@ def train(args, run):
         last = {**last, **fam.report(s.raw_model, args, paths, run)}
         log(args, run, {'kind': 'final', 'step': s.step, **last})
     if run.master:
-        print_end(args, s.step, last, time.time() - t_start)
+        averaged = write_average(args, s.step) if args.average_last else None
+        print_end(args, s.step, last, time.time() - t_start, averaged)
     return last
 
 
@@ -518,12 +601,19 @@ def stop_on_nan(args, loss, step, saved_step):
                      f"--precision=fp32, and continue with --resume.")
 
 
-def print_end(args, step, last, seconds):
-    """Rank 0, after the last step: loss.png, and the final validation score last."""
+def print_end(args, step, last, seconds, averaged):
+    """Rank 0, after the last step: loss.png, the checkpoints, and the final validation score
+    last."""
     log_path = os.path.join(args.out_dir, 'log.jsonl')
     plot.loss_curves([json.loads(line) for line in open(log_path)],
                      os.path.join(args.out_dir, 'loss.png'))
     print(f"step {step} after {seconds:.1f} s; ckpt.pt, log.jsonl and loss.png in {args.out_dir}")
+    if os.path.exists(ckpt_path(args, 'best')):
+        best = torch.load(ckpt_path(args, 'best'), map_location='cpu', weights_only=False)
+        print(f"ckpt_best.pt: step {best['step']}, the lowest valid NLL, "
+              f"{best['valid'].get('nll', best['valid']['loss']):.4f}")
+    if averaged:
+        print(f"ckpt_avg.pt: the parameter mean of the evals at steps {averaged}")
     if 'exact_match' in last:
         print(f"final held-out exact match: {100 * last['exact_match']:.2f}% (teacher-forced "
               f"token accuracy {100 * last['accuracy']:.2f}%, loss {last['loss']:.4f})")
@@ -567,8 +657,8 @@ def evaluate_checkpoint(args, run):
     batches = fam.eval_batches(args, paths, args.eval_split, run, full=True)
     sums = fam.evaluate(model, batches, run.device, autocast_context(args.precision, run.device),
                         args.seed + run.rank, accuracy=has_accuracy(args))
-    nats, correct, count = all_reduce_sum(sums, run)
-    m = fam.metrics(args, nats, correct, count)
+    sums = all_reduce_sum(sums, run)
+    m, count = fam.metrics(args, *sums), sums[-1]
     if run.master:
         with open(os.path.join(args.out_dir, 'eval_only.jsonl'), 'a') as f:
             f.write(json.dumps({

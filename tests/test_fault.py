@@ -1,7 +1,8 @@
 """Fault tests for train.py's checkpoints: a run killed again and again (SIGKILL at random moments,
 SIGKILL inside save_checkpoint, SIGTERM once), resumed each time with --resume=auto, ends with
-the parameters and the training losses of an uninterrupted run, bit for bit. And a corrupted or
-truncated ckpt.pt gives a clear error naming the file, and is left as it was.
+the parameters, the training losses, the best, the kept and the averaged checkpoints of an
+uninterrupted run, bit for bit. And a corrupted or truncated ckpt.pt gives a clear error naming
+the file, and is left as it was.
 
     python -m pytest tests/test_fault.py        # about a minute on 2 CPU cores (7 processes)
 
@@ -29,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ['--device=cpu', '--seq_len=32', '--vocab_size=8', '--n_layers=2', '--d_model=16',
          '--n_heads=2', '--d_ff=32', '--bucket_size=4', '--n_hashes=2', '--batch_size=4',
          '--valid_size=8', '--warmup=2', '--lr=3e-3', '--log_interval=1', '--eval_interval=4',
-         '--dropout=0.1', '--max_steps=60']
+         '--dropout=0.1', '--average_last=3', '--max_steps=60']
 
 
 STARTED = []   # every process a test starts; the fixture below kills any left when a test fails
@@ -89,12 +90,13 @@ def test_kills_and_resumes_end_bit_identical(tmp_path):
         p.stdout.close()
     before = ckpt_step(cut)   # SIGKILL inside save_checkpoint: the previous checkpoint survives
     p = start(cut, **{TEST_SLOW_SAVE: '60'})
-    read_until(p, f'{TEST_SLOW_SAVE}: in save_checkpoint')
+    path = read_until(p, f'{TEST_SLOW_SAVE}: in save_checkpoint')[-1].split()[-1]
     p.kill()
     p.wait()
     p.stdout.close()
     kills += 1
-    assert (cut / 'ckpt.pt.tmp').exists() and ckpt_step(cut) == before
+    # the first write of the next eval: ckpt_best.pt, ckpt_eval_STEP.pt or ckpt.pt, half written
+    assert os.path.exists(path + '.tmp') and ckpt_step(cut) == before
     p = start(cut)   # SIGTERM: the step in flight finishes, a checkpoint, a message, exit 143
     eval_step = ckpt_step(cut) + 4
     read_until(p, f'step {eval_step}: valid')
@@ -119,6 +121,14 @@ def test_kills_and_resumes_end_bit_identical(tmp_path):
     b = torch.load(cut / 'ckpt.pt', weights_only=False)
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     assert a['data'] == b['data'] and train_losses(whole) == train_losses(cut)
+    kept = sorted(p.name for p in whole.glob('ckpt_*.pt'))
+    assert kept == ['ckpt_avg.pt', 'ckpt_best.pt', 'ckpt_eval_52.pt', 'ckpt_eval_56.pt',
+                    'ckpt_eval_60.pt'] and sorted(p.name for p in cut.glob('ckpt_*.pt')) == kept
+    for name in kept:   # the best by validation loss, the last 3 evals and their mean
+        a = torch.load(whole / name, weights_only=False)
+        b = torch.load(cut / name, weights_only=False)
+        assert a['step'] == b['step'] and all(torch.equal(a['model'][k], b['model'][k])
+                                              for k in a['model']), name
     assert kills == 5
     print(f"survived {kills} kills in {time.time() - t0:.0f} s")
 
@@ -183,4 +193,5 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
     p.send_signal(signal.SIGINT)
     assert p.wait(timeout=30) == 128 + signal.SIGINT and time.time() - t0 < 10
     p.stdout.close()
-    assert not (tmp_path / 'ckpt.pt').exists() and (tmp_path / 'ckpt.pt.tmp').exists()
+    # the first save of the first eval (ckpt_best.pt) stopped half-way: no checkpoint at all
+    assert not list(tmp_path.glob('*.pt')) and list(tmp_path.glob('*.pt.tmp'))

@@ -73,8 +73,9 @@ def test_bad_boolean_names_the_value(capsys):
 def test_configs_parse():
     files = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.args')))
     assert files, 'configs/*.args should hold the paper experiments'
-    for path in files:
-        args = train.parse_args([f'@{path}'])
+    for path in files:   # a user's corpus is named on the command line
+        corpus = ['--data_path=pairs.tsv'] if '--dataset=parallel' in open(path).read() else []
+        args = train.parse_args([f'@{path}', *corpus])
         train.model_config(args).validate()
 
 
@@ -136,6 +137,8 @@ def test_resume_is_exact(tmp_path, capsys):
     assert set(a) >= {'model', 'optimizer', 'scaler', 'step', 'rng', 'data', 'model_args', 'args', 'best_val'}
     assert os.path.exists(tmp_path / 'whole' / 'loss.png')
     assert not os.path.exists(tmp_path / 'whole' / 'ckpt.pt.tmp')
+    best = torch.load(tmp_path / 'whole' / 'ckpt_best.pt', weights_only=False)   # an LM's too
+    assert best['valid']['loss'] == min(loss for _, loss in losses(whole, 'eval'))
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith('final valid accuracy:')
 
 
@@ -151,6 +154,33 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train.save_checkpoint(path, {'step': 2})
     assert torch.load(path, weights_only=False) == {'step': 1}
+
+
+def test_average_checkpoints_is_the_exact_mean(tmp_path):
+    """Two checkpoints average to (a + b) / 2, bit for bit, in any order; the rest of the dict
+    and the integer tensors are the newest's (the higher step); another model is an error."""
+    torch.manual_seed(0)
+    make = lambda step: {'step': step, 'note': step, 'model': {
+        'w': torch.randn(5, 3), 'b': torch.randn(3, dtype=torch.float64),
+        'count': torch.tensor([step])}}
+    a, b = make(100), make(200)
+    for c in (a, b):
+        train.save_checkpoint(str(tmp_path / f"{c['step']}.pt"), c)
+    paths = [str(tmp_path / '200.pt'), str(tmp_path / '100.pt')]   # newest first: order is free
+    avg = train.average_checkpoints(paths)
+    for k in ('w', 'b'):
+        assert torch.equal(avg['model'][k], (a['model'][k] + b['model'][k]) / 2)
+        assert avg['model'][k].dtype == a['model'][k].dtype
+    assert avg['model']['count'].tolist() == [200] and avg['note'] == 200
+    assert avg['averaged_steps'] == [100, 200]
+    train.save_checkpoint(str(tmp_path / 'other.pt'), {'step': 1, 'model': {'w': torch.zeros(2)}})
+    with pytest.raises(ValueError, match="other parameters than"):
+        train.average_checkpoints([paths[0], str(tmp_path / 'other.pt')])
+    out = subprocess.run([sys.executable, os.path.join(ROOT, 'checkpoint.py'),
+                          str(tmp_path / 'avg.pt'), *paths], capture_output=True, text=True)
+    assert out.returncode == 0 and 'steps [100, 200]' in out.stdout, out.stderr
+    cli = torch.load(tmp_path / 'avg.pt', weights_only=False)
+    assert all(torch.equal(cli['model'][k], avg['model'][k]) for k in avg['model'])
 
 
 def test_resume_refuses_other_model_flags(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Tests for translate.py: the BLEU pipeline (tokenise, detokenise, sacreBLEU against raw
 references) gives sacreBLEU's own scores; the teacher-forced accuracy; translating a file and
---eval from a checkpoint, end to end on a tiny model.
+--eval from a checkpoint, end to end on a tiny model; ckpt_best.pt unless --checkpoint says
+otherwise, and the file used printed.
 
     python -m pytest tests/test_translate.py -q        (a few seconds)
 """
@@ -98,6 +99,44 @@ def test_min_len_reaches_every_hypothesis(beam_size):
         hyps = translate.translate_examples(model, examples, beam_size=beam_size,
                                             min_len=min_len)
         assert [len(h) for h in hyps] == [min_len] * len(hyps)
+
+
+def save_weights(model, path, step, **extra):
+    torch.save({"model_args": model.config_dict(), "model": model.state_dict(), "step": step,
+                "data": {"tokenizer": td.TranslationByteTokenizer().state()}, **extra}, path)
+
+
+def test_best_checkpoint_unless_told_otherwise_and_says_which(tmp_path, capsys):
+    tok = td.TranslationByteTokenizer()
+    last, best = tiny_model(tok.vocab_size), tiny_model(tok.vocab_size)
+    torch.manual_seed(1)
+    best.load_state_dict({k: torch.randn_like(v) for k, v in best.state_dict().items()})
+    save_weights(last, tmp_path / "ckpt.pt", 9)
+    save_weights(best, tmp_path / "ckpt_best.pt", 6, valid={"loss": 3.0, "nll": 2.5})
+    save_weights(last, tmp_path / "other.pt", 3)
+    for choice, want, step, said in [
+            (None, best, 6, "ckpt_best.pt: step 6, valid nll 2.5000"),   # the default
+            ("best", best, 6, "ckpt_best.pt: step 6"),
+            ("last", last, 9, "ckpt.pt: step 9"),
+            (str(tmp_path / "other.pt"), last, 3, "other.pt: step 3")]:
+        flag = [f"--checkpoint={choice}"] if choice else []
+        model, _, ckpt = translate.load(str(tmp_path), checkpoint=choice or "best")
+        assert ckpt["step"] == step
+        assert all(torch.equal(v, want.state_dict()[k]) for k, v in model.state_dict().items())
+        assert f"using {tmp_path}" in capsys.readouterr().err
+        src = tmp_path / "in.txt"
+        src.write_text("Zwei.\n", encoding="utf-8")
+        translate.main([f"--out_dir={tmp_path}", f"--input={src}", "--beam_size=1", *flag])
+        printed = capsys.readouterr()
+        assert said in printed.err and printed.out == translate.translate(
+            want.eval(), tok, ["Zwei."], beam_size=1)[0] + "\n"
+    (tmp_path / "ckpt_best.pt").unlink()   # a run from before ckpt_best.pt: the last, said so
+    translate.load(str(tmp_path))
+    assert f"has no ckpt_best.pt; using {tmp_path / 'ckpt.pt'}" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="--average_last=N writes it"):
+        translate.load(str(tmp_path), checkpoint="avg")
+    with pytest.raises(FileNotFoundError, match="--checkpoint is best, last, avg or the path"):
+        translate.load(str(tmp_path), checkpoint="bset")
 
 
 def test_missing_or_wrong_checkpoint(tmp_path):

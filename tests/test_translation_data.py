@@ -9,6 +9,7 @@ import io
 import json
 import os
 import tarfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -231,20 +232,49 @@ def test_length_batches_cover_everything_within_the_token_budget():
 def test_parallel_stream_resumes_and_differs_per_rank():
     ex, _ = td.encode_pairs(PAIRS, td.TranslationByteTokenizer(), 64)
     a = td.ParallelStream(ex, seq_len=40, seed=3)
-    first = [a.batch(10)[0] for _ in range(3)]
-    assert all(f.numel() <= 400 for f in first)
+    first = [a.batch(400) for _ in range(3)]
+    for src, tgt_in, _ in first:   # the budget is padded tokens, B x max(S, T)
+        assert src.shape[0] * max(src.shape[1], tgt_in.shape[1]) <= 400
+    first = [src for src, _, _ in first]
     b = td.ParallelStream(ex, seq_len=40, seed=3)
     b.load_state_dict({"n_batches": 1})
-    assert torch.equal(b.batch(10)[0], first[1])
+    assert torch.equal(b.batch(400)[0], first[1])
     other = td.ParallelStream(ex, seq_len=40, seed=3, rank=1)
-    assert any(not torch.equal(other.batch(10)[0], f) for f in first)
+    assert any(not torch.equal(other.batch(400)[0], f) for f in first)
+    with pytest.raises(ValueError, match="max_tokens=39 padded tokens cannot hold a pair"):
+        a.batch(39)
+
+
+def test_real_tokens_count_source_and_target_without_padding():
+    ex = [(np.array([5, 6, EOS]), np.array([7, EOS])),
+          (np.array([5, EOS]), np.array([7, 8, 9, EOS]))]
+    batch = td.collate(ex)                     # src (2, 3), targets (2, 4): 14 slots, 11 real
+    assert td.real_tokens(batch) == (3 + 2) + (2 + 4)
+
+
+def test_translation_evals_score_the_whole_split_in_token_batches():
+    """Every valid pair, each once, in batches of at most run.micro padded tokens, on each rank
+    its share: the split that ckpt_best.pt is chosen on is the whole of it."""
+    ex, _ = td.encode_pairs(PAIRS, td.TranslationByteTokenizer(), 64)
+    args = SimpleNamespace(dataset="parallel", seq_len=64, eval_iters=1, valid_size=2)
+    for world in (1, 2):
+        seen = 0
+        for rank in range(world):
+            run = SimpleNamespace(micro=256, rank=rank, world=world)
+            for full in (True, False):
+                batches = td.translation_eval_batches(args, {"valid": ex}, "valid", run, full)
+                assert all(s.shape[0] * max(s.shape[1], t.shape[1]) <= 256 for s, t, _ in batches)
+                n = sum(len(s) for s, _, _ in batches)
+                assert n == len(ex[rank::world])
+            seen += n
+        assert seen == len(ex) == 200
 
 
 def test_tokenized_stream_refuses_another_tokenizer(tmp_path):
     ex, _ = td.encode_pairs(PAIRS, td.TranslationByteTokenizer(), 64)
     spm = td.build_tokenizer("sentencepiece", PAIRS, str(tmp_path), "toy", vocab_size=400)
     a = td.TokenizedStream(td.TranslationByteTokenizer(), ex, 64)
-    a.batch(4)
+    a.batch(256)
     state = a.state_dict()
     assert state == {"n_batches": 1, "tokenizer": {"kind": "bytes"}}
     td.TokenizedStream(td.TranslationByteTokenizer(), ex, 64).load_state_dict(state)
@@ -254,17 +284,18 @@ def test_tokenized_stream_refuses_another_tokenizer(tmp_path):
 
 def test_reverse_task_targets_and_heldout():
     task = td.ReverseTask(vocab_size=12, min_len=2, max_len=9, seed=0)
-    src, tgt_in, targets = task.batch(64)
+    src, tgt_in, targets = task.batch(640)     # padded tokens: 64 strings of max_len + EOS = 10
+    assert src.shape[0] == 64 and len(task.batch(649)[0]) == 64 and len(task.batch(10)[0]) == 1
     for s, t in zip(src.tolist(), targets.tolist()):
         s = s[:s.index(EOS)]
         assert t[:len(s) + 1] == s[::-1] + [EOS] and 2 <= len(s) <= 9
     held = task.heldout_set(50)
-    task.batch(64)
+    task.batch(640)
     assert [s.tolist() for s, _ in held] == [s.tolist() for s, _ in task.heldout_set(50)]
     held_strings = {tuple(s.tolist()) for s, _ in held}
     drawn = set()
     for _ in range(30):
-        drawn |= {tuple(r[:r.index(EOS) + 1]) for r in task.batch(64)[0].tolist()}
+        drawn |= {tuple(r[:r.index(EOS) + 1]) for r in task.batch(640)[0].tolist()}
     assert len(drawn) > 1000 and not held_strings & drawn
     # the short strings are few (10^2 of length 2), so without the hash rule they would meet
     assert any(len(s) <= 4 for s in held_strings)

@@ -13,10 +13,14 @@ held-out split, and the teacher-forced token accuracy (argmax of the next token 
 prefix, labelled as such): the number the fastai reproduction (ML Reproducibility Challenge 2020)
 reported as "BLEU", which is not a translation and not comparable with published BLEU.
 
-The checkpoint (DIR/ckpt.pt, written by train.py --dataset=parallel or wmt14) holds the model
-('model_args', 'model'), the tokenizer (in 'data': its kind and, for sentencepiece, the serialized
-model) and the training flags ('args': dataset, data_dir, data_path, heldout, seed), from which
---eval finds the test set.
+Which weights: --checkpoint=best (the default: DIR/ckpt_best.pt, the eval with the lowest
+validation NLL), last (DIR/ckpt.pt, the last step), avg (DIR/ckpt_avg.pt, train.py
+--average_last) or a path; the file used is printed on stderr. A checkpoint (written by train.py
+--dataset=parallel or wmt14) holds the model ('model_args', 'model'), the tokenizer (in 'data':
+its kind and, for sentencepiece, the serialized model) and the training flags ('args': dataset,
+data_dir, data_path, heldout, seed), from which --eval finds the test set.
+
+    python -m translation.translate --out_dir=out-ding --eval --checkpoint=avg   # the averaged one
 """
 import argparse
 import json
@@ -40,12 +44,32 @@ def _import_sacrebleu():
     return sacrebleu
 
 
-def load(out_dir, device="cpu"):
-    """(model in eval mode, tokenizer, checkpoint dict) from out_dir/ckpt.pt."""
-    path = os.path.join(out_dir, "ckpt.pt")
+CHECKPOINTS = {"best": "ckpt_best.pt", "last": "ckpt.pt", "avg": "ckpt_avg.pt"}
+
+
+def checkpoint_path(out_dir, checkpoint="best"):
+    """The file that --checkpoint names: best, last or avg in out_dir (CHECKPOINTS), or a path.
+    A run without ckpt_best.pt (written before train.py kept one) gives ckpt.pt for best."""
+    if checkpoint not in CHECKPOINTS:
+        return checkpoint
+    path = os.path.join(out_dir, CHECKPOINTS[checkpoint])
+    last = os.path.join(out_dir, CHECKPOINTS["last"])
+    if checkpoint == "best" and not os.path.exists(path) and os.path.exists(last):
+        print(f"note: {out_dir} has no {CHECKPOINTS['best']}; using {last}, the last step",
+              file=sys.stderr)
+        return last
+    return path
+
+
+def load(out_dir, device="cpu", checkpoint="best"):
+    """(model in eval mode, tokenizer, checkpoint dict) from the checkpoint that `checkpoint`
+    names (checkpoint_path); says on stderr which file it is."""
+    path = checkpoint_path(out_dir, checkpoint)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}; train one with train.py "
-                                f"--out_dir={out_dir}")
+        hint = ("train.py --average_last=N writes it" if path.endswith(CHECKPOINTS["avg"]) else
+                f"train one with train.py --out_dir={out_dir}" if checkpoint in CHECKPOINTS else
+                "--checkpoint is best, last, avg or the path of a checkpoint")
+        raise FileNotFoundError(f"no checkpoint at {path}; {hint}")
     ckpt = torch.load(path, map_location=device, weights_only=False)
     tokenizer = (ckpt.get("data") or {}).get("tokenizer")   # train.py keeps it with the data
     if tokenizer is None:
@@ -53,10 +77,21 @@ def load(out_dir, device="cpu"):
                          f"tokenizer: a language model, or the reverse task? use train.py "
                          f"--eval_only for those)")
     model = ReformerEncDec.from_checkpoint(path, map_location=device).to(device).eval()
+    print(f"using {path}: {describe_checkpoint(ckpt)}", file=sys.stderr)
     tokenizer = tokenizer_from_state(tokenizer)
     if tokenizer.kind == "sentencepiece" and not tokenizer.lossless():
         print(LOSSY_WARNING.format(where=path), file=sys.stderr)
     return model, tokenizer, ckpt
+
+
+def describe_checkpoint(ckpt):
+    """'step 1200, valid nll 2.41' (ckpt_best.pt, ckpt_eval_STEP.pt), 'the mean of steps [...]'
+    (ckpt_avg.pt), or 'step N' (ckpt.pt, which holds no validation metrics)."""
+    if "averaged_steps" in ckpt:
+        return f"the parameter mean of steps {ckpt['averaged_steps']}"
+    valid = ckpt.get("valid") or {}
+    nll = f", valid nll {valid['nll']:.4f}" if "nll" in valid else ""
+    return f"step {ckpt.get('step')}{nll}"
 
 
 @torch.no_grad()
@@ -207,7 +242,9 @@ def decoding_speed(argv=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Translate one sentence per line, or score a "
                                             "checkpoint with sacreBLEU (--eval).")
-    p.add_argument("--out_dir", required=True, help="folder with ckpt.pt from train.py")
+    p.add_argument("--out_dir", required=True, help="folder with train.py's checkpoints")
+    p.add_argument("--checkpoint", default="best", help="best (ckpt_best.pt: lowest validation "
+                   "NLL), last (ckpt.pt), avg (ckpt_avg.pt: --average_last) or a file path")
     p.add_argument("--input", default=None, help="file of source sentences (default: stdin)")
     p.add_argument("--eval", action="store_true", help="sacreBLEU + chrF on a held-out split")
     p.add_argument("--split", choices=("test", "valid"), default="test", help="for --eval")
@@ -219,7 +256,8 @@ def main(argv=None):
                    "has (EOS is held back until then; 1: never empty)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
-    model, tokenizer, ckpt = load(a.out_dir, a.device)
+    path = checkpoint_path(a.out_dir, a.checkpoint)
+    model, tokenizer, ckpt = load(a.out_dir, a.device, path)
     opts = dict(beam_size=a.beam_size, alpha=a.alpha, max_tokens=a.max_tokens, device=a.device,
                 min_len=a.min_len)
     if a.eval:
@@ -228,7 +266,9 @@ def main(argv=None):
                                   args.get("heldout", 1000), args.get("seed", 0))
         result = evaluate(model, tokenizer, splits[a.split], **opts)
         print_scores(result)
-        result.update(step=ckpt.get("step"), split=a.split)
+        result.update(step=ckpt.get("step"), split=a.split,
+                      checkpoint=path,
+                      averaged_steps=ckpt.get("averaged_steps"))
         with open(os.path.join(a.out_dir, f"eval_{a.split}.json"), "w") as f:
             json.dump(result, f, indent=1)
         return result

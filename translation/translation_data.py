@@ -36,6 +36,7 @@ import argparse
 import gzip
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -460,22 +461,33 @@ def length_batches(examples, max_tokens):
 
 
 class ParallelStream(_Stream):
-    """An infinite stream of training batches. batch(n) holds at most n * seq_len padded tokens
-    (as many sentences of similar length as fit: train.py's batch_size * seq_len tokens per step
-    is then a bound on the padded tokens); batch k is one of the length-sorted batches for that
-    budget, drawn by _generator(seed, _TRAIN, rank, k), so the stream resumes exactly from
-    state_dict() and ranks draw different batches."""
+    """An infinite stream of training batches. batch(max_tokens) holds at most max_tokens padded
+    tokens, B x max(S, T): as many pairs of similar length as fit (train.py's --max_tokens);
+    batch k is one of the length-sorted batches for that budget, drawn by
+    _generator(seed, _TRAIN, rank, k), so the stream resumes exactly from state_dict() and ranks
+    draw different batches. seq_len: the longest pair (side + EOS), the least budget that holds
+    every pair."""
 
     def __init__(self, examples, seq_len, seed=0, rank=0, world_size=1):
         self.examples, self.seq_len, self._batches = examples, seq_len, {}
         self.seed, self.rank, self.world_size, self.n_batches = seed, rank, world_size, 0
 
-    def batch(self, n, device="cpu"):
-        if n not in self._batches:
-            self._batches[n] = length_batches(self.examples, n * self.seq_len)
-        batches = self._batches[n]
+    def batch(self, max_tokens, device="cpu"):
+        if max_tokens < self.seq_len:
+            raise ValueError(f"max_tokens={max_tokens} padded tokens cannot hold a pair of "
+                             f"seq_len={self.seq_len}; a batch is counted in tokens, not pairs")
+        if max_tokens not in self._batches:
+            self._batches[max_tokens] = length_batches(self.examples, max_tokens)
+        batches = self._batches[max_tokens]
         j = int(torch.randint(len(batches), (1,), generator=self._next_generator()))
         return collate([self.examples[i] for i in batches[j]], device)
+
+
+def real_tokens(batch):
+    """The tokens of a collated batch (src, tgt_in, targets) that are not padding: source ids and
+    scored targets, EOS included on both sides (what train.py's tok/s counts)."""
+    src, _, targets = batch
+    return int((src != PAD).sum()) + int((targets != IGNORE_INDEX).sum())
 
 
 def load_parallel(dataset, data_dir="data", data_path=None, heldout=1000, seed=0):
@@ -546,8 +558,13 @@ class ReverseTask(_Stream):
         eos = np.array([EOS])
         return [(np.concatenate([s, eos]), np.concatenate([s[::-1], eos])) for s in strings]
 
-    def batch(self, n, device="cpu"):
-        """n training strings and their reverses, collated (see collate)."""
+    def batch(self, max_tokens, device="cpu"):
+        """max_tokens // (max_len + 1) training strings and their reverses, collated (see
+        collate): a batch of max_tokens padded tokens whatever the lengths drawn."""
+        n = max_tokens // (self.max_len + 1)
+        if n < 1:
+            raise ValueError(f"max_tokens={max_tokens} cannot hold a string of max_len + EOS = "
+                             f"{self.max_len + 1} tokens")
         strings = self._strings(n, self._next_generator(), heldout=False)
         return collate(self._examples(strings), device)
 
@@ -609,21 +626,25 @@ def setup_translation(args, run):
 
 
 def translation_eval_batches(args, data, split, run, full):
-    """This rank's share of a held-out split in batches of at most run.micro * seq_len tokens:
-    for the reverse task args.valid_size strings (the same every time), else the whole split
-    (full) or its first eval_iters * run.micro pairs."""
+    """This rank's share of a held-out split in batches of at most run.micro padded tokens: for
+    the reverse task args.valid_size strings (the same every time), else the whole split (full
+    or not: a split of a few thousand sentences costs a few training steps, and the best
+    checkpoint is chosen on it)."""
     if args.dataset == "reverse":
         examples = data["task"].heldout_set(args.valid_size)
     else:
-        examples = data[split] if full else data[split][:args.eval_iters * run.micro]
+        examples = data[split]
     mine = examples[run.rank::run.world]
-    return [collate([mine[i] for i in b]) for b in length_batches(mine, run.micro * args.seq_len)]
+    return [collate([mine[i] for i in b]) for b in length_batches(mine, run.micro)]
 
 
-def translation_metrics(args, nats, correct, count):
-    """Loss and teacher-forced token accuracy (the next token given the true prefix: not a
+def translation_metrics(args, nats, nll_nats, correct, count):
+    """Per target token: the training loss (label-smoothed, as trained), the NLL of the targets
+    (not smoothed: the number to compare and to choose checkpoints by) and its perplexity
+    exp(nll), and the teacher-forced token accuracy (the next token given the true prefix: not a
     translation; translate.py --eval gives sacreBLEU)."""
-    return {"loss": nats / count, "accuracy": correct / count}
+    nll = nll_nats / count
+    return {"loss": nats / count, "nll": nll, "ppl": math.exp(nll), "accuracy": correct / count}
 
 
 def main():
