@@ -112,25 +112,34 @@ def _merge_heads(y):
     return y.transpose(1, 2).reshape(B, T, nh * hs)                      # (B, T, C)
 
 
+def step_weights(attn):
+    """The input projections of an LSHSelfAttention side by side and transposed, (C, 3C) (qk, k,
+    v; shared QK: (C, 2C), qk and v), for self_attention_step: one x @ W matmul a step instead of
+    three F.linear calls, reading W in its stored order. Made once per decoding (start_cache)."""
+    ws = [attn.qk.weight] + ([] if attn.shared_qk else [attn.k.weight]) + [attn.v.weight]
+    return torch.cat(ws).t().contiguous()                                # (C, 3C) or (C, 2C)
+
+
 def self_attention_step(attn, x, cache, t):
     """Position t of lsh_attention.LSHSelfAttention(attn='full', causal=True) from a cache.
 
     x: (B, 1, C), the layer input at position t. cache['k'], cache['v']: (B, nh, T_max, hs),
-    positions < t filled by earlier steps; this step writes position t. The softmax over keys
-    0..t is the row t of full_attention's causal softmax, with its conventions: shared QK keys
-    are q / |q| with no 1/sqrt(hs) and a query's own logit replaced by -1e5; separate keys are
-    scaled by 1/sqrt(hs). Returns (B, 1, C).
+    positions < t filled by earlier steps; this step writes position t. cache['w_in']: the
+    layer's step_weights. The softmax over keys 0..t is the row t of full_attention's causal
+    softmax, with its conventions: shared QK keys are q / |q| with no 1/sqrt(hs) and a query's
+    own logit replaced by -1e5; separate keys are scaled by 1/sqrt(hs). Returns (B, 1, C).
     """
     nh = attn.n_heads
-    q = _split_heads(attn.qk(x), nh)                                    # (B, nh, 1, hs)
-    k = F.normalize(q, dim=-1) if attn.shared_qk else _split_heads(attn.k(x), nh)
+    proj = [_split_heads(y, nh) for y in (x @ cache["w_in"]).chunk(3 - attn.shared_qk, -1)]
+    q, v = proj[0], proj[-1]                                             # (B, nh, 1, hs) each
+    k = F.normalize(q, dim=-1) if attn.shared_qk else proj[1]
     cache["k"][:, :, t:t + 1] = k
-    cache["v"][:, :, t:t + 1] = _split_heads(attn.v(x), nh)
+    cache["v"][:, :, t:t + 1] = v
     keys, values = cache["k"][:, :, :t + 1], cache["v"][:, :, :t + 1]  # (B, nh, t + 1, hs)
-    scale = 1.0 if attn.shared_qk else 1.0 / math.sqrt(attn.hs)
-    logits = torch.matmul(q, keys.transpose(-1, -2)) * scale           # (B, nh, 1, t + 1)
-    if attn.shared_qk:
-        logits[..., t] = SELF_LOGIT
+    if not attn.shared_qk:             # softmax(q k^T / sqrt(hs)) v: the fused kernel, no mask
+        return attn.out(_merge_heads(F.scaled_dot_product_attention(q, keys, values)))
+    logits = torch.matmul(q, keys.transpose(-1, -2))                    # (B, nh, 1, t + 1)
+    logits[..., t] = SELF_LOGIT
     y = torch.matmul(torch.softmax(logits, dim=-1), values)             # (B, nh, 1, hs)
     return attn.out(_merge_heads(y))
 
@@ -261,9 +270,11 @@ class ReformerEncDec(nn.Module):
 
     def start_cache(self, memory, memory_mask, max_len, repeat=1):
         """A decoding cache for max_len target positions: per decoder layer, empty self-attention
-        keys/values (B * repeat, nh, max_len, hs), a spare buffer of each for reorder_cache, and
-        the cross-attention keys/values of memory and its mask bias, computed once per sentence
-        and repeated for the `repeat` beams of each."""
+        keys/values (B * repeat, nh, max_len, hs), a spare buffer of each for reorder_cache, the
+        self-attention's step_weights, and the cross-attention keys/values of memory and its
+        mask bias, computed once per sentence and repeated for the `repeat` beams of each; and
+        the output layer's weight transposed, (C, V), for step's matmul. The weights are copies:
+        a cache is for one decoding, with the model unchanged."""
         B, C, nh = memory.shape[0], self.config.d_model, self.config.n_heads
         shape = (B * repeat, nh, max_len, C // nh)
         mask = memory_mask.repeat_interleave(repeat, 0)                  # (B repeat, S)
@@ -271,12 +282,13 @@ class ReformerEncDec(nn.Module):
         layers = []
         for layer in self._decoder_layers():
             k, v = layer.f.cross.memory_kv(memory)                       # (B, nh, S, hs) each
-            layers.append({**{name: memory.new_zeros(shape) for name in
+            layers.append({**{name: memory.new_empty(shape) for name in
                               ("k", "v", "k_spare", "v_spare")},
                            "memory_kv": (k.repeat_interleave(repeat, 0),
                                          v.repeat_interleave(repeat, 0)),
-                           "memory_bias": bias})
-        return {"layers": layers, "memory_mask": mask}
+                           "memory_bias": bias, "w_in": step_weights(layer.f.self_attn.attn)})
+        return {"layers": layers, "memory_mask": mask,
+                "lm_head_t": self.lm_head.weight.t().contiguous()}               # (C, V)
 
     def step(self, token, t, cache):
         """Logits (B, V) of the token after position t, given token (B,) at position t and the
@@ -295,7 +307,9 @@ class ReformerEncDec(nn.Module):
         else:
             for layer, layer_cache in zip(self._decoder_layers(), cache["layers"]):
                 x = layer(x, cache=layer_cache, **kw)
-        return self.lm_head(self.ln_f(x))[:, 0]                          # (B, V)
+        # lm_head as h @ W^T with W^T stored (C, V): on a CPU about a fifth faster than
+        # F.linear(h, W) at B = 16..64 rows, and this matmul is the largest of a step.
+        return self.ln_f(x)[:, 0] @ cache["lm_head_t"]                   # (B, V)
 
     @staticmethod
     def reorder_cache(cache, rows, n):
@@ -367,7 +381,7 @@ def _next_token_logp(model, tokens, t, memory, memory_mask, cache, min_len=0):
         logits = model.lm_head(model.decode(tokens, memory, memory_mask)[:, -1])
     logp = F.log_softmax(logits.float(), dim=-1)
     banned = [PAD, BOS, EOS] if t < min_len else [PAD, BOS]
-    return logp.index_fill(1, torch.tensor(banned, device=logp.device), -math.inf)
+    return logp.index_fill_(1, torch.tensor(banned, device=logp.device), -math.inf)
 
 
 def _strip(ids):
