@@ -174,13 +174,18 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, memory_mask, memory=None, kv=None, bias=None):
         """x (B, T, C); memory (B, S, C) or its kv; memory_mask (B, S), True at real tokens, or
-        its mask_bias (decoding computes both once per sentence)."""
+        its mask_bias (decoding computes both once per sentence). Beam search passes x as
+        (B k, 1, C), k rows per sentence, with the sentences' kv and bias (B rows): the k beams
+        then attend as k query positions of their sentence's row, so each sentence's keys and
+        values are read once a step, not once per beam (queries do not interact here)."""
         k, v = kv if kv is not None else self.memory_kv(memory)
+        B, T, C = x.shape
+        x = x.view(k.shape[0], -1, C)                  # (B, T, C), or (B, k, C) in beam search
         q = _split_heads(self.q(x), self.n_heads)                       # (B, nh, T, hs)
         bias = self.mask_bias(memory_mask, q.dtype) if bias is None else bias   # (B, 1, 1, S)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
-        return self.out(_merge_heads(y))                                 # (B, T, C)
+        return self.out(_merge_heads(y)).view(B, T, C)
 
 
 class DecoderAttentionSublayer(nn.Module):
@@ -269,25 +274,24 @@ class ReformerEncDec(nn.Module):
         return self.decoder.blocks if self.config.reversible else self.decoder
 
     def start_cache(self, memory, memory_mask, max_len, repeat=1):
-        """A decoding cache for max_len target positions: per decoder layer, empty self-attention
-        keys/values (B * repeat, nh, max_len, hs), a spare buffer of each for reorder_cache, the
-        self-attention's step_weights, and the cross-attention keys/values of memory and its
-        mask bias, computed once per sentence and repeated for the `repeat` beams of each; and
-        the output layer's weight transposed, (C, V), for step's matmul. The weights are copies:
-        a cache is for one decoding, with the model unchanged."""
+        """A decoding cache for max_len target positions and `repeat` rows (beams) a sentence:
+        per decoder layer, self-attention keys/values (B * repeat, nh, max_len, hs), a spare
+        buffer of each for reorder_cache, the self-attention's step_weights, and the
+        cross-attention keys/values of memory (B, nh, S, hs) and its mask bias, computed once
+        per sentence and shared by its beams (CrossAttention); and the output layer's weight
+        transposed, (C, V), for step's matmul. The weights are copies: a cache is for one
+        decoding, with the model unchanged. Positions >= t of the keys/values are never read,
+        so the buffers start uninitialised."""
         B, C, nh = memory.shape[0], self.config.d_model, self.config.n_heads
         shape = (B * repeat, nh, max_len, C // nh)
-        mask = memory_mask.repeat_interleave(repeat, 0)                  # (B repeat, S)
-        bias = CrossAttention.mask_bias(mask, memory.dtype)              # (B repeat, 1, 1, S)
+        bias = CrossAttention.mask_bias(memory_mask, memory.dtype)       # (B, 1, 1, S)
         layers = []
         for layer in self._decoder_layers():
-            k, v = layer.f.cross.memory_kv(memory)                       # (B, nh, S, hs) each
             layers.append({**{name: memory.new_empty(shape) for name in
                               ("k", "v", "k_spare", "v_spare")},
-                           "memory_kv": (k.repeat_interleave(repeat, 0),
-                                         v.repeat_interleave(repeat, 0)),
+                           "memory_kv": layer.f.cross.memory_kv(memory),   # (B, nh, S, hs) x 2
                            "memory_bias": bias, "w_in": step_weights(layer.f.self_attn.attn)})
-        return {"layers": layers, "memory_mask": mask,
+        return {"layers": layers, "memory_mask": memory_mask, "beams": repeat,
                 "lm_head_t": self.lm_head.weight.t().contiguous()}               # (C, V)
 
     def step(self, token, t, cache):
@@ -322,19 +326,23 @@ class ReformerEncDec(nn.Module):
         Copying into place would need a temporary (the source rows overlap the destination), and
         `k[rows]` copies all max_len positions; the spare costs one more buffer of memory. A
         per-row index of parents (no copy, a gather inside attention) would read as much every
-        step and make attention less plain. The cross-attention keys/values of a row are its
-        sentence's, the same for all its beams, so they move only when the row count changes."""
-        shrink = len(rows) != len(cache["memory_mask"])
+        step and make attention less plain. The cross-attention keys/values are kept once per
+        sentence, for all its beams, so they move only when sentences leave: the k rows of each
+        new group continue one sentence, the one of its first row."""
+        k = cache["beams"]
+        shrink = len(rows) != len(cache["memory_mask"]) * k
         if shrink:
-            cache["memory_mask"] = cache["memory_mask"].index_select(0, rows)
-            bias = cache["layers"][0]["memory_bias"].index_select(0, rows)   # shared by layers
+            sentences = rows[::k] // k                                   # (B',)
+            cache["memory_mask"] = cache["memory_mask"].index_select(0, sentences)
+            bias = cache["layers"][0]["memory_bias"].index_select(0, sentences)   # all layers
         for layer in cache["layers"]:
             for name in ("k", "v"):
                 live, spare = layer[name], layer[name + "_spare"][:len(rows)]
                 torch.index_select(live[:, :, :n], 0, rows, out=spare[:, :, :n])
                 layer[name], layer[name + "_spare"] = spare, live
             if shrink:
-                layer["memory_kv"] = tuple(m.index_select(0, rows) for m in layer["memory_kv"])
+                layer["memory_kv"] = tuple(m.index_select(0, sentences)
+                                           for m in layer["memory_kv"])
                 layer["memory_bias"] = bias
 
     def set_attention(self, attn=None, n_hashes=None):
