@@ -803,7 +803,7 @@ def test_fused_qkv_projection_equals_three_projections():
         assert [tuple(y.shape) for y in qkv] == [(2, 2, 5, 8)] * 3
         w = [layer.qk.weight, layer.k.weight, layer.v.weight]
         grads.append((qkv, torch.autograd.grad(sum((y * gi).sum() for y, gi in zip(qkv, g)), w)))
-    for a, b in zip(grads[0][0] + grads[0][1], grads[1][0] + grads[1][1]):
+    for a, b in zip([*grads[0][0], *grads[0][1]], [*grads[1][0], *grads[1][1]]):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
