@@ -129,19 +129,22 @@ def self_attention_step(attn, x, cache, t):
     softmax, with its conventions: shared QK keys are q / |q| with no 1/sqrt(hs) and a query's
     own logit replaced by -1e5; separate keys are scaled by 1/sqrt(hs). Returns (B, 1, C).
     """
-    nh = attn.n_heads
-    proj = [_split_heads(y, nh) for y in (x @ cache["w_in"]).chunk(3 - attn.shared_qk, -1)]
+    B, _, C = x.shape
+    n = 3 - attn.shared_qk                       # projections: q, k, v or (shared QK) qk, v
+    # With one position, (B, 1, nh, hs) and (B, nh, 1, hs) are the same memory: views only.
+    proj = (x @ cache["w_in"]).view(B, n, attn.n_heads, 1, attn.hs).unbind(1)
     q, v = proj[0], proj[-1]                                             # (B, nh, 1, hs) each
     k = F.normalize(q, dim=-1) if attn.shared_qk else proj[1]
     cache["k"][:, :, t:t + 1] = k
     cache["v"][:, :, t:t + 1] = v
     keys, values = cache["k"][:, :, :t + 1], cache["v"][:, :, :t + 1]  # (B, nh, t + 1, hs)
     if not attn.shared_qk:             # softmax(q k^T / sqrt(hs)) v: the fused kernel, no mask
-        return attn.out(_merge_heads(F.scaled_dot_product_attention(q, keys, values)))
-    logits = torch.matmul(q, keys.transpose(-1, -2))                    # (B, nh, 1, t + 1)
-    logits[..., t] = SELF_LOGIT
-    y = torch.matmul(torch.softmax(logits, dim=-1), values)             # (B, nh, 1, hs)
-    return attn.out(_merge_heads(y))
+        y = F.scaled_dot_product_attention(q, keys, values)              # (B, nh, 1, hs)
+    else:
+        logits = torch.matmul(q, keys.transpose(-1, -2))                # (B, nh, 1, t + 1)
+        logits[..., t] = SELF_LOGIT
+        y = torch.matmul(torch.softmax(logits, dim=-1), values)         # (B, nh, 1, hs)
+    return attn.out(y.reshape(B, 1, C))
 
 
 class CrossAttention(nn.Module):
