@@ -771,10 +771,9 @@ def translation_step(args):
             for reversible in ((True, False) if variant != "nn.Transformer" else (False,)):
                 torch.manual_seed(0)
                 model = translation_model(variant, reversible, dropout, args).to(args.device)
+                params_m = sum(p.numel() for p in model.parameters()) / 1e6   # tied: once
                 group.append((dict(impl=variant, reversible=reversible, dropout=dropout,
-                                   batch=B, length=L, params_m=model.num_params() / 1e6
-                                   if hasattr(model, "num_params") else
-                                   sum(p.numel() for p in model.parameters()) / 1e6),
+                                   batch=B, length=L, params_m=params_m),
                               _train_step(model, batch)))
         times = round_robin([step for _, step in group], args.repeats, args.warmup, args.device)
         for (row, _), (wall, cpu) in zip(group, times):

@@ -898,7 +898,6 @@ def local_attention_fast(q, k, v, bucket_size, causal=False, padding_mask=None, 
     return out.view(B, T, -1).to(out_dtype)
 
 
-
 # -- full attention with separate keys: PyTorch's fused kernel, padding as an additive bias ------
 
 def full_attention_fast(q, k, v, causal=False, padding_mask=None, dropout=0.0, training=False):
@@ -932,6 +931,7 @@ def full_attention_fast(q, k, v, causal=False, padding_mask=None, dropout=0.0, t
     with _autocast_off(q):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p_drop)
     return out.to(out_dtype)
+
 
 # ===============================================================================================
 # Part 3. The multi-head layer
