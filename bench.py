@@ -14,8 +14,14 @@ Sub-commands (each prints a table and writes <out>/<name>.json and <out>/<name>.
     throughput     tokens/s of a whole training step (forward, backward, AdamW), our ReformerLM
                    against reformer-pytorch's ReformerLM at the same configuration
     profile        torch.profiler's top ops of one step of our LSH layer (not part of `all`)
-    decode         translation decoding: sentences/s and tokens/s, greedy with and without the
-                   key/value cache, beam search (translate.decoding_speed; not part of `all`)
+    translation-step  a training step (forward, backward, Adam) of our encoder-decoder beside
+                   torch.nn.Transformer of the same size, reversible or not, dropout 0.1 and 0,
+                   and ours with one change undone per row (what each change buys); no plot,
+                   not part of `all`
+    decode         translation decoding tokens/s, every hypothesis forced to L tokens: ours
+                   with the key/value cache, ours recomputing the prefix, Hugging Face's
+                   MarianMTModel.generate() of the same size (greedy and beam); no plot, not
+                   part of `all`
     all            the suite above at CPU-sized lengths (the default; < 10 minutes on 2 cores)
 
     python bench.py                                      # the CPU-sized suite
@@ -25,6 +31,8 @@ Sub-commands (each prints a table and writes <out>/<name>.json and <out>/<name>.
     python bench.py speed --device cuda --dtype bf16 --lengths 1024,4096,16384,32768
     python bench.py memory-depth --lengths 8192
     python bench.py profile --lengths 16384 --n_hashes 4
+    python bench.py translation-step --threads 1      # 3 + 3 layers, d 256, 4,096 tokens a step
+    python bench.py decode --threads 1 --lengths 64   # 16 sentences, 32 source tokens, L = 64
     pip install -r requirements-bench.txt                # the peers; skipped when missing
 
 How each row is measured (what a timed layer contains, the round-robin timing, peak RSS in a
@@ -57,6 +65,8 @@ DEFAULTS = {
     "memory-hashes": dict(lengths=[1024, 4096, 16384], n_hashes=[1, 2, 4, 8]),
     "throughput":    dict(lengths=[4096], n_hashes=[2], layers=[6]),
     "profile":       dict(lengths=[16384], n_hashes=[4]),
+    "translation-step": dict(lengths=[32], tokens=4096, layers=[3]),   # sentence length
+    "decode":        dict(lengths=[64], layers=[3]),                    # target tokens L
 }
 ALL_CPU = {
     "speed":         dict(lengths=[1024, 16384]),
@@ -161,11 +171,12 @@ def save(args, command, rows, extra=None):
 COLUMNS = dict(impl=("impl", "{}"), n_hashes=("n_hashes", "{}"), length=("length", "{}"),
                batch=("batch", "{}"), n_layers=("layers", "{}"), reversible=("reversible", "{}"),
                ff_chunks=("ff_chunks", "{}"), params_m=("params (M)", "{:.2f}"),
-               seconds=("s/step", "{:.3f}"), tokens_per_s=("tokens/s", "{:.0f}"),
+               seconds=("s/step", "{:.3f}"), cpu_seconds=("CPU s/step", "{:.3f}"),
+               tokens_per_s=("tokens/s", "{:.0f}"),
                peak_mb=("peak MB", "{:.0f}"), delta_mb=("peak MB above base", "{:.0f}"),
                logits_mb=("logits MB", "{:.0f}"), gflop=("GFLOP", "{:.1f}"),
                gflop_per_s=("GFLOP/s", "{:.1f}"), matmul_fraction=("of matmul", "{:.0%}"),
-               vs_ours=("x ours", "{:.2f}"), error=("error", "{}"))
+               vs_ours=("x ours", "{:.2f}"), dropout=("dropout", "{}"), error=("error", "{}"))
 
 
 def report(args, name, title, rows, keys, extra=None, headers=None):
@@ -696,10 +707,242 @@ def profile(args):
     return rows
 
 
+# ------------------ translation-step: a training step of our encoder-decoder beside nn.Transformer
+
+def _separate_qkv(attn, x):
+    """LSHSelfAttention._qkv as three matmuls (the 'ours, q/k/v apart' rows): the same function,
+    to time what the fused projection saves."""
+    B, T, _ = x.shape
+    heads = lambda y: y.view(B, T, attn.n_heads, attn.hs).transpose(1, 2)   # (B, nh, T, hs)
+    return heads(attn.qk(x)), heads(attn.k(x)), heads(attn.v(x))
+
+
+# Our rows, each one change away from "ours": what that change buys is its 'x ours' ratio.
+TRANSLATION_VARIANTS = {
+    "ours": {},                                   # SDPA encoder, fused q/k/v (the default)
+    "ours, q/k/v apart": dict(qkv="apart"),       # three projections, not one
+    "ours, explicit attention": dict(impl="reference"),   # Part 1's masked softmax, no SDPA
+}
+
+
+def translation_model(variant, reversible, dropout, args):
+    """(model, config) for one row: ours in a TRANSLATION_VARIANTS variant, or nn.Transformer
+    (compare_translation.TorchTransformerMT) with the same sizes."""
+    from translation.encdec import EncDecConfig, ReformerEncDec
+    cfg = EncDecConfig(vocab_size=args.vocab_size, n_layers=args.layers[0],
+                       n_dec_layers=args.layers[0], d_model=args.d_model, n_heads=args.n_heads,
+                       d_ff=args.d_ff, dropout=dropout, reversible=reversible,
+                       impl=TRANSLATION_VARIANTS.get(variant, {}).get("impl", "fast"))
+    if variant == "nn.Transformer":
+        from translation.compare_translation import TorchTransformerMT
+        return TorchTransformerMT(cfg)
+    model = ReformerEncDec(cfg)
+    if TRANSLATION_VARIANTS[variant].get("qkv") == "apart":
+        for m in model.modules():
+            if isinstance(m, LSHSelfAttention) and m.k is not None:
+                m._qkv = _separate_qkv.__get__(m)
+    return model
+
+
+def translation_batch(B, S, T, V, device, seed=0):
+    """src (B, S), tgt_in (B, T), targets (B, T): random sentences of S/2..S and T/2..T tokens
+    (as length-bucketed batches have), PAD after each; targets -100 there."""
+    g = torch.Generator().manual_seed(seed)
+    def sentences(L):
+        ids = torch.randint(3, V, (B, L), generator=g)
+        n = torch.randint(L // 2, L + 1, (B,), generator=g)
+        return ids.masked_fill(torch.arange(L)[None] >= n[:, None], 0)   # PAD = 0
+    src, tgt = sentences(S), sentences(T + 1)
+    targets = tgt[:, 1:].masked_fill(tgt[:, 1:] == 0, -100)
+    tgt_in = tgt[:, :-1].clone()
+    tgt_in[:, 0] = 1                                                       # BOS
+    return src.to(device), tgt_in.to(device), targets.to(device)
+
+
+def translation_step(args):
+    L = args.lengths[0]
+    B = args.tokens // L
+    batch = translation_batch(B, L, L, args.vocab_size, args.device)
+    variants = [*TRANSLATION_VARIANTS, "nn.Transformer"]
+    rows = []
+    for dropout in (0.1, 0.0):
+        group = []      # one round-robin group: every row at this dropout, timed in turns
+        for variant in variants:
+            for reversible in ((True, False) if variant != "nn.Transformer" else (False,)):
+                torch.manual_seed(0)
+                model = translation_model(variant, reversible, dropout, args).to(args.device)
+                params_m = sum(p.numel() for p in model.parameters()) / 1e6   # tied: once
+                group.append((dict(impl=variant, reversible=reversible, dropout=dropout,
+                                   batch=B, length=L, params_m=params_m),
+                              _train_step(model, batch)))
+        times = round_robin([step for _, step in group], args.repeats, args.warmup, args.device)
+        for (row, _), (wall, cpu) in zip(group, times):
+            rows.append(timed_row(row, wall, cpu, args.tokens))
+            progress(f"{row['impl']} reversible={row['reversible']} dropout={dropout}", row,
+                     f"{row['seconds']:.3f} s, {row['cpu_seconds']:.3f} CPU s")
+    for value, suffix in (("cpu_seconds", ""), ("seconds", "_wall")):
+        ratio_to_ours(rows, value, ("reversible", "dropout"), lambda r: r["impl"] == "ours",
+                      out="vs_ours" + suffix)
+        torch_rows = {r["dropout"]: r[value] for r in rows if r["impl"] == "nn.Transformer"}
+        for r in rows:
+            r["vs_torch" + suffix] = r[value] / torch_rows[r["dropout"]]
+    title = (f"translation-step: one training step (forward, backward, Adam) of a {args.layers[0]}"
+             f" + {args.layers[0]} layer encoder-decoder, d_model {args.d_model}, {args.n_heads} "
+             f"heads, d_ff {args.d_ff}, vocab {args.vocab_size}, {B} x {L} source and target "
+             f"tokens ({args.tokens} padded), median of {args.repeats} in turns; 'x ours' = CPU "
+             f"s / ours' CPU s (> 1: ours is faster), 'x torch' = CPU s / nn.Transformer's; "
+             f"the JSON has the wall-clock ratios too (vs_ours_wall, vs_torch_wall)")
+    return report(args, "translation-step", title, rows,
+                  ["impl", "reversible", "dropout", "params_m", "seconds", "cpu_seconds",
+                   "vs_ours", "vs_torch"],
+                  dict(vocab_size=args.vocab_size, n_layers=args.layers[0], d_ff=args.d_ff),
+                  headers=dict(vs_torch=("x torch", "{:.2f}")))
+
+
+def _train_step(model, batch):
+    """A closure for one training step: forward, backward, an Adam step."""
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98))
+
+    def step():
+        model(*batch)[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def round_robin(steps, repeats, warmup, device):
+    """(wall seconds, CPU seconds) of each step's `repeats` calls, timed in turns (step 1, step 2,
+    ..., step 1, ...) after `warmup` untimed calls of each, so a busy moment of a shared machine
+    slows all alike. The CPU seconds (of this process, all its threads) leave out the time the
+    process waited for a core: on a shared CPU the steadier measure of the work itself."""
+    for step in steps:
+        for _ in range(warmup):
+            step()
+    times = [([], []) for _ in steps]
+    for _ in range(repeats):
+        for step, (wall, cpu) in zip(steps, times):
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            sync(device)
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    return times
+
+
+def timed_row(row, wall, cpu, tokens):
+    """row plus the medians of wall and CPU seconds and the tokens/s of each."""
+    row.update(seconds=statistics.median(wall), cpu_seconds=statistics.median(cpu),
+               all_seconds=wall, all_cpu_seconds=cpu)
+    row.update(tokens_per_s=tokens / row["seconds"], cpu_tokens_per_s=tokens / row["cpu_seconds"])
+    return row
+
+
+# --------------------------- decode: greedy and beam search, ours (cache, recompute) and Marian
+
+def decode(args):
+    """Tokens/s of decoding one batch: ours with the key/value cache, ours recomputing the whole
+    prefix every step (greedy only), and Hugging Face's MarianMTModel.generate() with its cache,
+    all from random weights of the same sizes. Every hypothesis decodes exactly L tokens (ours:
+    min_len = max_len = L; Marian: min_new_tokens = max_new_tokens = L), so every row does the
+    same work; tokens/s counts the B * L output tokens."""
+    from translation.encdec import EncDecConfig, ReformerEncDec, beam_search, greedy_decode
+    torch.manual_seed(0)
+    C, nh, V, nl = args.d_model, args.n_heads, args.vocab_size, args.layers[0]
+    cfg = EncDecConfig(vocab_size=V, n_layers=nl, n_dec_layers=nl, d_model=C, n_heads=nh,
+                       d_ff=args.d_ff, dropout=0.0, reversible=bool(args.reversible))
+    ours = ReformerEncDec(cfg).to(args.device).eval()
+    marian = marian_model(args)
+    src = torch.randint(3, V, (args.batch, args.src_len), device=args.device)
+    rows = []
+    for L in args.lengths:
+        tokens = lambda hyps: sum(len(h) for h in hyps)
+        runs = {"ours, greedy": lambda: tokens(greedy_decode(ours, src, L, min_len=L)),
+                "ours, greedy, recompute": lambda: tokens(greedy_decode(
+                    ours, src, L, use_cache=False, min_len=L)),
+                f"ours, beam {args.beam_size}": lambda: tokens(beam_search(
+                    ours, src, args.beam_size, 0.6, L, min_len=L))}
+        if marian is not None:
+            runs.update({"marian, greedy": lambda: marian_generate(marian, src, L, 1),
+                         f"marian, beam {args.beam_size}": lambda: marian_generate(
+                             marian, src, L, args.beam_size)})
+        for name, fn in runs.items():   # every row decodes B x L tokens, none fewer
+            n = fn()
+            assert n == args.batch * L, (name, n)
+        times = round_robin(list(runs.values()), args.repeats, 0, args.device)
+        for name, (wall, cpu) in zip(runs, times):
+            rows.append(timed_row(dict(impl=name, length=L, batch=args.batch), wall, cpu,
+                                  args.batch * L))
+            progress(f"{name} L={L}", rows[-1], f"{rows[-1]['tokens_per_s']:.0f} tokens/s, "
+                     f"{rows[-1]['cpu_tokens_per_s']:.0f} per CPU s")
+    _decode_ratios(rows, args.beam_size)
+    title = (f"decode: tokens/s of decoding {args.batch} sentences of {args.src_len} source "
+             f"tokens into exactly L target tokens each; {nl} + {nl} layers, d_model {C}, "
+             f"{nh} heads, d_ff {args.d_ff}, vocab {V}, ours reversible={bool(args.reversible)},"
+             f" {torch.get_num_threads()} threads, median of {args.repeats} in turns; 'x peer' "
+             f"= our tokens/s over the row's (Marian's, or recompute's), wall clock and CPU")
+    return report(args, "decode", title, rows, ["impl", "length", "batch", "seconds",
+                                                "tokens_per_s", "vs_ours", "cpu_tokens_per_s",
+                                                "vs_ours_cpu"],
+                  dict(vocab_size=V, n_layers=nl, d_ff=args.d_ff, src_len=args.src_len,
+                       beam_size=args.beam_size, reversible=bool(args.reversible),
+                       threads=torch.get_num_threads()),
+                  headers=dict(seconds=("s", "{:.3f}"), vs_ours=("x peer", "{:.2f}"),
+                               cpu_tokens_per_s=("tokens/CPU s", "{:.0f}"),
+                               vs_ours_cpu=("x peer (CPU)", "{:.2f}")))
+
+
+def _decode_ratios(rows, k):
+    """On each peer row (Marian's, ours recomputing): vs_ours = our cached tokens/s over the
+    row's, for the same search and length (> 1: ours is faster); vs_ours_cpu the same per CPU
+    second."""
+    for value, out in (("tokens_per_s", "vs_ours"), ("cpu_tokens_per_s", "vs_ours_cpu")):
+        ours = {(r["impl"].split(", ", 1)[1], r["length"]): r[value] for r in rows
+                if r["impl"] in ("ours, greedy", f"ours, beam {k}")}
+        for r in rows:
+            search = "greedy" if "greedy" in r["impl"] else f"beam {k}"
+            if r["impl"].startswith("marian") or "recompute" in r["impl"]:
+                r[out] = ours[(search, r["length"])] / r[value]
+
+
+def marian_model(args):
+    """Hugging Face's MarianMTModel from a MarianConfig of our sizes, random weights, or None
+    (with a message) when transformers is not installed or --no_peers."""
+    if args.no_peers:
+        return None
+    try:
+        from transformers import MarianConfig, MarianMTModel
+    except ImportError:
+        print("skipped: marian (transformers not installed: pip install -r "
+              "requirements-bench.txt)")
+        return None
+    nl = args.layers[0]
+    cfg = MarianConfig(vocab_size=args.vocab_size, d_model=args.d_model, encoder_layers=nl,
+                       decoder_layers=nl, encoder_attention_heads=args.n_heads,
+                       decoder_attention_heads=args.n_heads, encoder_ffn_dim=args.d_ff,
+                       decoder_ffn_dim=args.d_ff, max_position_embeddings=512, dropout=0.0,
+                       attention_dropout=0.0, activation_dropout=0.0, pad_token_id=0,
+                       eos_token_id=2, decoder_start_token_id=1, forced_eos_token_id=None)
+    torch.manual_seed(0)
+    return MarianMTModel(cfg).to(args.device).eval()
+
+
+@torch.no_grad()
+def marian_generate(model, src, L, beams):
+    """generate() with its KV cache, exactly L new tokens per sentence; returns how many."""
+    beam = dict(length_penalty=0.6, early_stopping=False) if beams > 1 else {}   # as ours
+    out = model.generate(input_ids=src, attention_mask=src != 0, num_beams=beams,
+                         do_sample=False, max_new_tokens=L, min_new_tokens=L, use_cache=True,
+                         **beam)
+    return (out.shape[1] - 1) * out.shape[0]   # without the decoder start token
+
+
 # ------------------------------------------------------------------------------------ command line
 
 COMMANDS = {"speed": speed, "memory-depth": memory_depth, "memory-hashes": memory_hashes,
-            "throughput": throughput, "profile": profile}
+            "throughput": throughput, "profile": profile,
+            "translation-step": translation_step, "decode": decode}
 
 
 def ints(s):
@@ -708,8 +951,8 @@ def ints(s):
 
 def sizes_text(table):
     """'  speed          lengths 1024,2048, n_hashes 1,2' etc., one line per sub-command."""
-    return "\n".join(f"  {name:<14} " + ", ".join(f"{k} {','.join(map(str, v))}"
-                                                   for k, v in d.items())
+    text = lambda v: ",".join(map(str, v)) if isinstance(v, list) else str(v)
+    return "\n".join(f"  {name:<14} " + ", ".join(f"{k} {text(v)}" for k, v in d.items())
                      for name, d in table.items())
 
 
@@ -724,9 +967,10 @@ def get_parser():
     # --- what is measured
     common.add_argument("--lengths", type=ints, default=None,
                         help="sequence lengths, comma-separated (default: per sub-command)")
-    common.add_argument("--tokens", type=int, default=16384,
+    common.add_argument("--tokens", type=int, default=None,
                         help="tokens per step: batch = tokens // length (paper Figure 5 holds "
-                             "it fixed; the paper used 32768)")
+                             "it fixed; the paper used 32768; default 16384, translation-step "
+                             "4096 padded source tokens)")
     common.add_argument("--n_hashes", type=ints, default=None,
                         help="LSH rounds, comma-separated; memory-depth and throughput use the "
                              "first (default: per sub-command)")
@@ -765,17 +1009,28 @@ def get_parser():
                         help="torch.set_num_threads (default: torch's choice)")
     common.add_argument("--out", default="experiments/bench_results", help="folder for the JSON and PNG")
     common.add_argument("--top", type=int, default=15, help="profile: how many ops to list")
-    sub = parser.add_subparsers(dest="command", metavar="{all,speed,memory-depth,"
-                                                        "memory-hashes,throughput,profile}")
+    sub = parser.add_subparsers(dest="command", metavar="{all,speed,memory-depth,memory-hashes,"
+                                                        "throughput,profile,translation-step,"
+                                                        "decode}")
     helps = {"all": "the CPU-sized suite of the four below (the default)",
              "speed": "seconds per step of one layer vs length, ours/SDPA/peers, FLOP/s",
              "memory-depth": "peak memory of a ReformerLM training step vs depth, reversible, "
                              "ff_chunks",
              "memory-hashes": "peak memory of the LSH layer vs n_hashes and length, with peers",
              "throughput": "whole-model training tokens/s, ours vs reformer-pytorch",
-             "profile": "torch.profiler top ops of one step of our LSH layer"}
-    for name, text in helps.items():
-        sub.add_parser(name, parents=[common], help=text, description=text)
+             "profile": "torch.profiler top ops of one step of our LSH layer",
+             "translation-step": "a training step of our encoder-decoder beside nn.Transformer",
+             "decode": "decoding tokens/s: ours cached, ours recomputing, MarianMTModel"}
+    subs = {name: sub.add_parser(name, parents=[common], help=text, description=text)
+            for name, text in helps.items()}
+    for name in ("translation-step", "decode"):
+        subs[name].add_argument("--vocab_size", type=int, default=8000,
+                                help="joint vocabulary V of the translation models")
+    d = subs["decode"]
+    d.add_argument("--batch", type=int, default=16, help="sentences decoded together B")
+    d.add_argument("--src_len", type=int, default=32, help="source tokens per sentence S")
+    d.add_argument("--beam_size", type=int, default=4, help="beam width k of the beam rows")
+    d.add_argument("--reversible", type=int, default=1, help="ours reversible (1) or not (0)")
     return parser
 
 
@@ -785,6 +1040,7 @@ def resolve(args, command, suite=False):
     defaults = dict(DEFAULTS[command])
     if suite and not a.device.startswith("cuda"):
         defaults.update(ALL_CPU.get(command, {}))
+    defaults.setdefault("tokens", 16384)
     if a.device.startswith("cuda"):
         defaults["lengths"] = defaults["lengths"] + CUDA_EXTRA_LENGTHS.get(command, [])
     for key, value in defaults.items():
@@ -814,10 +1070,6 @@ def main(argv=None):
     if argv[:1] == ["_mem_worker"]:   # internal: one memory measurement in a fresh process
         spec = json.loads(argv[argv.index("--json") + 1])
         print(json.dumps(mem_worker(spec)))
-        return
-    if argv[:1] == ["decode"]:        # translation decoding speed, cache vs recompute: translation/translate.py
-        from translation.translate import decoding_speed
-        decoding_speed(argv[1:])
         return
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["all"] + argv   # no sub-command: the suite

@@ -19,8 +19,9 @@ How to read this file (`python plot.py lsh_attention` draws the steps for a smal
             look_one_back, lsh_attention (steps 1-9, the paper's order; lsh_attention_heads takes
             heads side by side and half precision), local_attention, full_attention. This is all
             of Section 2; read it top to bottom.
-    Part 2  the same functions, fast (lsh_attention_fast, local_attention_fast): strided views,
-            hand-written backward passes. Same math, proven equal to Part 1 by the tests.
+    Part 2  the same functions, fast (lsh_attention_fast, local_attention_fast,
+            full_attention_fast): strided views, hand-written backward passes, PyTorch's fused
+            attention kernel. Same math, proven equal to Part 1 by the tests.
     Part 3  LSHSelfAttention, the multi-head layer; impl='fast' (default) or 'reference' (Part 1).
 
 Shape legend (one vocabulary for the whole repo; each symbol has one meaning):
@@ -405,6 +406,9 @@ def _autocast_off(x):
 #   - hashing piece by piece, argmax([xR ; -xR]) without building it             replaces step 1
 #   - dedup's counts N_ij added up one round at a time, in bytes, by table look-ups      step 6
 #   - heads side by side (B, T, nh, hs) all the way: no transposes to move heads into the batch
+#   - full attention with separate keys (the baseline Transformer's) as one fused
+#     scaled_dot_product_attention, padding as an additive bias    replaces full_attention's
+#                                                                  explicit masked path
 
 
 def _hash(x, n_buckets, n_hashes, rotations):
@@ -894,6 +898,41 @@ def local_attention_fast(q, k, v, bucket_size, causal=False, padding_mask=None, 
     return out.view(B, T, -1).to(out_dtype)
 
 
+# -- full attention with separate keys: PyTorch's fused kernel, padding as an additive bias ------
+
+def full_attention_fast(q, k, v, causal=False, padding_mask=None, dropout=0.0, training=False):
+    """full_attention (Part 1) with separate keys, softmax(q k^T / sqrt(hs)) v, fast: one
+    F.scaled_dot_product_attention over heads side by side, padding as an additive bias.
+    q, k: (B, nh, T, hs), v: (B, nh, T, hs_v), padding_mask: (B, T), True at real tokens.
+    Returns (B, nh, T, hs_v). The shared-QK conventions (unit keys, the -1e5 own logit) stay in
+    Part 1: only this, the baseline Transformer's attention, has a fused kernel.
+
+    A padded key's logit gets -1e9 added where Part 1 replaces it by -1e9: next to a real key
+    exp() of either is exactly 0, so the two agree to rounding; and on a row with no real key
+    -1e9 + logit rounds to -1e9 in float32, so both are uniform there. Half-precision inputs
+    with a mask go to float32, as in Part 1 (half cannot hold -1e9)."""
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:-1] != q.shape[:-1]:
+        raise ValueError(f"full_attention_fast: q, k must be (B, nh, T, hs) and v (B, nh, T, "
+                         f"hs_v), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, nh, T, hs = q.shape
+    p_drop = dropout if training else 0.0
+    if padding_mask is None:             # no mask tensor: the flash kernel, causal or not
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=p_drop)
+    if tuple(padding_mask.shape) != (B, T):
+        raise ValueError(f"full_attention_fast: padding_mask must be (B, T) = {(B, T)}, got "
+                         f"{tuple(padding_mask.shape)}")
+    out_dtype = v.dtype
+    q, k, v = _float32(q, k, v)
+    bias = torch.zeros(B, 1, 1, T, dtype=q.dtype, device=q.device)
+    bias.masked_fill_(~padding_mask.bool().view(B, 1, 1, T), MASKED_LOGIT)     # (B, 1, 1, T)
+    if causal:
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        bias = bias.masked_fill(future, MASKED_LOGIT)                           # (B, 1, T, T)
+    with _autocast_off(q):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p_drop)
+    return out.to(out_dtype)
+
+
 # ===============================================================================================
 # Part 3. The multi-head layer
 # ===============================================================================================
@@ -958,6 +997,15 @@ class LSHSelfAttention(nn.Module):
         B, T, _ = x.shape   # (B, T, C) -> (B * nh, T, hs): heads become batch rows
         return x.view(B, T, self.n_heads, self.hs).transpose(1, 2).reshape(B * self.n_heads, T, -1)
 
+    def _qkv(self, x):
+        """Queries, keys, values (B, nh, T, hs) each, from one (B, T, C) x (C, 3C) matmul: the
+        weights of qk, k and v side by side (the parameters stay three, so a state dict loads
+        either way). Separate keys only."""
+        B, T, _ = x.shape
+        w = torch.cat([self.qk.weight, self.k.weight, self.v.weight])     # (3C, C)
+        qkv = F.linear(x, w).view(B, T, 3, self.n_heads, self.hs)          # (B, T, 3, nh, hs)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)                        # 3 x (B, nh, T, hs)
+
     def forward(self, x, padding_mask=None):
         self._check()   # attn / n_hashes may have been changed since construction
         B, T, C = x.shape
@@ -981,6 +1029,12 @@ class LSHSelfAttention(nn.Module):
             fn = lsh_attention_fast if fast else lsh_attention_heads
             y = fn(qk, v, self.bucket_size, self.n_hashes, causal=self.causal,
                    padding_mask=padding_mask, dedup=self.dedup, **drop)
+        elif self.attn == "full" and not self.shared_qk and fast:
+            # The baseline Transformer's attention: q, k, v (B, nh, T, hs) from one projection,
+            # into the fused kernel, padding as a bias (Part 2's full_attention_fast)
+            q, k, v = self._qkv(x)
+            y = full_attention_fast(q, k, v, causal=self.causal, padding_mask=padding_mask,
+                                    **drop).transpose(1, 2)              # (B, T, nh, hs)
         else:
             # Project, split heads into the batch: (B * nh, T', hs), and attend
             qk, v = self._heads(self.qk(x)), self._heads(self.v(x))

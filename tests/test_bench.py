@@ -1,5 +1,5 @@
-"""Smoke tests for bench.py: every sub-command runs at a tiny size and writes its JSON and PNG,
-so the benchmark script cannot rot; and the FLOP count behind the speed table's FLOP/s column
+"""Smoke tests for bench.py: every sub-command runs at a tiny size and writes its JSON (and its
+PNG, translation-step and decode excepted), so the benchmark script cannot rot; and the FLOP count behind the speed table's FLOP/s column
 equals what PyTorch's own FLOP counter sees in one forward+backward of our LSH layer.
 The peers (reformer-pytorch, transformers) are not needed: rows for them appear only when they
 are installed, and the memory sub-commands here run with --no_peers to stay fast.
@@ -20,15 +20,21 @@ TINY = ["--d_model", "32", "--n_heads", "2", "--bucket_size", "16", "--d_ff", "6
         "--repeats", "1", "--threads", "1"]
 
 
-def run(tmp_path, *argv):
+def run_json(tmp_path, *argv):
+    """bench.main at the TINY sizes; the rows of the JSON it wrote (no plot)."""
     bench.main([*argv, *TINY, "--out", str(tmp_path)])
-    name = argv[0]
-    with open(tmp_path / f"{name}.json") as f:
+    with open(tmp_path / f"{argv[0]}.json") as f:
         record = json.load(f)
-    assert record["command"] == name and record["torch"] == torch.__version__
-    if name != "profile":   # profile prints its table of ops and draws nothing
-        assert (tmp_path / f"{name}.png").stat().st_size > 0
+    assert record["command"] == argv[0] and record["torch"] == torch.__version__
     return record["rows"]
+
+
+def run(tmp_path, *argv):
+    """run_json, and the plot it drew."""
+    rows = run_json(tmp_path, *argv)
+    if argv[0] != "profile":   # profile prints its table of ops and draws nothing
+        assert (tmp_path / f"{argv[0]}.png").stat().st_size > 0
+    return rows
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +49,8 @@ def test_help_lists_subcommands(capsys):
         bench.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for name in ("all", "speed", "memory-depth", "memory-hashes", "throughput", "profile"):
+    for name in ("all", "speed", "memory-depth", "memory-hashes", "throughput", "profile",
+                 "translation-step", "decode"):
         assert name in out
 
 
@@ -131,3 +138,29 @@ def test_speed_dedup_rows_time_dedup_beside_ours(tmp_path):
     dedup = [r for r in rows if r["impl"] == "ours-dedup"]
     assert [r["n_hashes"] for r in dedup] == [2]   # one round has nothing to deduplicate
     assert dedup[0]["seconds"] > 0 and dedup[0]["vs_ours"] > 0
+
+
+def test_translation_step_times_ours_beside_nn_transformer(tmp_path):
+    rows = run_json(tmp_path, "translation-step", "--vocab_size", "50", "--tokens", "64",
+                    "--lengths", "16", "--layers", "1")
+    impls = {(r["impl"], r["reversible"], r["dropout"]) for r in rows}
+    for dropout in (0.1, 0.0):
+        assert ("nn.Transformer", False, dropout) in impls
+        for variant in bench.TRANSLATION_VARIANTS:
+            assert {(variant, True, dropout), (variant, False, dropout)} <= impls
+    assert all(r["cpu_seconds"] > 0 and r["vs_torch"] > 0 for r in rows)
+    assert all(r["vs_ours"] > 0 for r in rows if r["impl"] != "ours")
+
+
+def test_decode_forces_every_row_to_the_same_length(tmp_path):
+    """Ours cached, ours recomputing and (when transformers is installed) Marian each decode
+    exactly batch x L tokens, and the ratios are on the peer rows."""
+    rows = run_json(tmp_path, "decode", "--vocab_size", "50", "--lengths", "5", "--batch", "2",
+                    "--src_len", "4", "--beam_size", "2", "--layers", "1")
+    names = [r["impl"] for r in rows]
+    assert names[:3] == ["ours, greedy", "ours, greedy, recompute", "ours, beam 2"]
+    assert all(r["tokens_per_s"] > 0 and r["cpu_tokens_per_s"] > 0 for r in rows)
+    peers = [r for r in rows if r["impl"] not in ("ours, greedy", "ours, beam 2")]
+    assert peers and all(r["vs_ours"] > 0 and r["vs_ours_cpu"] > 0 for r in peers)
+    if bench.peer_version("transformers"):
+        assert names[3:] == ["marian, greedy", "marian, beam 2"]

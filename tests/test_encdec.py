@@ -274,6 +274,31 @@ def test_reversible_gradients_equal_plain_autograd(kw):
     assert (model(src, tgt_in, targets)[1] - want[0]).abs() > 1e-6   # dropout really is on
 
 
+@pytest.mark.parametrize("S", [1, 5, 9, 17])
+@pytest.mark.parametrize("reversible", [True, False])
+def test_sdpa_encoder_equals_explicit_attention(S, reversible):
+    """Separate keys (the default): impl='fast' runs the encoder's self-attention (and the
+    decoder's) through F.scaled_dot_product_attention with the source padding as an additive
+    bias and one fused q/k/v projection; impl='reference' through lsh_attention's Part 1, the
+    explicit masked softmax. The same weights give the same loss and gradients in float64 (with
+    the bias off or of the wrong sign, the padded rows' gradients differ)."""
+    fast = make_model(7, reversible=reversible).double()
+    explicit = make_model(8, reversible=reversible, impl="reference").double()
+    explicit.load_state_dict(fast.state_dict())
+    src, tgt_in = batch(B=4, S=S, T=5, seed=S)
+    src[1, max(1, S // 2):] = PAD                       # a half-padded source, and a longer pad
+    src[3, 1:] = PAD
+    targets = torch.randint(3, V, tgt_in.shape)
+    out = []
+    for model in (fast, explicit):
+        model.train()
+        loss = model(src, tgt_in, targets)[1]
+        loss.backward()
+        out.append([loss.detach()] + [p.grad for p in model.parameters()])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_chunked_loss_equals_unchunked_with_label_smoothing():
     a, b = make_model(5), make_model(5, ff_chunks=4)
     b.load_state_dict(a.state_dict())

@@ -32,8 +32,8 @@ from hypothesis import given, settings, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from lsh_attention import (FULL_KINDS, LSHSelfAttention, full_attention, hash_vectors,
-                           local_attention, local_attention_fast, lsh_attention,
+from lsh_attention import (FULL_KINDS, LSHSelfAttention, full_attention, full_attention_fast,
+                           hash_vectors, local_attention, local_attention_fast, lsh_attention,
                            lsh_attention_fast, lsh_attention_heads)
 
 SELF_LOGIT, MASKED_LOGIT = -1e5, -1e9   # the authors' values (trax)
@@ -760,6 +760,72 @@ def test_full_equals_naive_reference(B, T, hs, causal, pad, shared, seed):
     if shared:
         torch.testing.assert_close(
             full_attention(q, k, v, causal=causal, padding_mask=mask, shared_qk=True), out)
+
+
+@pytest.mark.parametrize("T", [1, 5, 17, 40])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("pad", [False, True])
+def test_full_fast_equals_explicit_path(T, causal, pad):
+    """full_attention_fast (heads side by side, F.scaled_dot_product_attention, padding as an
+    additive bias) equals Part 1's explicit masked softmax for separate keys, in float64: values
+    and the gradients of q, k, v, on the rows that have a real key."""
+    B, nh, hs = 3, 2, 4
+    q, v, mask = make_inputs(B, T, nh * hs, seed=T, pad=pad)
+    k = torch.randn(B, T, nh * hs, dtype=torch.float64)
+    heads = lambda x: x.view(B, T, nh, hs).transpose(1, 2).detach().requires_grad_()
+    q4, k4, v4 = heads(q), heads(k), heads(v)                          # (B, nh, T, hs)
+    rows = lambda x: x.reshape(B * nh, T, hs)
+    mask_rows = None if mask is None else mask.repeat_interleave(nh, 0)  # (B nh, T)
+    fast = full_attention_fast(q4, k4, v4, causal=causal, padding_mask=mask)
+    ref = full_attention(rows(q4), rows(k4), rows(v4), causal=causal,
+                         padding_mask=mask_rows).view(B, nh, T, hs)
+    real = torch.ones(B, 1, T, 1, dtype=torch.float64) if mask is None else \
+        mask.view(B, 1, T, 1).double()    # under causal, a padded query may have no real key
+    g = torch.randn(B, nh, T, hs, dtype=torch.float64) * real
+    grads = [torch.autograd.grad((y * g).sum(), (q4, k4, v4)) for y in (fast, ref)]
+    torch.testing.assert_close(fast * real, ref * real, atol=1e-10, rtol=1e-10)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    if pad and not mask.all():   # the mask matters: without it the result would differ
+        unmasked = full_attention_fast(q4, k4, v4, causal=causal)
+        assert not torch.allclose(unmasked * real, ref * real, atol=1e-6)
+
+
+def test_fused_qkv_projection_equals_three_projections():
+    """LSHSelfAttention._qkv: one x @ [W_q; W_k; W_v]^T matmul split into heads equals the three
+    projections qk, k, v split into heads, values and weight gradients (float64)."""
+    layer = make_layer("full", shared_qk=False).double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    g = [torch.randn(2, 2, 5, 8, dtype=torch.float64) for _ in range(3)]
+    heads = lambda y: y.view(2, 5, 2, 8).transpose(1, 2)                  # (B, nh, T, hs)
+    grads = []
+    for qkv in (layer._qkv(x), [heads(layer.qk(x)), heads(layer.k(x)), heads(layer.v(x))]):
+        assert [tuple(y.shape) for y in qkv] == [(2, 2, 5, 8)] * 3
+        w = [layer.qk.weight, layer.k.weight, layer.v.weight]
+        grads.append((qkv, torch.autograd.grad(sum((y * gi).sum() for y, gi in zip(qkv, g)), w)))
+    for a, b in zip([*grads[0][0], *grads[0][1]], [*grads[1][0], *grads[1][1]]):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_layer_fast_full_attention_equals_reference_with_padding(causal):
+    """The layer with separate keys: impl='fast' (one fused q/k/v projection, SDPA) and
+    impl='reference' (three projections, Part 1) share a state dict and give the same outputs
+    and parameter gradients in float64."""
+    layers = {impl: make_layer("full", shared_qk=False, causal=causal, impl=impl).double()
+              for impl in ("fast", "reference")}
+    layers["reference"].load_state_dict(layers["fast"].state_dict())   # strict: same keys
+    x = torch.randn(3, 9, 16, dtype=torch.float64)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[1, 5:], mask[2, 2:4] = False, False
+    out = {}
+    for impl, layer in layers.items():
+        y = layer(x, padding_mask=mask)
+        (y[mask] ** 2).sum().backward()
+        out[impl] = (y[mask], {n: p.grad for n, p in layer.named_parameters()})
+    torch.testing.assert_close(out["fast"][0], out["reference"][0], atol=1e-10, rtol=1e-10)
+    for name, grad in out["fast"][1].items():
+        torch.testing.assert_close(grad, out["reference"][1][name], atol=1e-10, rtol=1e-10)
 
 
 # The conventions of each full-attention kind, written out here (not read from the module), so

@@ -112,27 +112,39 @@ def _merge_heads(y):
     return y.transpose(1, 2).reshape(B, T, nh * hs)                      # (B, T, C)
 
 
+def step_weights(attn):
+    """The input projections of an LSHSelfAttention side by side and transposed, (C, 3C) (qk, k,
+    v; shared QK: (C, 2C), qk and v), for self_attention_step: one x @ W matmul a step instead of
+    three F.linear calls, reading W in its stored order. Made once per decoding (start_cache)."""
+    ws = [attn.qk.weight] + ([] if attn.shared_qk else [attn.k.weight]) + [attn.v.weight]
+    return torch.cat(ws).t().contiguous()                                # (C, 3C) or (C, 2C)
+
+
 def self_attention_step(attn, x, cache, t):
     """Position t of lsh_attention.LSHSelfAttention(attn='full', causal=True) from a cache.
 
     x: (B, 1, C), the layer input at position t. cache['k'], cache['v']: (B, nh, T_max, hs),
-    positions < t filled by earlier steps; this step writes position t. The softmax over keys
-    0..t is the row t of full_attention's causal softmax, with its conventions: shared QK keys
-    are q / |q| with no 1/sqrt(hs) and a query's own logit replaced by -1e5; separate keys are
-    scaled by 1/sqrt(hs). Returns (B, 1, C).
+    positions < t filled by earlier steps; this step writes position t. cache['w_in']: the
+    layer's step_weights. The softmax over keys 0..t is the row t of full_attention's causal
+    softmax, with its conventions: shared QK keys are q / |q| with no 1/sqrt(hs) and a query's
+    own logit replaced by -1e5; separate keys are scaled by 1/sqrt(hs). Returns (B, 1, C).
     """
-    nh = attn.n_heads
-    q = _split_heads(attn.qk(x), nh)                                    # (B, nh, 1, hs)
-    k = F.normalize(q, dim=-1) if attn.shared_qk else _split_heads(attn.k(x), nh)
+    B, _, C = x.shape
+    n = 3 - attn.shared_qk                       # projections: q, k, v or (shared QK) qk, v
+    # With one position, (B, 1, nh, hs) and (B, nh, 1, hs) are the same memory: views only.
+    proj = (x @ cache["w_in"]).view(B, n, attn.n_heads, 1, attn.hs).unbind(1)
+    q, v = proj[0], proj[-1]                                             # (B, nh, 1, hs) each
+    k = F.normalize(q, dim=-1) if attn.shared_qk else proj[1]
     cache["k"][:, :, t:t + 1] = k
-    cache["v"][:, :, t:t + 1] = _split_heads(attn.v(x), nh)
+    cache["v"][:, :, t:t + 1] = v
     keys, values = cache["k"][:, :, :t + 1], cache["v"][:, :, :t + 1]  # (B, nh, t + 1, hs)
-    scale = 1.0 if attn.shared_qk else 1.0 / math.sqrt(attn.hs)
-    logits = torch.matmul(q, keys.transpose(-1, -2)) * scale           # (B, nh, 1, t + 1)
-    if attn.shared_qk:
+    if not attn.shared_qk:             # softmax(q k^T / sqrt(hs)) v: the fused kernel, no mask
+        y = F.scaled_dot_product_attention(q, keys, values)              # (B, nh, 1, hs)
+    else:
+        logits = torch.matmul(q, keys.transpose(-1, -2))                # (B, nh, 1, t + 1)
         logits[..., t] = SELF_LOGIT
-    y = torch.matmul(torch.softmax(logits, dim=-1), values)             # (B, nh, 1, hs)
-    return attn.out(_merge_heads(y))
+        y = torch.matmul(torch.softmax(logits, dim=-1), values)         # (B, nh, 1, hs)
+    return attn.out(y.reshape(B, 1, C))
 
 
 class CrossAttention(nn.Module):
@@ -165,13 +177,18 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, memory_mask, memory=None, kv=None, bias=None):
         """x (B, T, C); memory (B, S, C) or its kv; memory_mask (B, S), True at real tokens, or
-        its mask_bias (decoding computes both once per sentence)."""
+        its mask_bias (decoding computes both once per sentence). Beam search passes x as
+        (B k, 1, C), k rows per sentence, with the sentences' kv and bias (B rows): the k beams
+        then attend as k query positions of their sentence's row, so each sentence's keys and
+        values are read once a step, not once per beam (queries do not interact here)."""
         k, v = kv if kv is not None else self.memory_kv(memory)
+        B, T, C = x.shape
+        x = x.view(k.shape[0], -1, C)                  # (B, T, C), or (B, k, C) in beam search
         q = _split_heads(self.q(x), self.n_heads)                       # (B, nh, T, hs)
         bias = self.mask_bias(memory_mask, q.dtype) if bias is None else bias   # (B, 1, 1, S)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
-        return self.out(_merge_heads(y))                                 # (B, T, C)
+        return self.out(_merge_heads(y)).view(B, T, C)
 
 
 class DecoderAttentionSublayer(nn.Module):
@@ -260,23 +277,25 @@ class ReformerEncDec(nn.Module):
         return self.decoder.blocks if self.config.reversible else self.decoder
 
     def start_cache(self, memory, memory_mask, max_len, repeat=1):
-        """A decoding cache for max_len target positions: per decoder layer, empty self-attention
-        keys/values (B * repeat, nh, max_len, hs), a spare buffer of each for reorder_cache, and
-        the cross-attention keys/values of memory and its mask bias, computed once per sentence
-        and repeated for the `repeat` beams of each."""
+        """A decoding cache for max_len target positions and `repeat` rows (beams) a sentence:
+        per decoder layer, self-attention keys/values (B * repeat, nh, max_len, hs), a spare
+        buffer of each for reorder_cache, the self-attention's step_weights, and the
+        cross-attention keys/values of memory (B, nh, S, hs) and its mask bias, computed once
+        per sentence and shared by its beams (CrossAttention); and the output layer's weight
+        transposed, (C, V), for step's matmul. The weights are copies: a cache is for one
+        decoding, with the model unchanged. Positions >= t of the keys/values are never read,
+        so the buffers start uninitialised."""
         B, C, nh = memory.shape[0], self.config.d_model, self.config.n_heads
         shape = (B * repeat, nh, max_len, C // nh)
-        mask = memory_mask.repeat_interleave(repeat, 0)                  # (B repeat, S)
-        bias = CrossAttention.mask_bias(mask, memory.dtype)              # (B repeat, 1, 1, S)
+        bias = CrossAttention.mask_bias(memory_mask, memory.dtype)       # (B, 1, 1, S)
         layers = []
         for layer in self._decoder_layers():
-            k, v = layer.f.cross.memory_kv(memory)                       # (B, nh, S, hs) each
-            layers.append({**{name: memory.new_zeros(shape) for name in
+            layers.append({**{name: memory.new_empty(shape) for name in
                               ("k", "v", "k_spare", "v_spare")},
-                           "memory_kv": (k.repeat_interleave(repeat, 0),
-                                         v.repeat_interleave(repeat, 0)),
-                           "memory_bias": bias})
-        return {"layers": layers, "memory_mask": mask}
+                           "memory_kv": layer.f.cross.memory_kv(memory),   # (B, nh, S, hs) x 2
+                           "memory_bias": bias, "w_in": step_weights(layer.f.self_attn.attn)})
+        return {"layers": layers, "memory_mask": memory_mask, "beams": repeat,
+                "lm_head_t": self.lm_head.weight.t().contiguous()}               # (C, V)
 
     def step(self, token, t, cache):
         """Logits (B, V) of the token after position t, given token (B,) at position t and the
@@ -295,7 +314,9 @@ class ReformerEncDec(nn.Module):
         else:
             for layer, layer_cache in zip(self._decoder_layers(), cache["layers"]):
                 x = layer(x, cache=layer_cache, **kw)
-        return self.lm_head(self.ln_f(x))[:, 0]                          # (B, V)
+        # lm_head as h @ W^T with W^T stored (C, V): on a CPU about a fifth faster than
+        # F.linear(h, W) at B = 16..64 rows, and this matmul is the largest of a step.
+        return self.ln_f(x)[:, 0] @ cache["lm_head_t"]                   # (B, V)
 
     @staticmethod
     def reorder_cache(cache, rows, n):
@@ -308,19 +329,23 @@ class ReformerEncDec(nn.Module):
         Copying into place would need a temporary (the source rows overlap the destination), and
         `k[rows]` copies all max_len positions; the spare costs one more buffer of memory. A
         per-row index of parents (no copy, a gather inside attention) would read as much every
-        step and make attention less plain. The cross-attention keys/values of a row are its
-        sentence's, the same for all its beams, so they move only when the row count changes."""
-        shrink = len(rows) != len(cache["memory_mask"])
+        step and make attention less plain. The cross-attention keys/values are kept once per
+        sentence, for all its beams, so they move only when sentences leave: the k rows of each
+        new group continue one sentence, the one of its first row."""
+        k = cache["beams"]
+        shrink = len(rows) != len(cache["memory_mask"]) * k
         if shrink:
-            cache["memory_mask"] = cache["memory_mask"].index_select(0, rows)
-            bias = cache["layers"][0]["memory_bias"].index_select(0, rows)   # shared by layers
+            sentences = rows[::k] // k                                   # (B',)
+            cache["memory_mask"] = cache["memory_mask"].index_select(0, sentences)
+            bias = cache["layers"][0]["memory_bias"].index_select(0, sentences)   # all layers
         for layer in cache["layers"]:
             for name in ("k", "v"):
                 live, spare = layer[name], layer[name + "_spare"][:len(rows)]
                 torch.index_select(live[:, :, :n], 0, rows, out=spare[:, :, :n])
                 layer[name], layer[name + "_spare"] = spare, live
             if shrink:
-                layer["memory_kv"] = tuple(m.index_select(0, rows) for m in layer["memory_kv"])
+                layer["memory_kv"] = tuple(m.index_select(0, sentences)
+                                           for m in layer["memory_kv"])
                 layer["memory_bias"] = bias
 
     def set_attention(self, attn=None, n_hashes=None):
@@ -367,7 +392,7 @@ def _next_token_logp(model, tokens, t, memory, memory_mask, cache, min_len=0):
         logits = model.lm_head(model.decode(tokens, memory, memory_mask)[:, -1])
     logp = F.log_softmax(logits.float(), dim=-1)
     banned = [PAD, BOS, EOS] if t < min_len else [PAD, BOS]
-    return logp.index_fill(1, torch.tensor(banned, device=logp.device), -math.inf)
+    return logp.index_fill_(1, torch.tensor(banned, device=logp.device), -math.inf)
 
 
 def _strip(ids):
