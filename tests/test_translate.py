@@ -6,7 +6,6 @@ otherwise, and the file used printed.
     python -m pytest tests/test_translate.py -q        (a few seconds)
 """
 import json
-import os
 
 import pytest
 import sacrebleu
@@ -92,9 +91,11 @@ def test_min_len_reaches_every_hypothesis(beam_size):
     tok = td.TranslationByteTokenizer()
     examples, _ = td.encode_pairs(list(zip(HYPS, REFS)), tok, 64)
     model = tiny_model(tok.vocab_size).eval()
-    eos_first = lambda module, inputs, logits: logits.index_add(   # EOS is the argmax everywhere
-        -1, torch.tensor([EOS]), torch.full((*logits.shape[:-1], 1), 100.0))
-    model.lm_head.register_forward_hook(eos_first)
+    with torch.no_grad():   # EOS is the argmax everywhere: the final LayerNorm outputs its
+        model.ln_f.weight.zero_()          # bias (ones), and only EOS's output row is not zero
+        model.ln_f.bias.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[EOS] = 1.0
     for min_len in (0, 7):
         hyps = translate.translate_examples(model, examples, beam_size=beam_size,
                                             min_len=min_len)
@@ -145,14 +146,6 @@ def test_missing_or_wrong_checkpoint(tmp_path):
     torch.save({"model_args": {}, "model": {}}, tmp_path / "ckpt.pt")
     with pytest.raises(ValueError, match="not a checkpoint of a translation corpus"):
         translate.load(str(tmp_path))
-
-
-def test_decoding_speed_runs_and_cache_agrees(tmp_path):
-    rows = translate.decoding_speed(["--layers=1", "--d_model=16", "--vocab_size=50",
-                                     "--batch=2", "--src_len=5", "--tgt_len=6",
-                                     f"--out={tmp_path}"])
-    assert [r["tokens"] for r in rows] == [12, 12, 12]     # EOS never wins: every row runs to L
-    assert os.path.exists(tmp_path / "decode.json")
 
 
 def test_exact_match_counts_whole_sequences(monkeypatch):

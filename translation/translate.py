@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from translation.encdec import EOS, ReformerEncDec, beam_search, greedy_decode
+from translation.encdec import ReformerEncDec, beam_search, greedy_decode
 from translation.translation_data import (LOSSY_WARNING, collate, encode_pairs, encode_splits,
                                           length_batches, load_parallel, tokenizer_from_state)
 
@@ -182,59 +182,6 @@ def print_scores(result):
           f"{100 * result['teacher_forced_token_accuracy']:.2f}%")
     print(f"{result['n_sentences']:,} sentences, beam {result['beam_size']}, alpha "
           f"{result['alpha']}, decoded in {result['decode_seconds']:.1f} s")
-
-
-# -----------------------------------------------------------------------------------------------
-# Decoding speed (bench.py decode): sentences/s and tokens/s, cache versus recompute
-# -----------------------------------------------------------------------------------------------
-
-def decoding_speed(argv=None):
-    """`python bench.py decode`: time greedy decoding with and without the key/value cache, and
-    beam search, on a random model of the given size, B sentences of S source tokens, L target
-    tokens each (the EOS output row is zeroed so every hypothesis runs to L)."""
-    from translation.encdec import EncDecConfig
-    p = argparse.ArgumentParser(prog="bench.py decode", description=decoding_speed.__doc__)
-    p.add_argument("--layers", type=int, default=3, help="encoder and decoder layers each")
-    p.add_argument("--d_model", type=int, default=256)
-    p.add_argument("--vocab_size", type=int, default=8000)
-    p.add_argument("--batch", type=int, default=16, help="sentences per batch B")
-    p.add_argument("--src_len", type=int, default=32)
-    p.add_argument("--tgt_len", type=int, default=48, help="target tokens decoded L")
-    p.add_argument("--beam_size", type=int, default=4)
-    p.add_argument("--reversible", type=int, default=1)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="experiments/bench_results")
-    a = p.parse_args(argv)
-    torch.manual_seed(0)
-    cfg = EncDecConfig(vocab_size=a.vocab_size, n_layers=a.layers, n_dec_layers=a.layers,
-                       d_model=a.d_model, n_heads=max(1, a.d_model // 64), d_ff=4 * a.d_model,
-                       reversible=bool(a.reversible), tie_weights=False, dropout=0.0)
-    model = ReformerEncDec(cfg).to(a.device).eval()
-    with torch.no_grad():
-        model.lm_head.weight[EOS] = 0.0
-    src = torch.randint(3, a.vocab_size, (a.batch, a.src_len), device=a.device)
-    rows = []
-    for name, fn in [("greedy, cache", lambda: greedy_decode(model, src, a.tgt_len)),
-                     ("greedy, recompute", lambda: greedy_decode(model, src, a.tgt_len,
-                                                                 use_cache=False)),
-                     (f"beam {a.beam_size}, cache", lambda: beam_search(
-                         model, src, a.beam_size, 0.6, a.tgt_len))]:
-        fn()                                                   # warm-up
-        t0 = time.perf_counter()
-        hyps = fn()
-        dt = time.perf_counter() - t0
-        tokens = sum(len(h) for h in hyps)
-        rows.append({"decoder": name, "seconds": dt, "sentences_per_s": len(hyps) / dt,
-                     "tokens_per_s": tokens / dt, "tokens": tokens})
-        print(f"{name:22s} {dt:7.3f} s  {len(hyps) / dt:8.1f} sentences/s  "
-              f"{tokens / dt:9.1f} tokens/s")
-    speedup = rows[1]["seconds"] / rows[0]["seconds"]
-    print(f"cache speed-up over recompute at L={a.tgt_len}: {speedup:.1f}x")
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "decode.json"), "w") as f:
-        json.dump({"args": vars(a), "rows": rows, "cache_speedup": speedup,
-                   "torch": torch.__version__, "threads": torch.get_num_threads()}, f, indent=1)
-    return rows
 
 
 # -----------------------------------------------------------------------------------------------
