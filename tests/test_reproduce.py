@@ -366,3 +366,22 @@ def test_hashes_suspects_are_named_by_their_paired_intervals():
     r = lm_result('hashes', {'LSH-4': [2.30, 2.32, 2.34], 'LSH-4, dedup': [2.31, 2.33, 2.34]})
     assert report.suspects_sentence(r).endswith(
         'No fix lowers bpc with its whole interval below zero.')
+
+
+def test_decode_table_is_generated_from_decode_json(tmp_path):
+    rows = [{'impl': impl, 'length': 64, 'batch': 16, 'cpu_seconds': s, 'seconds': 2 * s,
+             'cpu_tokens_per_s': 1024 / s, 'tokens_per_s': 512 / s}
+            for impl, s in (('ours, greedy', 1.0), ('ours, greedy, recompute', 8.0),
+                            ('ours, beam 4', 2.0), ('marian, greedy', 1.5),
+                            ('marian, beam 4', 3.0))]
+    json.dump({'argv': ['decode'], 'date': '2026-01-01T00', 'code': 'abc', 'device': 'CPU',
+               'load_at_start': [1.0, 1, 1], 'n_layers': 3, 'd_model': 256, 'vocab_size': 8000,
+               'd_ff': 1024, 'src_len': 32, 'rows': rows}, open(tmp_path / 'decode.json', 'w'))
+    (tmp_path / 'translation').mkdir()
+    readme = tmp_path / 'translation' / 'README.md'
+    readme.write_text(f'before\n{report.DECODE_START}\nold\n{report.DECODE_END}\nafter\n')
+    report.write_decode_table(str(readme), str(tmp_path))
+    text = readme.read_text()
+    assert 'old' not in text and text.startswith('before\n') and text.endswith('after\n')
+    assert '| ours, greedy | 1.00 | 1,024 | 512 |' in text
+    assert '1.50x greedy, 1.50x with beam 4' in text and 'prefix: 8.00x' in text
