@@ -184,9 +184,9 @@ def test_gap_runs_save_each_run_resume_and_tabulate(tmp_path, capsys):
     assert runs["transformer"] == first["transformer"] and not runs["transformer_no_qkv_bias"][
         "qkv_bias"]
     assert "in " in capsys.readouterr().out
-    ct.main([f"--gap_out={out}", "--gap_table"])
+    ct.main([f"--gap_out={out}", "--gap_table", f"--plot={tmp_path / 'gap.png'}"])
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 2 + 3 and table[2].startswith("| `transformer` |")
-    assert "+0.000 | +0.000" in table[2]
+    assert "+0.000 | +0.000" in table[2] and (tmp_path / "gap.png").stat().st_size > 0
     with pytest.raises(ValueError, match="'nope' is not one of"):
         ct.main(gap + ["--runs=nope"])

@@ -23,7 +23,8 @@ Why ours learned less per step (docs/translation_gap.md): one factor at a time, 
 for the same number of steps on the same batches, its curve saved as it finishes (resumable):
 
     OMP_NUM_THREADS=1 python -m translation.compare_translation --gap --steps=500 ...
-    python -m translation.compare_translation --gap_table      # the Markdown table of the runs
+    python -m translation.compare_translation --gap_table \
+        --plot=experiments/results/translation_gap.png          # the Markdown table, the curves
 
 Shape legend: B batch, S source length, T target length, C d_model, V vocab_size.
 """
@@ -408,7 +409,8 @@ def parse_args(argv=None):
     p.add_argument("--print_interval", type=int, default=50, help="steps per printed line")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="experiments/results/translation.json")
-    p.add_argument("--plot", default="", help="also draw the curves of --out here (.png)")
+    p.add_argument("--plot", default="", help=(
+        "also draw the curves of --out (with --gap_table: of --gap_out) into this .png"))
     p.add_argument("--gap", action="store_true", help=(
         "instead: the runs of --runs, --steps each, into --gap_out (docs/translation_gap.md)"))
     p.add_argument("--steps", type=int, default=500, help="--gap: training steps per run")
@@ -425,7 +427,10 @@ def parse_args(argv=None):
 def main(argv=None):
     a = parse_args(argv)
     if a.gap_table:
-        print(gap_table(json.load(open(a.gap_out))))
+        runs = json.load(open(a.gap_out))
+        print(gap_table(runs))
+        if a.plot:                 # each point the mean of 25 steps
+            plot_curves({k: r["log"] for k, r in runs["runs"].items()}, a.plot, ("step",), 25)
         return None
     splits, name = load_parallel("parallel", a.data_dir, a.data_path, a.heldout, a.seed)
     tok = build_tokenizer("sentencepiece", splits["train"], a.data_dir, name, a.vocab_size)
