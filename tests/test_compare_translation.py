@@ -145,7 +145,7 @@ def corpus(tmp_path):
             "--layers=1", "--d_model=16", "--n_heads=2", "--d_ff=32", "--max_tokens=200"]
 
 
-def test_side_by_side_run_writes_three_rows_and_both_curves(tmp_path):
+def test_side_by_side_run_writes_three_rows_and_both_curves(tmp_path, capsys):
     out = tmp_path / "r.json"
     results = ct.main(corpus(tmp_path) + ["--budget_s=0.5", "--beam_size=2", "--log_interval=1",
                                           f"--out={out}", f"--plot={tmp_path / 'r.png'}"])
@@ -161,6 +161,10 @@ def test_side_by_side_run_writes_three_rows_and_both_curves(tmp_path):
         assert set(saved["equal"][key]) == {"at", *rows}
         assert all(len(saved["equal"][key][k]) == 10 for k in rows)
     assert (tmp_path / "r.png").stat().st_size > 0
+    ct.main([f"--out={out}", "--table"])
+    table = capsys.readouterr().out.split("| step |")[-1].splitlines()
+    assert table[0] == " `reformer` | `reformer_not_reversible` | `transformer` |"
+    assert len(table) == 2 + 10 + 1 + 2 + 10 and table[-12].startswith("| seconds |")
 
 
 def test_rows_build_the_reversible_stack_only_for_the_first():
@@ -184,7 +188,7 @@ def test_gap_runs_save_each_run_resume_and_tabulate(tmp_path, capsys):
     assert runs["transformer"] == first["transformer"] and not runs["transformer_no_qkv_bias"][
         "qkv_bias"]
     assert "in " in capsys.readouterr().out
-    ct.main([f"--gap_out={out}", "--gap_table", f"--plot={tmp_path / 'gap.png'}"])
+    ct.main([f"--gap_out={out}", "--gap", "--table", f"--plot={tmp_path / 'gap.png'}"])
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 2 + 3 and table[2].startswith("| `transformer` |")
     assert "+0.000 | +0.000" in table[2] and (tmp_path / "gap.png").stat().st_size > 0

@@ -23,7 +23,7 @@ Why ours learned less per step (docs/translation_gap.md): one factor at a time, 
 for the same number of steps on the same batches, its curve saved as it finishes (resumable):
 
     OMP_NUM_THREADS=1 python -m translation.compare_translation --gap --steps=500 ...
-    python -m translation.compare_translation --gap_table \
+    python -m translation.compare_translation --gap --table \
         --plot=experiments/results/translation_gap.png          # the Markdown table, the curves
 
 Shape legend: B batch, S source length, T target length, C d_model, V vocab_size.
@@ -257,7 +257,8 @@ def equal_axes(logs, n_points=10):
     out = {}
     for key in ("step", "seconds"):
         end = min(log[-1][key] for log in logs.values())
-        at = [round(end * (i + 1) / n_points, 2) for i in range(n_points)]
+        at = [round(end * (i + 1) / n_points, 1 if key == "seconds" else None)
+              for i in range(n_points)]
         out[key] = {"at": at, **{k: [loss_at(log, key, x) for x in at]
                                  for k, log in logs.items()}}
     return out
@@ -290,6 +291,21 @@ def plot_curves(logs, path, keys=("step", "seconds"), smooth=1):
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=7)
     return plot.save(fig, path)
+
+
+def equal_table(results):
+    """The Markdown tables of a side-by-side results file: every row's training loss (the mean
+    of the log interval ending there) at equal steps, then at equal training seconds."""
+    names = list(results["models"])
+    lines = []
+    for key, unit in (("step", "step"), ("seconds", "seconds")):
+        eq = results["equal"][key]
+        lines += ["", f"| {unit} | " + " | ".join(f"`{k}`" for k in names) + " |",
+                  "|---|" + "---|" * len(names)]
+        for i, x in enumerate(eq["at"]):
+            cells = ["-" if eq[k][i] is None else f"{eq[k][i]:.3f}" for k in names]
+            lines.append(f"| {x:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines[1:])
 
 
 # -----------------------------------------------------------------------------------------------
@@ -410,14 +426,14 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="experiments/results/translation.json")
     p.add_argument("--plot", default="", help=(
-        "also draw the curves of --out (with --gap_table: of --gap_out) into this .png"))
+        "draw the training curves of --out (with --gap: of --gap_out) into this .png"))
     p.add_argument("--gap", action="store_true", help=(
         "instead: the runs of --runs, --steps each, into --gap_out (docs/translation_gap.md)"))
     p.add_argument("--steps", type=int, default=500, help="--gap: training steps per run")
     p.add_argument("--runs", default=",".join(GAP_RUNS), help="--gap: which runs, in order")
     p.add_argument("--gap_out", default="experiments/results/translation_gap.json")
-    p.add_argument("--gap_table", action="store_true",
-                   help="print the Markdown table of --gap_out and exit")
+    p.add_argument("--table", action="store_true", help=(
+        "print the Markdown table of --out (with --gap: of --gap_out), draw --plot, and exit"))
     a = p.parse_args(argv)
     a.command = " ".join(["python -m translation.compare_translation"]
                          + (sys.argv[1:] if argv is None else argv))
@@ -426,11 +442,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     a = parse_args(argv)
-    if a.gap_table:
-        runs = json.load(open(a.gap_out))
-        print(gap_table(runs))
-        if a.plot:                 # each point the mean of 25 steps
-            plot_curves({k: r["log"] for k, r in runs["runs"].items()}, a.plot, ("step",), 25)
+    if a.table:
+        results = json.load(open(a.gap_out if a.gap else a.out))
+        print(gap_table(results) if a.gap else equal_table(results))
+        if a.plot and a.gap:       # each point the mean of 25 steps
+            plot_curves({k: r["log"] for k, r in results["runs"].items()}, a.plot, ("step",), 25)
+        elif a.plot:
+            plot_curves({k: r["log"] for k, r in results["models"].items()}, a.plot)
         return None
     splits, name = load_parallel("parallel", a.data_dir, a.data_path, a.heldout, a.seed)
     tok = build_tokenizer("sentencepiece", splits["train"], a.data_dir, name, a.vocab_size)
@@ -465,6 +483,7 @@ def main(argv=None):
               f"{r['valid_nll']:.3f}  teacher-forced acc "
               f"{100 * r['teacher_forced_token_accuracy']:.1f}%  ({r['bleu_signature']})")
     write_json(a.out, results)
+    print(equal_table(results))
     if a.plot:
         plot_curves(log, a.plot)
     return results
