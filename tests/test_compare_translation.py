@@ -178,11 +178,11 @@ def test_rows_build_the_reversible_stack_only_for_the_first():
 
 def test_gap_runs_save_each_run_resume_and_tabulate(tmp_path, capsys):
     out = tmp_path / "gap.json"
-    gap = corpus(tmp_path) + ["--gap", "--steps=3", f"--gap_out={out}"]
+    gap = corpus(tmp_path) + ["--gap", "--steps=50", f"--gap_out={out}"]
     ct.main(gap + ["--runs=transformer,ours"])
     first = json.load(open(out))["runs"]
     assert list(first) == ["transformer", "ours"]
-    assert [p["step"] for p in first["ours"]["log"]] == [1, 2, 3]
+    assert [p["step"] for p in first["ours"]["log"]] == list(range(1, 51))
     ct.main(gap + ["--runs=transformer,ours,transformer_no_qkv_bias"])
     runs = json.load(open(out))["runs"]
     assert runs["transformer"] == first["transformer"] and not runs["transformer_no_qkv_bias"][
@@ -191,6 +191,6 @@ def test_gap_runs_save_each_run_resume_and_tabulate(tmp_path, capsys):
     ct.main([f"--gap_out={out}", "--gap", "--table", f"--plot={tmp_path / 'gap.png'}"])
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 2 + 3 and table[2].startswith("| `transformer` |")
-    assert "+0.000 | +0.000" in table[2] and (tmp_path / "gap.png").stat().st_size > 0
+    assert "+0.000 | +0.000 | +0.0 %" in table[2] and (tmp_path / "gap.png").stat().st_size > 0
     with pytest.raises(ValueError, match="'nope' is not one of"):
         ct.main(gap + ["--runs=nope"])

@@ -370,17 +370,27 @@ def gap_runs(a, cfg, data):
     return out
 
 
+def window_means(log, n=50):
+    """The mean training loss of each n consecutive steps of a log with a point every step."""
+    return [sum(p["loss"] for p in log[i:i + n]) / n for i in range(0, len(log) - n + 1, n)]
+
+
 def gap_table(results):
-    """The Markdown table of a --gap results file, one row per run, with each one's train loss
-    (mean of the last 50 steps) and valid NLL beside nn.Transformer's."""
+    """The Markdown table of a --gap results file, one row per run: its train loss (mean of the
+    last 50 steps) and valid NLL, their differences from nn.Transformer's, and the worst 50-step
+    window of the whole curve relative to nn.Transformer's same window."""
     runs = results["runs"]
     ref = runs.get("transformer")
     lines = ["| run | model | change | train loss, last 50 steps | valid NLL | train loss - "
-             "nn.Transformer's | valid NLL - nn.Transformer's | s / step |",
-             "|---|---|---|---|---|---|---|---|"]
+             "nn.Transformer's | valid NLL - nn.Transformer's | worst 50-step window vs "
+             "nn.Transformer's | s / step |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
-        d = (f"{r['train_loss_last50'] - ref['train_loss_last50']:+.3f} | "
-             f"{r['valid_nll'] - ref['valid_nll']:+.3f}") if ref else "- | -"
+        d = "- | - | -"
+        if ref:
+            worst = max((w - v) / v for w, v in zip(window_means(r["log"]),
+                                                    window_means(ref["log"])))
+            d = (f"{r['train_loss_last50'] - ref['train_loss_last50']:+.3f} | "
+                 f"{r['valid_nll'] - ref['valid_nll']:+.3f} | {100 * worst:+.1f} %")
         lines.append(f"| `{name}` | {r['model']} | {r['change']} | "
                      f"{r['train_loss_last50']:.3f} | {r['valid_nll']:.3f} | {d} | "
                      f"{r['train_seconds'] / r['steps']:.2f} |")
