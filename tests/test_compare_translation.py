@@ -183,14 +183,17 @@ def test_gap_runs_save_each_run_resume_and_tabulate(tmp_path, capsys):
     first = json.load(open(out))["runs"]
     assert list(first) == ["transformer", "ours"]
     assert [p["step"] for p in first["ours"]["log"]] == list(range(1, 51))
-    ct.main(gap + ["--runs=transformer,ours,transformer_no_qkv_bias"])
+    ct.main(gap + ["--runs=transformer,ours,transformer_no_qkv_bias,transformer_reseeded"])
     runs = json.load(open(out))["runs"]
     assert runs["transformer"] == first["transformer"] and not runs["transformer_no_qkv_bias"][
         "qkv_bias"]
+    seeded = runs["transformer_reseeded"]
+    assert seeded["seed_offset"] == 1 and seeded["log"][0]["loss"] != first["transformer"][
+        "log"][0]["loss"]
     assert "in " in capsys.readouterr().out
     ct.main([f"--gap_out={out}", "--gap", "--table", f"--plot={tmp_path / 'gap.png'}"])
     table = capsys.readouterr().out.splitlines()
-    assert len(table) == 2 + 3 and table[2].startswith("| `transformer` |")
+    assert len(table) == 2 + 4 and table[2].startswith("| `transformer` |")
     assert "+0.000 | +0.000 | +0.0 %" in table[2] and (tmp_path / "gap.png").stat().st_size > 0
     with pytest.raises(ValueError, match="'nope' is not one of"):
         ct.main(gap + ["--runs=nope"])

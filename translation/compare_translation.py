@@ -36,6 +36,7 @@ import platform
 import sys
 import time
 import warnings
+from collections import namedtuple
 from dataclasses import replace
 
 import torch
@@ -316,25 +317,28 @@ def equal_table(results):
 # from nn.Transformer as built (xavier attention input projections, Q/K/V biases) and changes one
 # thing. Not-reversible ours equals nn.Transformer with the same weights and zero Q/K/V biases
 # (tests/test_compare_translation.py), so what is left to differ is the init, the biases, the
-# reversible layers, and (through its interaction with them) dropout.
-# name: (model, what the run changes, config changes, init, Q/K/V biases)
+# reversible layers, and (through its interaction with them) dropout. transformer_reseeded
+# draws another init and other dropout masks (seed + 1; the same batches): the noise floor.
+GapRun = namedtuple("GapRun", "model change config init qkv_bias seed_offset", defaults=(True, 0))
 GAP_RUNS = {
-    "transformer": ("transformer", "the reference, as built", {}, "each_own", True),
-    "ours_reversible": ("ours", "reversible=True (the default)", {"reversible": True}, "ours",
-                        True),
-    "ours": ("ours", "reversible=False", {}, "ours", True),
-    "ours_xavier_attn": ("ours", "reversible=False, xavier attention init", {}, "xavier_attn",
-                         True),
-    "transformer_init_ours": ("transformer", "N(0, 0.02) attention init", {}, "ours", True),
-    "transformer_no_qkv_bias": ("transformer", "no Q/K/V biases", {}, "each_own", False),
-    "ours_sinusoidal": ("ours", "reversible=False, sinusoids, tokens x sqrt(C)",
-                        {"pos_emb": "sinusoidal"}, "ours", True),
-    "transformer_sinusoidal": ("transformer", "sinusoids, tokens x sqrt(C)",
-                               {"pos_emb": "sinusoidal"}, "each_own", True),
-    "ours_no_dropout": ("ours", "reversible=False, dropout 0", {"dropout": 0.0}, "ours", True),
-    "transformer_no_dropout": ("transformer", "dropout 0", {"dropout": 0.0}, "each_own", True),
-    "ours_reversible_xavier_attn": ("ours", "reversible=True, xavier attention init",
-                                    {"reversible": True}, "xavier_attn", True),
+    "transformer": GapRun("transformer", "the reference, as built", {}, "each_own"),
+    "ours_reversible": GapRun("ours", "reversible=True (the default)", {"reversible": True},
+                              "ours"),
+    "ours": GapRun("ours", "reversible=False", {}, "ours"),
+    "ours_xavier_attn": GapRun("ours", "reversible=False, xavier attention init", {},
+                               "xavier_attn"),
+    "transformer_init_ours": GapRun("transformer", "N(0, 0.02) attention init", {}, "ours"),
+    "transformer_no_qkv_bias": GapRun("transformer", "no Q/K/V biases", {}, "each_own", False),
+    "ours_sinusoidal": GapRun("ours", "reversible=False, sinusoids, tokens x sqrt(C)",
+                              {"pos_emb": "sinusoidal"}, "ours"),
+    "transformer_sinusoidal": GapRun("transformer", "sinusoids, tokens x sqrt(C)",
+                                     {"pos_emb": "sinusoidal"}, "each_own"),
+    "ours_no_dropout": GapRun("ours", "reversible=False, dropout 0", {"dropout": 0.0}, "ours"),
+    "transformer_no_dropout": GapRun("transformer", "dropout 0", {"dropout": 0.0}, "each_own"),
+    "ours_reversible_xavier_attn": GapRun("ours", "reversible=True, xavier attention init",
+                                          {"reversible": True}, "xavier_attn"),
+    "transformer_reseeded": GapRun("transformer", "the reference, init and dropout seed + 1", {},
+                                   "each_own", seed_offset=1),
 }
 
 
@@ -354,11 +358,13 @@ def gap_runs(a, cfg, data):
         if name in out["runs"]:
             print(f"{name}: in {a.gap_out} already")
             continue
-        kind, change, cfg_change, init, qkv_bias = GAP_RUNS[name]
-        model = build_model(kind, replace(cfg, **cfg_change), init, a.seed, qkv_bias)
+        r = GAP_RUNS[name]
+        model = build_model(r.model, replace(cfg, **r.config), r.init, a.seed + r.seed_offset,
+                            r.qkv_bias)
         steps, used, log = train_side_by_side({name: model}, data["train"], a, a.steps)
-        run = {"model": kind, "change": change, "config_change": cfg_change, "init": init,
-               "qkv_bias": qkv_bias, "params": model.num_params(), "steps": steps[name],
+        run = {"model": r.model, "change": r.change, "config_change": r.config, "init": r.init,
+               "qkv_bias": r.qkv_bias, "seed_offset": r.seed_offset,
+               "params": model.num_params(), "steps": steps[name],
                "train_seconds": used[name], "train_loss_last50": last_mean(log[name]),
                **heldout_loss(model, data["valid"], a.max_tokens), "log": log[name]}
         out["runs"][name] = run
