@@ -317,8 +317,9 @@ def equal_table(results):
 # from nn.Transformer as built (xavier attention input projections, Q/K/V biases) and changes one
 # thing. Not-reversible ours equals nn.Transformer with the same weights and zero Q/K/V biases
 # (tests/test_compare_translation.py), so what is left to differ is the init, the biases, the
-# reversible layers, and (through its interaction with them) dropout. transformer_reseeded
-# draws another init and other dropout masks (seed + 1; the same batches): the noise floor.
+# reversible layers, and (through its interaction with them) dropout. The *_reseeded runs draw
+# another init and other dropout masks (seed + 1; the same batches): the noise floor, and a
+# second sample of the main comparison.
 GapRun = namedtuple("GapRun", "model change config init qkv_bias seed_offset", defaults=(True, 0))
 GAP_RUNS = {
     "transformer": GapRun("transformer", "the reference, as built", {}, "each_own"),
@@ -339,6 +340,11 @@ GAP_RUNS = {
                                           {"reversible": True}, "xavier_attn"),
     "transformer_reseeded": GapRun("transformer", "the reference, init and dropout seed + 1", {},
                                    "each_own", seed_offset=1),
+    "ours_reseeded": GapRun("ours", "reversible=False, init and dropout seed + 1", {}, "ours",
+                            seed_offset=1),
+    "ours_xavier_attn_reseeded": GapRun("ours", "reversible=False, xavier attention init, "
+                                        "init and dropout seed + 1", {}, "xavier_attn",
+                                        seed_offset=1),
 }
 
 
