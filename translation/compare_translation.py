@@ -225,7 +225,7 @@ def train_side_by_side(models, data, a, max_steps=None):
         k = min(live, key=lambda name: used[name])
         model, opt = models[k], opts[k]
         t0 = time.perf_counter()
-        src, tgt_in, targets = streams[k].batch(a.max_tokens // a.max_seq_len)
+        src, tgt_in, targets = streams[k].batch(a.max_tokens)
         for group in opt.param_groups:
             group["lr"] = lr_at(steps[k] + 1, a.lr, a.warmup)
         loss = model(src, tgt_in, targets)[1]
