@@ -113,7 +113,8 @@ def stds(model):
 
 
 @pytest.mark.parametrize("init, want_ours, want_theirs", [
-    ("ours", 0.02, 0.02), ("xavier_attn", 64 ** -0.5, 64 ** -0.5), ("each_own", 0.02, 64 ** -0.5)])
+    ("ours", 0.02, 0.02), ("xavier_attn", 64 ** -0.5, 64 ** -0.5),
+    ("each_own", 64 ** -0.5, 64 ** -0.5)])   # as built: ours by attn_init, xavier by default
 def test_init_gives_both_models_the_same_std_per_kind(init, want_ours, want_theirs):
     cfg = EncDecConfig(**{**CFG, "d_model": 32, "d_ff": 64, "vocab_size": 200})  # sqrt(1/2C)
     ours = stds(ct.build_model("ours", cfg, init, 0))

@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import maybe_ordinary
 
+import translation.encdec as encdec
 from translation.encdec import (BOS, EOS, PAD, EncDecConfig, ReformerEncDec, _strip, beam_search,
                                 greedy_decode, length_penalty)
 
@@ -26,7 +27,8 @@ def make_model(seed=0, std=0.3, eos_gain=1.0, **kw):
     """A tiny model with large random weights; eos_gain > 1 (untied weights only) scales the
     EOS output row, so that decoding stops at varied lengths."""
     cfg = dict(vocab_size=V, max_seq_len=32, n_layers=2, n_dec_layers=2, d_model=16,
-               n_heads=2, d_ff=32, dropout=0.0, bucket_size=4, n_hashes=2, label_smoothing=0.1)
+               n_heads=2, d_ff=32, dropout=0.0, bucket_size=4, n_hashes=2, label_smoothing=0.1,
+               attn_init="normal")   # the draws below: the random stream these tests chose
     cfg.update(kw)
     torch.manual_seed(seed)
     model = ReformerEncDec(EncDecConfig(**cfg))
@@ -374,3 +376,23 @@ def test_cross_attention_takes_attn_dropout():
     crosses = [m for m in model.modules() if type(m).__name__ == "CrossAttention"]
     assert crosses and all(c.dropout == 0.25 for c in crosses)
     assert make_model(dropout=0.1).decoder.blocks[0].f.cross.dropout == 0.1
+
+
+def test_attention_input_projections_start_as_nn_multiheadattention_draws_them():
+    """attn_init='xavier' (the default): U(-a, a), a = sqrt(6 / 4C), for the self-attentions'
+    q, k, v and the cross-attention's q, kv; 'normal': N(0, 0.02) as every other weight."""
+    C = 64
+    cfg = dict(vocab_size=50, n_layers=2, n_dec_layers=2, d_model=C, n_heads=4, d_ff=64)
+    torch.manual_seed(0)
+    xavier = ReformerEncDec(EncDecConfig(**cfg))
+    normal = ReformerEncDec(EncDecConfig(**cfg, attn_init="normal"))
+    ws = list(encdec.attention_in_projections(xavier))
+    assert len(ws) == 2 * 3 + 2 * 3 + 2 * 2   # encoder and decoder q, k, v; cross q, kv
+    a = math.sqrt(6 / (4 * C))
+    for w in ws:
+        assert float(w.abs().max()) <= a and float(w.std()) == pytest.approx(a / 3 ** 0.5, rel=0.1)
+    for w in encdec.attention_in_projections(normal):
+        assert float(w.std()) == pytest.approx(0.02, rel=0.1)
+    assert float(xavier.lm_head.weight.std()) == pytest.approx(0.02, rel=0.1)   # the rest
+    with pytest.raises(ValueError, match="attn_init='uniform' is not one of"):
+        EncDecConfig(**cfg, attn_init="uniform")

@@ -43,9 +43,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lsh_attention import LSHSelfAttention
 from model import ReformerLM, logits_and_loss, positional_embedding
-from translation.encdec import CrossAttention, EncDecConfig, ReformerEncDec, token_scale
+from translation.encdec import EncDecConfig, ReformerEncDec, token_scale
+from translation.encdec import attention_in_projections as encdec_attention_in_projections
 from translation.translate import evaluate
 from translation.translation_data import (ParallelStream, _write_text, build_tokenizer, collate,
                                           encode_splits, length_batches, load_parallel)
@@ -120,16 +120,12 @@ INITS = ("ours", "xavier_attn", "each_own")
 
 
 def attention_in_projections(model):
-    """The weight matrices that make queries, keys and values, in either model: ours's qk, k, v
-    (LSHSelfAttention) and q, kv (CrossAttention); nn.MultiheadAttention's in_proj_weight (3C, C).
-    Output projections are not among them: both models have them as plain nn.Linear."""
+    """The weight matrices that make queries, keys and values, in either model: ours's
+    (encdec.attention_in_projections) and nn.MultiheadAttention's in_proj_weight (3C, C)."""
+    yield from encdec_attention_in_projections(model)
     for m in model.modules():
         if isinstance(m, nn.MultiheadAttention):
             yield m.in_proj_weight
-        elif isinstance(m, LSHSelfAttention):
-            yield from (lin.weight for lin in (m.qk, m.k, m.v) if lin is not None)
-        elif isinstance(m, CrossAttention):
-            yield from (m.q.weight, m.kv.weight)
 
 
 def initialise(model, init):
@@ -139,8 +135,8 @@ def initialise(model, init):
         xavier_attn  the same, except the attention input projections: U(-a, a) with
                      a = sqrt(6 / (C + 3C)), nn.MultiheadAttention's xavier init of its packed
                      (3C, C) in_proj_weight (std sqrt(1 / 2C): 0.063 at C = 128)
-        each_own     each model as built: ours all N(0, 0.02), nn.Transformer's in_proj_weight
-                     xavier (the comparison before this flag existed)
+        each_own     each model as built: ours by its config's attn_init (xavier by default),
+                     nn.Transformer's in_proj_weight xavier, its other layers PyTorch's defaults
 
     Q/K/V biases (nn.MultiheadAttention's in_proj_bias; ours has none) start at 0 in all three."""
     if init not in INITS:

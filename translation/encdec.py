@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lsh_attention import MASKED_LOGIT, SELF_LOGIT
+from lsh_attention import MASKED_LOGIT, SELF_LOGIT, LSHSelfAttention
 from model import (AttentionSublayer, FeedForwardSublayer, ModelConfig, ReformerLM, build_stack,
                    check_token_ids, logits_and_loss, model_from_checkpoint, positional_embedding,
                    run_layers, switch_attention, token_scale)
@@ -59,6 +59,9 @@ def _default(name, value, help=None):
     """ModelConfig's field `name` with the translation model's default (and its help text)."""
     return field(default=value, metadata={"help": help or ModelConfig.__dataclass_fields__[name]
                                           .metadata["help"]})
+
+
+ATTN_INITS = ("xavier", "normal")
 
 
 @dataclass
@@ -82,6 +85,10 @@ class EncDecConfig(ModelConfig):
     n_dec_layers: int = field(default=3, metadata={"help": "decoder layers (paper Table 4: 6)"})
     label_smoothing: float = field(default=0.1, metadata={"help": (
         "label smoothing of the training loss (Vaswani et al.: 0.1)")})
+    attn_init: str = field(default="xavier", metadata={"help": (
+        "the attention input projections (queries, keys, values): xavier, U(-a, a) with "
+        "a = sqrt(6 / 4C) as nn.MultiheadAttention draws its packed (3C, C) matrix, or normal, "
+        "N(0, 0.02) as every other weight (docs/translation_gap.md: normal learns less per step)")})
 
     def validate(self):
         """ModelConfig's checks for the encoder, then the decoder's."""
@@ -94,6 +101,8 @@ class EncDecConfig(ModelConfig):
         if self.vocab_size <= EOS:
             raise ValueError(f"vocab_size={self.vocab_size} must exceed the reserved ids "
                              f"PAD={PAD}, BOS={BOS}, EOS={EOS}")
+        if self.attn_init not in ATTN_INITS:
+            raise ValueError(f"attn_init={self.attn_init!r} is not one of {ATTN_INITS}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
 
@@ -222,6 +231,28 @@ class DecoderAttentionSublayer(nn.Module):
 # The model
 # -----------------------------------------------------------------------------------------------
 
+def attention_in_projections(model):
+    """The weight matrices that make queries, keys and values: LSHSelfAttention's qk, k, v and
+    CrossAttention's q, kv (not the output projections)."""
+    for m in model.modules():
+        if isinstance(m, LSHSelfAttention):
+            yield from (lin.weight for lin in (m.qk, m.k, m.v) if lin is not None)
+        elif isinstance(m, CrossAttention):
+            yield from (m.q.weight, m.kv.weight)
+
+
+def xavier_attention_init_(model):
+    """U(-a, a), a = sqrt(6 / (C + 3C)), for the attention input projections: the draw of
+    nn.MultiheadAttention's packed (3C, C) in_proj_weight, std sqrt(1 / 2C) (0.044 at C = 256).
+    With N(0, 0.02) a query's initial logits have std about 0.02^2 C (0.1 at C = 256), so every
+    query starts attending almost uniformly and the model learns less per step."""
+    a = math.sqrt(6 / (4 * model.config.d_model))
+    with torch.no_grad():
+        for w in attention_in_projections(model):
+            w.uniform_(-a, a)
+    return model
+
+
 class ReformerEncDec(nn.Module):
 
     def __init__(self, config):
@@ -241,6 +272,8 @@ class ReformerEncDec(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(ReformerLM._init_weights)
+        if cfg.attn_init == "xavier":
+            xavier_attention_init_(self)
         if cfg.tie_weights:
             self.lm_head.weight = self.tgt_emb.weight   # one (V, C) matrix, in and out
 
