@@ -314,6 +314,11 @@ def test_paired_verdicts_give_the_interval_and_follow_the_rule():
         'not settled: 6 of 6 runs still learning at the end, falling 0.050-0.050 bpc over the '
         'last 20 % of steps')
     assert verdict([2.005, 2.105, 2.205], last_drop=0.02)[1] == 'holds'
+    # a pair is two runs of one recipe: a seed whose runs differ in max_steps is left out
+    r = lm_result('reversible', {'ordinary': [2.0, 2.1, 2.2], 'reversible': [2.1, 2.2, 2.25]})
+    r['runs'][0]['config'] = dict(r['runs'][0]['config'], max_steps='2400')   # ordinary seed 0
+    p = report.paired_difference(r, 'ordinary', 'reversible')
+    assert p['seeds'] == [1, 2] and p['diffs'] == pytest.approx([0.1, 0.05])
 
 
 def table2_result(acc):
@@ -340,9 +345,12 @@ def test_table2_collapse_under_the_authors_attention_and_which_convention():
     assert 'the model trained with full_dot: 99.0 %' in ours   # not 'full' (at chance here)
     text = report.conventions_sentence(r)
     assert 'Alone, full_self brings every LSH-trained model to chance.' in text
-    assert "This is a finding about the paper's 0.8 %" in text     # full (self masked) too
-    r['runs'][0]['evals']['full_self'] = {'accuracy': high}
-    assert "finding" not in report.conventions_sentence(r)
+    assert ('Of the three alone, full_self does the most: the LSH-trained models average '
+            '5.0 %') in text
+    assert "This accounts for the paper's 0.8 %" in text
+    r['runs'][1]['evals']['full_dot'] = {'accuracy': 0.5}    # the full_dot-trained model fails
+    assert "accounts for" not in report.conventions_sentence(r)
+    r['runs'][1]['evals']['full_dot'] = {'accuracy': 0.99}
     r['runs'][1]['evals']['full_dot'] = {'accuracy': low}   # the full_dot-trained one falls too
     assert report.table2_verdict(r, 'full_dot')[3] == (
         'holds, but the model trained with full_dot falls too')
