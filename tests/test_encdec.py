@@ -390,6 +390,7 @@ def test_attention_input_projections_start_as_nn_multiheadattention_draws_them()
     assert len(ws) == 2 * 3 + 2 * 3 + 2 * 2   # encoder and decoder q, k, v; cross q, kv
     a = math.sqrt(6 / (4 * C))
     for w in ws:
+        w = w.detach()
         assert float(w.abs().max()) <= a and float(w.std()) == pytest.approx(a / 3 ** 0.5, rel=0.1)
     for w in encdec.attention_in_projections(normal):
         assert float(w.std()) == pytest.approx(0.02, rel=0.1)
