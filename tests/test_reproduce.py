@@ -291,7 +291,7 @@ def test_rerun_with_other_steps_changes_the_numbers_in_the_generated_text(tiny, 
         assert f"full, shared QK {bpc} bpc" in readme.read_text()
         texts.append((bpc, full, readme.read_text()))
     (bpc1, full1, readme1), (bpc6, full6, readme6) = texts
-    assert bpc1 != bpc6 and bpc1 not in readme6 and f"| full, shared QK | 1 |" not in full6
+    assert bpc1 != bpc6 and bpc1 not in readme6 and "| full, shared QK | 1 |" not in full6
 
 
 def test_paired_verdicts_give_the_interval_and_follow_the_rule():
