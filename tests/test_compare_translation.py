@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import experiments.report as report
 import translation.compare_translation as ct
 from reversible import ReversibleSequence
 from translation.encdec import BOS, EncDecConfig, ReformerEncDec, beam_search, greedy_decode
@@ -147,8 +148,9 @@ def corpus(tmp_path):
 
 
 def test_side_by_side_run_writes_three_rows_and_both_curves(tmp_path, capsys):
-    out = tmp_path / "r.json"
+    out = tmp_path / "translation.json"
     results = ct.main(corpus(tmp_path) + ["--budget_s=0.5", "--beam_size=2", "--log_interval=1",
+                                          "--curve_points=2", "--curve_sentences=3",
                                           f"--out={out}", f"--plot={tmp_path / 'r.png'}"])
     saved = json.load(open(out))
     rows = ["reformer", "reformer_not_reversible", "transformer"]
@@ -158,6 +160,10 @@ def test_side_by_side_run_writes_three_rows_and_both_curves(tmp_path, capsys):
         assert r["steps"] >= 1 and r["train_seconds"] >= 0.5 and 0 <= r["bleu"] <= 100
         assert r["n_sentences"] == 5 and r["log"][0]["step"] == 1 and r["log"][0]["seconds"] > 0
         assert r["valid_nll"] < r["valid_loss"] or r["valid_nll"] > 0
+        # BLEU against minutes: a snapshot at half the budget, then the final weights
+        (half, end) = r["bleu_curve"]
+        assert 0.25 <= half["seconds"] < end["seconds"] == round(r["train_seconds"], 1)
+        assert half["step"] < end["step"] == r["steps"] and 0 <= half["bleu"] <= 100
     for key in ("step", "seconds"):       # the losses at equal steps and at equal time
         assert set(saved["equal"][key]) == {"at", *rows}
         assert all(len(saved["equal"][key][k]) == 10 for k in rows)
@@ -166,6 +172,42 @@ def test_side_by_side_run_writes_three_rows_and_both_curves(tmp_path, capsys):
     table = capsys.readouterr().out.split("| step |")[-1].splitlines()
     assert table[0] == " `reformer` | `reformer_not_reversible` | `transformer` |"
     assert len(table) == 2 + 10 + 1 + 2 + 10 and table[-12].startswith("| seconds |")
+    # the README block experiments.report generates from it
+    block = report.translation_block(str(tmp_path), "results")
+    for k, name in report.TRANSLATION_NAMES.items():
+        x = saved["models"][k]
+        assert f"| {name} | {x['params'] / 1e6:.2f}M | {x['steps']:,} |" in block
+        assert block.count(f"| {name} |") == 3   # its scores, its BLEU by minute, its translations
+    assert "ours reversible at or above `nn.Transformer` in sacreBLEU and chrF: **" in block
+    assert "| source |" in block and "of all 3)" in block
+
+
+def test_bleu_curve_scores_each_snapshot_and_puts_the_weights_back(tmp_path):
+    torch.manual_seed(0)
+    model = ReformerEncDec(EncDecConfig(**CFG)).eval()
+    pairs = [("ab", "ba"), ("abc", "cba")]
+
+    class Bytes:                     # a tokenizer of single characters, enough for evaluate
+        vocab_size = CFG["vocab_size"]
+        encode = staticmethod(lambda text: [3 + ord(c) - ord("a") for c in text])
+        decode = staticmethod(lambda ids: "".join(chr(ord("a") + i - 3) for i in ids if i >= 3))
+        encode_many = classmethod(lambda cls, texts: [cls.encode(t) for t in texts])
+
+    tok = Bytes()
+    first = {n: t.clone() for n, t in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    final = {n: t.clone() for n, t in model.state_dict().items()}
+    a = ct.parse_args(["--beam_size=2"])
+    curve = ct.bleu_curve(model, tok, pairs, [(3, 1.25, first)], a)
+    assert all(torch.equal(final[n], t) for n, t in model.state_dict().items())
+    model.load_state_dict(first)
+    want = ct.evaluate(model, tok, pairs, 2, a.alpha)
+    model.load_state_dict(final)
+    other = ct.evaluate(model, tok, pairs, 2, a.alpha)
+    assert curve == [{"step": 3, "seconds": 1.2, "bleu": want["bleu"], "chrf": want["chrf"]}]
+    assert (want["bleu"], want["chrf"]) != (other["bleu"], other["chrf"])   # the test can tell
 
 
 def test_rows_build_the_reversible_stack_only_for_the_first():

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from model import ReformerLM, logits_and_loss, positional_embedding
 from translation.encdec import EncDecConfig, ReformerEncDec, token_scale
 from translation.encdec import attention_in_projections as encdec_attention_in_projections
-from translation.translate import evaluate
-from translation.translation_data import (ParallelStream, _write_text, build_tokenizer, collate,
+from translation.translate import evaluate, sacrebleu_scores
+from translation.translation_data import (ParallelStream, write_text, build_tokenizer, collate,
                                           encode_splits, length_batches, load_parallel)
 
 
@@ -202,10 +202,12 @@ def heldout_loss(model, examples, max_tokens):
             "valid_loss": smoothed / count}
 
 
-def train_side_by_side(models, data, a, max_steps=None):
+def train_side_by_side(models, data, a, max_steps=None, snapshots=None, snapshot_at=()):
     """Train every model for a.budget_s seconds of its own steps (or max_steps steps), taking
     turns. Returns (steps, seconds used, logs): a log point every a.log_interval steps holds the
-    step, the training seconds so far and the mean training loss over those steps."""
+    step, the training seconds so far and the mean training loss over those steps. With a dict
+    `snapshots`, snapshots[k] collects (step, seconds, weights) of model k each time its training
+    seconds pass one of `snapshot_at` (copies on the CPU; scored after training, untimed)."""
     opts = {k: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=a.lr,
                                 betas=(0.9, 0.98), eps=1e-9) for k, m in models.items()}
     streams = {k: ParallelStream(data, a.max_seq_len, seed=a.seed) for k in models}  # same batches
@@ -232,6 +234,11 @@ def train_side_by_side(models, data, a, max_steps=None):
         used[k] += time.perf_counter() - t0
         steps[k] += 1
         recent[k].append(loss.item())
+        if snapshots is not None:
+            taken = snapshots.setdefault(k, [])
+            if len(taken) < len(snapshot_at) and used[k] >= snapshot_at[len(taken)]:
+                taken.append((steps[k], used[k], {n: t.detach().clone()
+                                                  for n, t in model.state_dict().items()}))
         if steps[k] % a.log_interval == 0:
             mean = sum(recent[k]) / len(recent[k])
             log[k].append({"step": steps[k], "seconds": round(used[k], 2), "loss": mean})
@@ -239,6 +246,20 @@ def train_side_by_side(models, data, a, max_steps=None):
             if steps[k] % a.print_interval == 0:
                 print(f"{k:24s} step {steps[k]:5d}  {used[k]:6.0f} s  loss {mean:.3f}",
                       flush=True)
+
+
+def bleu_curve(model, tok, pairs, snapshots, a):
+    """sacreBLEU and chrF of `pairs` (beam a.beam_size) at each snapshot (step, seconds, weights)
+    of model; the model's own weights are put back after."""
+    final = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    curve = []
+    for step, seconds, weights in snapshots:
+        model.load_state_dict(weights)
+        r = evaluate(model, tok, pairs, a.beam_size, a.alpha, device="cpu")
+        curve.append({"step": step, "seconds": round(seconds, 1), "bleu": r["bleu"],
+                      "chrf": r["chrf"]})
+    model.load_state_dict(final)
+    return curve
 
 
 def loss_at(log, key, x):
@@ -270,24 +291,42 @@ def machine():
 def write_json(path, obj):
     """Atomically: the file is complete or absent, never half written."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    _write_text(path, json.dumps(obj, indent=1))
+    write_text(path, json.dumps(obj, indent=1))
 
 
-def plot_curves(logs, path, keys=("step", "seconds"), smooth=1):
+def plot_curves(logs, path, keys=("step", "seconds"), smooth=1, bleu=None):
     """The training loss of every model against each of `keys`, one panel each; each point the
-    mean of `smooth` consecutive log points."""
+    mean of `smooth` consecutive log points. With bleu ({model: bleu_curve}), a last panel:
+    sacreBLEU against training minutes. Up to 20 lines get 20 distinct colours."""
+    import matplotlib
     import plot
-    fig, axes = plot.figure(len(keys))
+    fig, axes = plot.figure(len(keys) + (bleu is not None))
+    colours = matplotlib.colormaps["tab20" if len(logs) > 10 else "tab10"].colors
     for ax, key in zip(axes, keys):
-        for name, log in logs.items():
+        for colour, (name, log) in zip(colours, logs.items()):
             pts = [log[i:i + smooth] for i in range(0, len(log) - smooth + 1, smooth)]
             ax.plot([p[-1][key] for p in pts], [sum(q["loss"] for q in p) / len(p) for p in pts],
-                    label=name)
+                    label=name, color=colour)
         ax.set_xlabel("training seconds" if key == "seconds" else "step")
         ax.set_ylabel("training loss (label-smoothed)")
         ax.grid(alpha=0.3)
+    if bleu is not None:
+        ax = axes[-1]
+        for colour, (name, curve) in zip(colours, bleu.items()):
+            ax.plot([p["seconds"] / 60 for p in curve], [p["bleu"] for p in curve], marker="o",
+                    label=name, color=colour)
+        ax.set(xlabel="training minutes", ylabel="sacreBLEU (the curve's test sentences)")
+        ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=7)
     return plot.save(fig, path)
+
+
+def plot_results(results, path):
+    """A side-by-side results file's figure: loss by step, by seconds, and BLEU by minutes."""
+    models = results["models"]
+    curves = {k: r["bleu_curve"] for k, r in models.items() if "bleu_curve" in r}
+    return plot_curves({k: r["log"] for k, r in models.items()}, path,
+                       bleu=curves if curves else None)
 
 
 def equal_table(results):
@@ -439,6 +478,11 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=400)
     p.add_argument("--beam_size", type=int, default=4)
+    p.add_argument("--curve_points", type=int, default=4, help=(
+        "BLEU-against-minutes points: weights kept at every budget_s / curve_points of training "
+        "seconds, scored after training"))
+    p.add_argument("--curve_sentences", type=int, default=250,
+                   help="the curve's points score the first this many test sentences")
     p.add_argument("--alpha", type=float, default=0.6)
     p.add_argument("--log_interval", type=int, default=50, help="steps per curve point")
     p.add_argument("--print_interval", type=int, default=50, help="steps per printed line")
@@ -467,7 +511,7 @@ def main(argv=None):
         if a.plot and a.gap:       # each point the mean of 25 steps
             plot_curves({k: r["log"] for k, r in results["runs"].items()}, a.plot, ("step",), 25)
         elif a.plot:
-            plot_curves({k: r["log"] for k, r in results["models"].items()}, a.plot)
+            plot_results(results, a.plot)
         return None
     splits, name = load_parallel("parallel", a.data_dir, a.data_path, a.heldout, a.seed)
     tok = build_tokenizer("sentencepiece", splits["train"], a.data_dir, name, a.vocab_size)
@@ -486,25 +530,39 @@ def main(argv=None):
     for k, m in models.items():
         print(f"{k}: {m.num_params():,} parameters")
     t0 = time.time()
-    steps, used, log = train_side_by_side(models, data["train"], a)
+    snapshot_at = [a.budget_s * i / a.curve_points for i in range(1, a.curve_points)]
+    snapshots = {}
+    steps, used, log = train_side_by_side(models, data["train"], a, snapshots=snapshots,
+                                          snapshot_at=snapshot_at)
     results = {"command": a.command, "args": vars(a), "config": cfg.__dict__,
                "n_train": len(data["train"]), "n_test": len(data["test"]),
                "vocab_size": tok.vocab_size, "machine": machine(), "wall_s": time.time() - t0,
                "equal": equal_axes(log), "models": {}}
+    curve_pairs = splits["test"][:a.curve_sentences]
+    results["curve_pairs"] = [list(pair) for pair in curve_pairs]
     for k, m in models.items():
-        r = evaluate(m, tok, splits["test"], a.beam_size, a.alpha, device="cpu")
+        r = evaluate(m, tok, splits["test"], a.beam_size, a.alpha, device="cpu",
+                     hypotheses=True)
         r.update(params=m.num_params(), steps=steps[k], train_seconds=used[k],
                  reversible=ROWS[k][0] == "ours" and m.config.reversible,
                  **heldout_loss(m, data["valid"], a.max_tokens), log=log[k])
+        r["bleu_curve"] = bleu_curve(m, tok, curve_pairs, snapshots.get(k, []), a)
+        r["curve_hypotheses"] = r.pop("hypotheses")[:len(curve_pairs)]
+        last = sacrebleu_scores(r["curve_hypotheses"], [ref for _, ref in curve_pairs])
+        r["bleu_curve"].append({"step": steps[k], "seconds": round(used[k], 1),
+                                "bleu": last["bleu"], "chrf": last["chrf"]})
         results["models"][k] = r
         print(f"\n== {k}: {steps[k]} steps in {used[k]:.0f} s")
         print(f"sacreBLEU {r['bleu']:.2f}  chrF {r['chrf']:.2f}  valid NLL "
               f"{r['valid_nll']:.3f}  teacher-forced acc "
               f"{100 * r['teacher_forced_token_accuracy']:.1f}%  ({r['bleu_signature']})")
+        print("BLEU on the first {} test sentences by training minute: {}".format(
+            len(curve_pairs), ", ".join(f"{p['seconds'] / 60:.1f} min {p['bleu']:.2f}"
+                                        for p in r["bleu_curve"])))
     write_json(a.out, results)
     print(equal_table(results))
     if a.plot:
-        plot_curves(log, a.plot)
+        plot_results(results, a.plot)
     return results
 
 

@@ -157,9 +157,10 @@ def exact_match(model, examples, beam_size=1, max_tokens=4096, device="cpu"):
 
 
 def evaluate(model, tokenizer, pairs, beam_size=4, alpha=0.6, max_tokens=4096, device="cpu",
-             min_len=1):
+             min_len=1, hypotheses=False):
     """Translate the sources of raw pairs [(source, reference)], score with sacreBLEU against
-    the raw references, and add the teacher-forced token accuracy. Returns a dict."""
+    the raw references, and add the teacher-forced token accuracy. Returns a dict, with every
+    detokenised output under 'hypotheses' if asked for."""
     examples = encode_splits({"eval": pairs}, tokenizer, model.config.max_seq_len)["eval"]
     t0 = time.time()
     ids = translate_examples(model, examples, beam_size, alpha, max_tokens, device, min_len)
@@ -171,6 +172,8 @@ def evaluate(model, tokenizer, pairs, beam_size=4, alpha=0.6, max_tokens=4096, d
                   beam_size=beam_size, alpha=alpha, decode_seconds=seconds,
                   examples=[{"source": s, "reference": r, "hypothesis": h}
                             for (s, r), h in list(zip(pairs, hyps))[:5]])
+    if hypotheses:
+        result["hypotheses"] = hyps
     return result
 
 

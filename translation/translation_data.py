@@ -350,22 +350,23 @@ def prepare_wmt14(data_dir, sources=WMT14, attempts=3, backoff=2.0, progress=Tru
         names = ", ".join(os.path.basename(u) for u, _, _ in sources)
         raise DownloadError(f"{e}\nWMT14 needs these archives in {raw_dir}: {names}") from None
     finally:
-        _write_text(record_path, json.dumps(record, indent=1))
+        write_text(record_path, json.dumps(record, indent=1))
     counts = {}
     for lang in ("en", "de"):
         lines = [line for part in TRAIN_PARTS
                  for line in read_lines(os.path.join(raw_dir, f"train.{part}.{lang}"))]
         counts[f"train.{lang}"] = len(lines)
-        _write_text(paths["train"][lang == "de"], "\n".join(lines) + "\n")
+        write_text(paths["train"][lang == "de"], "\n".join(lines) + "\n")
         for split in ("valid", "test"):
             sents = read_sgm(os.path.join(raw_dir, f"{split}.{lang}.sgm"))
             counts[f"{split}.{lang}"] = len(sents)
-            _write_text(paths[split][lang == "de"], "\n".join(sents) + "\n")
-    _write_text(os.path.join(out_dir, "meta.json"), json.dumps(counts, indent=1))
+            write_text(paths[split][lang == "de"], "\n".join(sents) + "\n")
+    write_text(os.path.join(out_dir, "meta.json"), json.dumps(counts, indent=1))
     return paths
 
 
-def _write_text(path, text):
+def write_text(path, text):
+    """Atomically, through path.part and a rename: the file is whole or absent."""
     with open(path + ".part", "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(path + ".part", path)
@@ -660,7 +661,7 @@ def main():
         pairs = ding_sentence_pairs(args.data_path or DING_PATH)
         out = os.path.join(args.data_dir, "ding_en_de.tsv")
         os.makedirs(args.data_dir, exist_ok=True)
-        _write_text(out, "".join(f"{e}\t{d}\n" for e, d in pairs))
+        write_text(out, "".join(f"{e}\t{d}\n" for e, d in pairs))
         print(f"{len(pairs):,} English-German sentence pairs -> {out}")
     else:
         path = args.data_path or ""
