@@ -321,6 +321,40 @@ def test_ding_sentence_pairs(tmp_path):
         td.ding_sentence_pairs(str(tmp_path / "nothing"))
 
 
+# ----------------------------------------------------------------------------- Bible
+
+def test_align_verses_pairs_by_key_cleans_and_drops():
+    en = {"Gen.1.1": "In the beginning\u00b6 God  created.", "Gen.1.2": "And the earth.",
+          "Gen.1.3": "Only in English.", "Gen.1.4": "In the beginning God created.",
+          "Ps.3.1": "LORD, how are they increased"}
+    es = {"Ps.3.1": "Salmo de David. JEHOVA, cuanto se han multiplicado", "Gen.1.2": "",
+          "Gen.1.1": "EN el principio crió Dios.", "Gen.1.4": "EN el principio crió Dios.",
+          "Rev.1.1": "Solo en español."}
+    assert td.align_verses(en, es) == [
+        ("In the beginning God created.", "EN el principio crió Dios."),   # Gen.1.4 repeats it
+        ("LORD, how are they increased", "Salmo de David. JEHOVA, cuanto se han multiplicado")]
+
+
+def test_bible_verse_pairs_from_the_debian_modules():
+    """The real modules (apt-get install sword-text-kjv sword-text-sparv; pip install pysword),
+    where this machine has them."""
+    pytest.importorskip("pysword")
+    if not all(os.path.isdir(os.path.join(td.SWORD_PATH, "modules", "texts", "ztext", m))
+               for m in td.BIBLE_MODULES):
+        pytest.skip("the SWORD modules sword-text-kjv and sword-text-sparv are not installed")
+    pairs = td.bible_verse_pairs()
+    assert len(pairs) == 30919
+    assert ("Blessed are the peacemakers: for they shall be called the children of God.",
+            "Bienaventurados los pacificadores: porque ellos serán llamados hijos de Dios.") in pairs
+
+
+def test_sword_verses_names_the_packages_when_a_module_is_missing(tmp_path):
+    pytest.importorskip("pysword")
+    (tmp_path / "mods.d").mkdir()
+    with pytest.raises(FileNotFoundError, match="apt-get install sword-text-kjv sword-text-sparv"):
+        td.sword_verses("engKJV2006eb", str(tmp_path))
+
+
 # ----------------------------------------------------------------------------- WMT14
 
 def tgz(files):

@@ -626,6 +626,62 @@ def setup_translation(args, run):
     return stream, {**data, "text": splits, "tokenizer": tok}
 
 
+# The second real corpus: a Bible in two languages, verse by verse. Debian ships SWORD modules of
+# the King James Version (1769, English) and of the Reina-Valera 1909 (Spanish), both public
+# domain, on one versification (KJV), so a verse key such as Matt.5.9 names the same verse in
+# both. About 31K verses, ~25 words each: a corpus of the size this project's small recipe is
+# for, archaic in register. pysword (MIT) reads the modules.
+SWORD_PATH = "/usr/share/sword"
+BIBLE_MODULES = ("engKJV2006eb", "spaRV1909eb")   # sword-text-kjv, sword-text-sparv
+
+
+def sword_verses(module, sword_path=SWORD_PATH):
+    """{'Book.chapter.verse': text} of one SWORD Bible module, markup stripped (pysword's
+    clean=True), in canonical order."""
+    try:
+        from pysword.modules import SwordModules
+    except ImportError:
+        raise SystemExit("error: --dataset=bible reads SWORD modules with pysword: `pip install "
+                         "pysword` (or `apt-get install python3-pysword`)") from None
+    modules = SwordModules(sword_path)
+    found = modules.parse_modules()
+    if module not in found:
+        raise FileNotFoundError(
+            f"SWORD module {module!r} not found under {sword_path} (found: {sorted(found)}). "
+            f"`apt-get install sword-text-kjv sword-text-sparv`, or without installing: "
+            f"`apt-get download sword-text-kjv sword-text-sparv` and `dpkg-deb -x` each into one "
+            f"folder, then pass --data_path=FOLDER/usr/share/sword")
+    bible = modules.get_bible_from_module(module)
+    verses = {}
+    for books in bible.get_structure().get_books().values():
+        for book in books:
+            for chapter, n in enumerate(book.chapter_lengths, 1):
+                for verse in range(1, n + 1):
+                    text = bible.get(books=[book.osis_name], chapters=[chapter],
+                                     verses=[verse], clean=True)
+                    verses[f"{book.osis_name}.{chapter}.{verse}"] = text
+    return verses
+
+
+def align_verses(source, target):
+    """[(source text, target text)] for the keys of `source` that `target` has too, in source's
+    order: pilcrows (paragraph marks) removed, whitespace collapsed, pairs with an empty side
+    dropped, repeated pairs kept once."""
+    clean = lambda text: " ".join(text.replace("\u00b6", " ").split())
+    pairs, seen = [], set()
+    for key, text in source.items():
+        pair = (clean(text), clean(target.get(key, "")))
+        if all(pair) and pair not in seen:
+            seen.add(pair)
+            pairs.append(pair)
+    return pairs
+
+
+def bible_verse_pairs(sword_path=SWORD_PATH, modules=BIBLE_MODULES):
+    """English-Spanish verse pairs of the KJV and the Reina-Valera 1909 (see above): 30,919."""
+    return align_verses(*(sword_verses(m, sword_path) for m in modules))
+
+
 def translation_eval_batches(args, data, split, run, full):
     """This rank's share of a held-out split in batches of at most run.micro padded tokens: for
     the reverse task args.valid_size strings (the same every time), else the whole split (full
@@ -650,10 +706,10 @@ def translation_metrics(args, nats, nll_nats, correct, count):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", choices=("wmt14", "ding", "parallel"), required=True)
+    p.add_argument("--dataset", choices=("wmt14", "ding", "bible", "parallel"), required=True)
     p.add_argument("--data_dir", default="data")
-    p.add_argument("--data_path", default=None, help="ding: the Ding file; parallel: FILE.tsv "
-                   "or SRC,TGT")
+    p.add_argument("--data_path", default=None, help="ding: the Ding file; bible: the SWORD "
+                   f"folder (default {SWORD_PATH}); parallel: FILE.tsv or SRC,TGT")
     args = p.parse_args()
     if args.dataset == "wmt14":
         print(json.dumps(prepare_wmt14(args.data_dir), indent=1))
@@ -663,6 +719,12 @@ def main():
         os.makedirs(args.data_dir, exist_ok=True)
         write_text(out, "".join(f"{e}\t{d}\n" for e, d in pairs))
         print(f"{len(pairs):,} English-German sentence pairs -> {out}")
+    elif args.dataset == "bible":
+        pairs = bible_verse_pairs(args.data_path or SWORD_PATH)
+        out = os.path.join(args.data_dir, "bible_en_es.tsv")
+        os.makedirs(args.data_dir, exist_ok=True)
+        write_text(out, "".join(f"{e}\t{s}\n" for e, s in pairs))
+        print(f"{len(pairs):,} English-Spanish verse pairs (KJV, Reina-Valera 1909) -> {out}")
     else:
         path = args.data_path or ""
         pairs = read_aligned(*path.split(",")) if "," in path else read_tsv(path)
