@@ -148,6 +148,9 @@ def build_parser():
                    help='evaluate the checkpoint in --out_dir on the whole split, then exit')
     g.add_argument('--eval_split', choices=['valid', 'test'], default='valid',
                    help='--eval_only: which split')
+    g.add_argument('--eval_checkpoint', choices=['last', 'best', 'avg'], default='last',
+                   help='--eval_only: which weights: ckpt.pt (last), ckpt_best.pt (the lowest '
+                        'validation NLL) or ckpt_avg.pt (--average_last)')
     g.add_argument('--eval_attn', default=None,
                    help='--eval_only: evaluate with this attention, not the trained one (Table 2)')
     g.add_argument('--eval_n_hashes', type=int, default=None,
@@ -210,6 +213,9 @@ def parse_args(argv=None):
     a.max_seq_len = a.max_seq_len or a.seq_len
     if a.max_seq_len < a.seq_len:
         p.error(f"--max_seq_len={a.max_seq_len} is shorter than --seq_len={a.seq_len}")
+    if a.eval_checkpoint != 'last' and not a.eval_only:
+        p.error(f"--eval_checkpoint={a.eval_checkpoint} chooses the weights --eval_only scores: "
+                f"add --eval_only")
     if (a.eval_attn or a.eval_n_hashes is not None) and not a.eval_only:
         p.error("--eval_attn and --eval_n_hashes change a trained checkpoint: add --eval_only")
     try:   # a config checks itself when made (ModelConfig.validate): the one home of the checks

@@ -643,7 +643,7 @@ def evaluate_checkpoint(args, run):
     """--eval_only: the checkpoint in --out_dir on the full split, optionally with other attention.
     The model is the one in the checkpoint; the data flags come from the command line."""
     fam = family(args)
-    ckpt = load_checkpoint(ckpt_path(args), '--eval_only')
+    ckpt = load_checkpoint(ckpt_path(args, args.eval_checkpoint), '--eval_only')
     config = fam.config(**ckpt['model_args'])
     if args.seq_len > config.max_seq_len:
         raise SystemExit(f"error: --seq_len={args.seq_len} is longer than the checkpoint's "
@@ -665,7 +665,8 @@ def evaluate_checkpoint(args, run):
                 'step': ckpt['step'], 'split': args.eval_split, 'trained_attn': config.attn,
                 'trained_n_hashes': config.n_hashes, 'eval_attn': attn, 'eval_n_hashes': n_hashes,
                 'targets': int(count), **m}) + '\n')
-        print(f"checkpoint at step {ckpt['step']}, trained with {config.attn} (n_hashes "
+        print(f"{os.path.basename(ckpt_path(args, args.eval_checkpoint))} at step "
+              f"{ckpt['step']}, trained with {config.attn} (n_hashes "
               f"{config.n_hashes}), evaluated with {attn} (n_hashes {n_hashes}) on "
               f"{int(count):,} {args.eval_split} targets")
         print(f"{args.eval_split}: {describe(m)}")

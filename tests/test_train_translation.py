@@ -98,6 +98,15 @@ def test_eval_only_on_a_translation_checkpoint(tmp_path, capsys):
     capsys.readouterr()
     m = train.main(flags + ['--eval_only'])
     assert set(m) == {'loss', 'nll', 'ppl', 'accuracy'} and "valid: loss" in capsys.readouterr().out
+    # --eval_checkpoint=best scores ckpt_best.pt: other weights, so another loss
+    best = torch.load(out / 'ckpt_best.pt', weights_only=False)
+    best['model'] = {k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v
+                     for k, v in best['model'].items()}
+    torch.save(best, out / 'ckpt_best.pt')
+    b = train.main(flags + ['--eval_only', '--eval_checkpoint=best'])
+    assert "ckpt_best.pt at step" in capsys.readouterr().out and b['loss'] != m['loss']
+    with pytest.raises(SystemExit):
+        train.main(flags + ['--eval_checkpoint=best'])
 
 
 @pytest.mark.parametrize("argv, message", [
