@@ -110,7 +110,7 @@ DUP_BASE = ['--dataset=duplication', '--vocab_size=16', '--seq_len=128', '--buck
 # (not 1e-3) because at 1e-3 even full attention sat on the bigram plateau for ~600 steps.
 # The runs finish: cosine decay to 10 % of the peak over LM_STEPS steps (see `length`), and the
 # evals during training use 32 fixed batches (131,072 tokens), so the exit steps hold.
-LM_STEPS = 2400
+LM_STEPS = 4800
 LM_BASE = ['--dataset=text', f'--data_path={CORPUS}', '--data_dir=data', '--seq_len=256',
            '--n_layers=2', '--d_model=128', '--d_ff=256', '--n_heads=4', '--bucket_size=16',
            '--pos_emb=axial', '--attn=full', '--shared_qk=False', '--reversible=False',

@@ -17,7 +17,11 @@ tokenizer, optimizer (Adam 0.9/0.98, linear warmup then rsqrt decay, as the auth
 label smoothing, dropout, tied embeddings, sizes and initialisation (--init). The baseline is
 nn.Transformer(norm_first=True, activation='gelu'): pre-LayerNorm like ours. The results file
 (--out, experiments/results/translation.json) holds each model's training curve with both the
-step and the seconds of every point, the losses at equal steps and at equal time, and the scores.
+step and the seconds of every point, the losses at equal steps and at equal time, the scores,
+and BLEU against minutes: each model's weights are copied at every budget_s / --curve_points of
+its training seconds and scored after training, on the first --curve_sentences test sentences
+(their outputs are kept). `python -m experiments.report` writes translation/README.md's table
+from it.
 
 Why ours learned less per step (docs/translation_gap.md): one factor at a time, each run trained
 for the same number of steps on the same batches, its curve saved as it finishes (resumable):
