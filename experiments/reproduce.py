@@ -108,8 +108,10 @@ DUP_BASE = ['--dataset=duplication', '--vocab_size=16', '--seq_len=128', '--buck
 # experiment changes one thing. T = 256 and bucket 16: an LSH query sees 32 of 256 keys per round
 # (1/8). T = 512 (1/16) would double the cost of every run; lr 3e-3 with 50 warmup steps
 # (not 1e-3) because at 1e-3 even full attention sat on the bigram plateau for ~600 steps.
-# The runs finish: cosine decay to 10 % of the peak over LM_STEPS steps (see `length`), and the
-# evals during training use 32 fixed batches (131,072 tokens), so the exit steps hold.
+# Cosine decay to 10 % of the peak over LM_STEPS steps; `length` measures how far each length
+# still falls over its last 20 % (experiments/RESULTS.md), and 4800 is the longest that fits the
+# CPU budget for 3 seeds of a comparison. The evals during training use 32 fixed batches
+# (131,072 tokens), so the exit steps hold.
 LM_STEPS = 4800
 LM_BASE = ['--dataset=text', f'--data_path={CORPUS}', '--data_dir=data', '--seq_len=256',
            '--n_layers=2', '--d_model=128', '--d_ff=256', '--n_heads=4', '--bucket_size=16',
