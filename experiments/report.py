@@ -17,7 +17,7 @@ import math
 import os
 import textwrap
 
-from experiments.reproduce import EXPERIMENTS, ORDER, plan, plot
+from experiments.reproduce import EXPERIMENTS, LM_STEPS, ORDER, plan, plot
 
 MARK_START, MARK_END = '<!-- results:start -->', '<!-- results:end -->'
 BENCH_START, BENCH_END = '<!-- bench:start -->', '<!-- bench:end -->'
@@ -751,6 +751,25 @@ def reversible_notes(result):
             f"{leaves(result, 'reversible, concat')} and {leaves(result, 'ordinary')}.", '']
 
 
+def length_notes(result):
+    """How the fall over the last 20 % shrinks with the length, and the first length that
+    finished by the rule (seed 0 of the baseline)."""
+    runs = sorted((int(r['config']['max_steps']), last_fifth_drop(r)) for r in result['runs']
+                  if r['status'] == 'ok' and r.get('config') and last_fifth_drop(r) is not None)
+    if not runs:
+        return []
+    done = [n for n, d in runs if d <= MARGIN]
+    ratios = [f"{b / a:.2f}" for (_, a), (_, b) in zip(runs, runs[1:])]
+    return ["The fall over the last 20 % of steps: " + ', '.join(
+                f"{d:.3f} bpc at {n:,} steps" for n, d in runs) +
+            (f"; each doubling of the length multiplies it by {', then '.join(ratios)}" if ratios
+             else '') + '. ' +
+            (f"{done[0]:,} steps is the first length within {MARGIN}." if done else
+             f"No length measured is within {MARGIN}: the language-model comparisons run "
+             f"{LM_STEPS:,} steps, the longest that fits the CPU budget, and their verdicts say "
+             f"'still learning' where that holds."), '']
+
+
 def pattern_notes(result):
     c = next((r['config'] for r in result['runs'] if r.get('config')), {})
     return [f"{c.get('n_layers')} layers each; " + '; '.join(
@@ -767,6 +786,7 @@ def depth_notes(result):
 
 
 NOTES = {'table2': table2_notes, 'hashes': hashes_notes, 'plateau': plateau_notes,
+         'length': length_notes,
          'qk': qk_notes, 'reversible': reversible_notes, 'depth': depth_notes,
          'pattern': pattern_notes}
 
