@@ -933,9 +933,9 @@ def translation_block(results_dir, link):
                            f"chrF).")
         nll = ', '.join(f"{TRANSLATION_NAMES[k]} {m[k]['valid_nll']:.3f}"
                         for k in sorted(names, key=lambda k: m[k]['valid_nll']))
-        low = max(m[k]['bleu'] for k in names)
-        if low < 5:
-            verdict.append(f"Every model is below 5 BLEU (the best {low:.2f}): at this budget none "
+        best = max(m[k]["bleu"] for k in names)
+        if best < 5:
+            verdict.append(f"Every model is below 5 BLEU (the best {best:.2f}): at this budget none "
                            f"translates yet, and BLEU differences this small do not rank them; "
                            f"the validation NLL, over every target token, does: {nll}.")
         lines += ['', ' '.join(verdict)]

@@ -713,18 +713,16 @@ def main():
     args = p.parse_args()
     if args.dataset == "wmt14":
         print(json.dumps(prepare_wmt14(args.data_dir), indent=1))
-    elif args.dataset == "ding":
-        pairs = ding_sentence_pairs(args.data_path or DING_PATH)
-        out = os.path.join(args.data_dir, "ding_en_de.tsv")
+    elif args.dataset in ("ding", "bible"):
+        pairs, name, what = (
+            (ding_sentence_pairs(args.data_path or DING_PATH), "ding_en_de.tsv",
+             "English-German sentence pairs") if args.dataset == "ding" else
+            (bible_verse_pairs(args.data_path or SWORD_PATH), "bible_en_es.tsv",
+             "English-Spanish verse pairs (KJV, Reina-Valera 1909)"))
+        out = os.path.join(args.data_dir, name)
         os.makedirs(args.data_dir, exist_ok=True)
-        write_text(out, "".join(f"{e}\t{d}\n" for e, d in pairs))
-        print(f"{len(pairs):,} English-German sentence pairs -> {out}")
-    elif args.dataset == "bible":
-        pairs = bible_verse_pairs(args.data_path or SWORD_PATH)
-        out = os.path.join(args.data_dir, "bible_en_es.tsv")
-        os.makedirs(args.data_dir, exist_ok=True)
-        write_text(out, "".join(f"{e}\t{s}\n" for e, s in pairs))
-        print(f"{len(pairs):,} English-Spanish verse pairs (KJV, Reina-Valera 1909) -> {out}")
+        write_text(out, "".join(f"{source}\t{target}\n" for source, target in pairs))
+        print(f"{len(pairs):,} {what} -> {out}")
     else:
         path = args.data_path or ""
         pairs = read_aligned(*path.split(",")) if "," in path else read_tsv(path)
