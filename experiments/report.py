@@ -741,6 +741,58 @@ def leave_steps(result, label):
             if r['status'] == 'ok']
 
 
+def bpc_at_fraction(run, frac):
+    """The train-time valid bpc at frac of the run's final step, linear between the evals
+    around it (None: no eval that early)."""
+    ev = [(e['step'], e['bpc']) for e in run['curve']['eval'] if 'bpc' in e]
+    at = frac * ev[-1][0] if ev else 0
+    if len(ev) < 2 or ev[0][0] > at:
+        return None
+    (s0, b0), (s1, b1) = next((p, q) for p, q in zip(ev, ev[1:]) if p[0] <= at <= q[0])
+    return b0 + (b1 - b0) * (at - s0) / (s1 - s0)
+
+
+def gap_drift(result, base, other, frac=0.8):
+    """How the paired gap (other - base, train-time valid bpc, same seed and RECIPE) moved over
+    the last 1 - frac of the steps: {'seeds', 'then', 'end'} (mean gaps at frac and at the end),
+    or None without a pair. A gap that stays put while both runs still fall is a difference in
+    where they are going, not a delay that more steps would close."""
+    p = paired_difference(result, base, other)
+    if p is None:
+        return None
+    runs = {l: {r['seed']: r for r in by_label(result)[l] if r['status'] == 'ok'}
+            for l in (base, other)}
+    then, end = [], []
+    for s in p['seeds']:
+        b, o = runs[base][s], runs[other][s]
+        tb, to = bpc_at_fraction(b, frac), bpc_at_fraction(o, frac)
+        if tb is None or to is None:
+            return None
+        then.append(to - tb)
+        end.append(o['curve']['eval'][-1]['bpc'] - b['curve']['eval'][-1]['bpc'])
+    mean = lambda xs: sum(xs) / len(xs)
+    return {'seeds': p['seeds'], 'then': mean(then), 'end': mean(end)}
+
+
+def gap_drift_sentence(result, base, others, frac=0.8, tol=0.005):
+    """How each gap to base moved over the last 1 - frac of the steps, and what that says."""
+    drifts = [(other, gap_drift(result, base, other, frac)) for other in others]
+    drifts = [(other, g) for other, g in drifts if g is not None]
+    if not drifts:
+        return []
+    word = lambda g: ('shrank' if g['end'] < g['then'] - tol else
+                      'grew' if g['end'] > g['then'] + tol else 'held')
+    closing = any(word(g) == 'shrank' for _, g in drifts)
+    return [f"The gap to {base} layers on the train-time evals (32 fixed batches; mean over "
+            f"{seeds_note(drifts[0][1]['seeds'])}) over the last fifth of the steps: " + '; '.join(
+                f"{other} {g['then']:+.3f} at {frac * 100:.0f} % of the steps, {g['end']:+.3f} at "
+                f"the end ({word(g)})" for other, g in drifts) + '. ' +
+            ("A gap that shrinks may be a delay that more steps would close." if closing else
+             "No gap shrank over the last fifth, so these are not delays that more steps at this "
+             "schedule would close.") +
+            " The verdicts' rule still waits for the runs to flatten.", '']
+
+
 def reversible_notes(result):
     return [f"Reversible, the streams joined by their mean (tied output): "
             f"{bpc(result, 'reversible')} bpc; joined by concatenation, LayerNorm(2C) and an "
@@ -748,7 +800,8 @@ def reversible_notes(result):
             f" ordinary layers: {bpc(result, 'ordinary')} (the fastai reproduction: a "
             f"{FASTAI_REVERSIBLE_GAP} bpc gap with the mean; the paper: 'nearly the same'). They "
             f"left the plateau at steps {leaves(result, 'reversible')}, "
-            f"{leaves(result, 'reversible, concat')} and {leaves(result, 'ordinary')}.", '']
+            f"{leaves(result, 'reversible, concat')} and {leaves(result, 'ordinary')}.", ''] + \
+        gap_drift_sentence(result, 'ordinary', ['reversible', 'reversible, concat'])
 
 
 def length_notes(result):

@@ -321,6 +321,31 @@ def test_paired_verdicts_give_the_interval_and_follow_the_rule():
     assert p['seeds'] == [1, 2] and p['diffs'] == pytest.approx([0.1, 0.05])
 
 
+def test_gap_drift_reads_the_paired_gap_at_80_percent_and_at_the_end():
+    """The gap at 80 % of the steps and at the end, per seed then averaged; whether it shrank."""
+    r = lm_result('reversible', {'ordinary': [2.0, 2.1], 'reversible': [2.05, 2.17]})
+    # lm_result's evals: step 80 at bpc + 0.01, step 100 at bpc. Move reversible's step-80 eval
+    # so that its gap there is +0.10 (seed 0) and +0.12 (seed 1): it shrinks to +0.05, +0.07.
+    for run in r['runs']:
+        if run['label'] == 'reversible':
+            run['curve']['eval'][1]['bpc'] = (2.01 + 0.10, 2.11 + 0.12)[run['seed']]
+    g = report.gap_drift(r, 'ordinary', 'reversible')
+    assert g['seeds'] == [0, 1]
+    assert g['then'] == pytest.approx(0.11) and g['end'] == pytest.approx(0.06)
+    text = report.gap_drift_sentence(r, 'ordinary', ['reversible'])[0]
+    assert 'reversible +0.110 at 80 % of the steps, +0.060 at the end (shrank)' in text
+    assert 'may be a delay' in text
+    # the same gap at both points: held, and no delay
+    r = lm_result('reversible', {'ordinary': [2.0, 2.1], 'reversible': [2.05, 2.17]})
+    text = report.gap_drift_sentence(r, 'ordinary', ['reversible'])[0]
+    assert '+0.060 at 80 % of the steps, +0.060 at the end (held)' in text
+    assert 'not delays' in text
+    # 80 % between two evals is read linearly: step 80 of 0..100 with evals at 50 and 100
+    run = r['runs'][0]
+    run['curve']['eval'] = [{'step': 50, 'bpc': 3.0}, {'step': 100, 'bpc': 2.0}]
+    assert report.bpc_at_fraction(run, 0.8) == pytest.approx(2.4)
+
+
 def table2_result(acc):
     """A results/table2.json with {label: {eval: accuracy}} for one seed and a curve."""
     runs = [{'label': label, 'seed': 0, 'status': 'ok',

@@ -414,16 +414,19 @@ def _check_min_len(min_len):
                          f"before EOS; 0 allows an empty output)")
 
 
-def _next_token_logp(model, tokens, t, memory, memory_mask, cache, min_len=0):
+def _next_token_logp(model, tokens, t, memory, memory_mask, cache, min_len=0, log_probs=True):
     """log P (B, V) of the token at position t + 1 given tokens (B, t + 1), from the cache, or
     (cache None) by rerunning the decoder over the whole prefix. PAD and BOS are never a next
     token (no target is either), nor EOS before min_len tokens (t < min_len): they get -inf,
-    after the softmax, so the other tokens keep the model's log-probabilities."""
+    after the softmax, so the other tokens keep the model's log-probabilities. log_probs=False
+    returns the logits, banned tokens -inf, for greedy decoding: log_softmax subtracts one number
+    per row, which keeps their order (its rounding could only make a near-tie a tie), so the
+    argmax is the same without the softmax's pass over the vocabulary."""
     if cache is not None:
         logits = model.step(tokens[:, -1], t, cache)                     # (B, V)
     else:
         logits = model.lm_head(model.decode(tokens, memory, memory_mask)[:, -1])
-    logp = F.log_softmax(logits.float(), dim=-1)
+    logp = F.log_softmax(logits.float(), dim=-1) if log_probs else logits.float()
     banned = [PAD, BOS, EOS] if t < min_len else [PAD, BOS]
     return logp.index_fill_(1, torch.tensor(banned, device=logp.device), -math.inf)
 
@@ -455,7 +458,9 @@ def greedy_decode(model, src, max_len=None, use_cache=True, min_len=1):
     cache = model.start_cache(memory, memory_mask, L) if use_cache else None
     for t in range(L):
         prefix = out[live, :t + 1]                                       # (B_live, t + 1)
-        nxt = _next_token_logp(model, prefix, t, memory, memory_mask, cache, min_len).argmax(-1)
+        # max(-1).indices: the first of equal maxima, as argmax, at a third of argmax's cost
+        nxt = _next_token_logp(model, prefix, t, memory, memory_mask, cache, min_len,
+                               log_probs=False).max(-1).indices
         out[live, t + 1] = nxt
         going = (nxt != EOS).nonzero()[:, 0]
         if len(going) == 0:
