@@ -16,6 +16,7 @@ curves against steps and against wall time).
     python -m experiments.reproduce pattern       # the authors' local,local,lsh,local against all-LSH, all-local
     python -m experiments.reproduce plateau       # diagnostic: why LSH leaves the bigram plateau late
     python -m experiments.reproduce all           # all of the above, in that order
+    python -m experiments.reproduce parallel_small  # the bare translation command, timed (~1 h)
     python -m experiments.report                  # experiments/RESULTS.md and the README's blocks, from the JSON
     python -m experiments.reproduce hashes --paper --device=cuda   # the paper's sizes (configs/*.args), a GPU
 
@@ -594,11 +595,71 @@ def plot(result, png):
 
 # ----------------------------------------------------------------------------- command line
 
+# ------------------------------------------------------------------------ the bare translation run
+# What a new user with a small corpus gets from `python train.py --dataset=parallel
+# --data_path=FILE` and nothing else (configs/parallel_small.args), timed end to end, then scored
+# on the test part with beam search: the promise that it finishes in about an hour on 2 cores
+# with a usable result, measured. The corpus: the 30,919 English-Spanish verse pairs of
+# `python -m translation.translation_data --dataset=bible` (about the size of corpus that recipe
+# is for, and the largest one Debian or PyPI ships).
+
+PARALLEL_DATA = os.path.join('data', 'bible_en_es.tsv')
+
+
+def parallel_small(data_path=PARALLEL_DATA, root='out/reproduce', results='experiments/results',
+                   extra=()):
+    """Train the bare --dataset=parallel command (resumable; a finished run is not redone),
+    score ckpt_best.pt on the test part (translate --eval: beam 4, sacreBLEU and chrF), and write
+    results/parallel_small.json. Returns its contents. extra: more train.py flags (tests)."""
+    from translation import translate
+    if not os.path.exists(data_path):
+        raise SystemExit(f"error: {data_path} not found; make it with `python -m "
+                         f"translation.translation_data --dataset=bible --data_dir="
+                         f"{os.path.dirname(data_path) or '.'}`")
+    out_dir = os.path.join(root, 'parallel_small')
+    argv = ['--dataset=parallel', f'--data_path={data_path}', *extra]
+    with locked(os.path.join(out_dir, 'run')):
+        record = train_run(argv, out_dir, None)
+        if record['status'] != 'ok':
+            raise SystemExit(f"error: the run failed; see {out_dir}/train.log:\n"
+                             f"{record.get('error')}")
+        scored = os.path.join(out_dir, 'eval_test.json')   # translate.py --eval writes it
+        if not os.path.exists(scored):
+            t0 = time.time()
+            with open(os.path.join(out_dir, 'translate.log'), 'a') as log, \
+                    contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                test = translate.main([f'--out_dir={out_dir}', '--eval'])
+            write_json(scored, dict(test, eval_wall_s=round(time.time() - t0, 1)))
+        with open(scored) as f:
+            test = json.load(f)
+    lines = read_jsonl(os.path.join(out_dir, 'log.jsonl'))
+    evals = [r for r in lines if r['kind'] not in ('train', 'final')]
+    with open(data_path, 'rb') as f:
+        data = f.read()
+    out = {'experiment': 'parallel_small', 'title': 'The bare --dataset=parallel command, timed '
+           'end to end', 'machine': machine(), 'command': shlex.join(['python', 'train.py'] + argv),
+           'data': {'path': data_path, 'pairs': data.count(b'\n'), 'bytes': len(data),
+                    'md5': hashlib.md5(data).hexdigest()},
+           'train': record, 'steps': max((r['step'] for r in lines), default=0),
+           'curve': {'train': [[r['step'], round(r['loss'], 4)] for r in lines
+                               if r['kind'] == 'train'],
+                     'eval': [{k: r[k] for k in ('step', 'loss', 'nll', 'ppl', 'time_s') if k in r}
+                              for r in evals]},
+           'best': min(({'step': r['step'], 'nll': r['nll'], 'ppl': r['ppl']} for r in evals
+                        if 'nll' in r), key=lambda r: r['nll'], default=None),
+           'final': next((r for r in reversed(lines) if r['kind'] == 'final'), None),
+           'test': {k: v for k, v in test.items() if k != 'hypotheses'},
+           'translate_command': f"python -m translation.translate --out_dir={out_dir} --eval"}
+    write_json(os.path.join(results, 'parallel_small.json'), out)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('name', choices=ORDER + ['all', 'corpus'],
-                   help='the experiment to run, all of them, or corpus')
+    p.add_argument('name', choices=ORDER + ['all', 'corpus', 'parallel_small'],
+                   help='the experiment to run, all of them, corpus, or parallel_small (the bare '
+                        'translation command, timed)')
     p.add_argument('--seeds', default=None,
                    help="comma-separated seeds; default: the experiment's (2 or 3)")
     p.add_argument('--paper', action='store_true',
@@ -617,6 +678,8 @@ def main(argv=None):
     seeds = [int(s) for s in a.seeds.split(',')] if a.seeds else None
     if a.name == 'corpus':
         return prepare_corpus(sources=a.corpus_sources)
+    if a.name == 'parallel_small':
+        return parallel_small(root=a.out_root, results=a.results)
     for name in ORDER if a.name == 'all' else [a.name]:
         run_experiment(name, seeds, a.paper, a.max_steps, a.device, a.out_root, a.results,
                        shlex.split(a.extra), a.only)

@@ -418,3 +418,39 @@ def test_decode_table_is_generated_from_decode_json(tmp_path):
     assert 'old' not in text and text.startswith('before\n') and text.endswith('after\n')
     assert '| ours, greedy | 1.00 | 1,024 | 512 |' in text
     assert '1.50x greedy, 1.50x with beam' in text and 'prefix: 8.00x' in text
+
+
+def test_parallel_small_times_the_bare_command_and_scores_the_test_part(tmp_path, monkeypatch):
+    """The bare translation command (here shrunk by extra flags), timed and resumable, then
+    translate --eval on ckpt_best.pt; the results file and the README block come from it."""
+    calls = []
+    monkeypatch.setattr(reproduce, 'subprocess_train', in_process(calls))
+    monkeypatch.chdir(tmp_path)
+    os.makedirs('data')
+    with open('data/pairs.tsv', 'w', encoding='utf-8') as f:
+        f.writelines(f"the {w} house {i}\tdas {w} Haus {i}\n" for i in range(12)
+                     for w in ('red', 'big', 'old'))
+    tiny = ['--device=cpu', '--n_layers=1', '--n_dec_layers=1', '--d_model=16', '--n_heads=2',
+            '--d_ff=32', '--max_tokens=96', '--warmup=2', '--log_interval=1',
+            '--eval_interval=2', '--valid_size=4', '--heldout=4', '--tokenizer=bytes',
+            '--seq_len=24', '--max_steps=4']
+    out = reproduce.parallel_small('data/pairs.tsv', 'out', 'results', extra=tiny)
+    assert calls[0][:2] == ['--dataset=parallel', '--data_path=data/pairs.tsv']
+    assert out['command'].startswith('python train.py --dataset=parallel --data_path=data/pairs')
+    assert out['steps'] == 4 and out['data']['pairs'] == 36
+    assert [e['step'] for e in out['curve']['eval']] == [2, 4]
+    assert out['best']['nll'] == min(e['nll'] for e in out['curve']['eval'])
+    assert out['test']['n_sentences'] == 4 and out['test']['beam_size'] == 4
+    assert out['test']['checkpoint'].endswith('ckpt_best.pt') and out['test']['eval_wall_s'] >= 0
+    assert json.load(open('results/parallel_small.json')) == json.loads(json.dumps(out))
+    # a second call trains nothing and scores nothing again
+    assert reproduce.parallel_small('data/pairs.tsv', 'out', 'results', extra=tiny) == out
+    assert len(calls) == 1
+    block = report.parallel_small_block('results', 'results')
+    assert f"**sacreBLEU {out['test']['bleu']:.2f}**" in block
+    assert 'the target, under about an hour, is **met**' in block
+    out['train']['wall_s'] = 3700.0
+    json.dump(out, open('results/parallel_small.json', 'w'))
+    assert '**not met**' in report.parallel_small_block('results', 'results')
+    with pytest.raises(SystemExit, match='translation.translation_data --dataset=bible'):
+        reproduce.parallel_small('data/missing.tsv', 'out', 'results')
