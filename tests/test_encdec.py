@@ -394,6 +394,6 @@ def test_attention_input_projections_start_as_nn_multiheadattention_draws_them()
         assert float(w.abs().max()) <= a and float(w.std()) == pytest.approx(a / 3 ** 0.5, rel=0.1)
     for w in encdec.attention_in_projections(normal):
         assert float(w.detach().std()) == pytest.approx(0.02, rel=0.1)
-    assert float(xavier.lm_head.weight.std()) == pytest.approx(0.02, rel=0.1)   # the rest
+    assert float(xavier.lm_head.weight.detach().std()) == pytest.approx(0.02, rel=0.1)   # the rest
     with pytest.raises(ValueError, match="attn_init='uniform' is not one of"):
         EncDecConfig(**cfg, attn_init="uniform")

@@ -47,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lsh_attention import MASKED_LOGIT, SELF_LOGIT, LSHSelfAttention
+from chunked_ff import ACTIVATIONS
 from model import (AttentionSublayer, FeedForwardSublayer, ModelConfig, ReformerLM, build_stack,
                    check_token_ids, logits_and_loss, model_from_checkpoint, positional_embedding,
                    run_layers, switch_attention, token_scale)
@@ -121,24 +122,47 @@ def _merge_heads(y):
     return y.transpose(1, 2).reshape(B, T, nh * hs)                      # (B, T, C)
 
 
-def step_weights(attn):
-    """The input projections of an LSHSelfAttention side by side and transposed, (C, 3C) (qk, k,
-    v; shared QK: (C, 2C), qk and v), for self_attention_step: one x @ W matmul a step instead of
-    three F.linear calls, reading W in its stored order. Made once per decoding (start_cache)."""
-    ws = [attn.qk.weight] + ([] if attn.shared_qk else [attn.k.weight]) + [attn.v.weight]
-    return torch.cat(ws).t().contiguous()                                # (C, 3C) or (C, 2C)
+def step_weights(layer):
+    """The weights a decoding step reads, for one decoder layer (F, G): each matrix transposed
+    and contiguous, (in, out), so that a step is x @ W matmuls (torch.addmm with the bias) that
+    read W in its stored order, with no nn.Module calls. On a CPU at B = 16..64 rows that is
+    about a third faster than nn.Linear; a step is mostly these small matmuls. The self-attention's
+    input projections sit side by side, (C, 3C) (q, k, v; shared QK: (C, 2C), qk and v): one
+    matmul instead of three. Made once per decoding (start_cache), from the model as it is."""
+    f, g = layer.f, layer.g
+    sa, cross, ff = f.self_attn, f.cross, g.ff
+    t = lambda lin: lin.weight.t().contiguous()
+    ws = [sa.attn.qk.weight] + ([] if sa.attn.shared_qk else [sa.attn.k.weight]) + \
+        [sa.attn.v.weight]
+    return {"attn": sa.attn, "ln_sa": sa.ln, "w_in": torch.cat(ws).t().contiguous(),
+            "w_out": t(sa.attn.out), "b_out": sa.attn.out.bias,
+            "ln_cross": f.ln, "w_q": t(cross.q), "w_cross_out": t(cross.out),
+            "b_cross_out": cross.out.bias, "n_heads": cross.n_heads,
+            "ln_ff": g.ln, "w1": t(ff.w1), "b1": ff.w1.bias, "w2": t(ff.w2), "b2": ff.w2.bias,
+            "act": ACTIVATIONS[ff.activation]}
 
 
-def self_attention_step(attn, x, cache, t):
+def _linear(x, w, b=None):
+    """x (N, in) @ w (in, out) + b: nn.Linear on a step_weights matrix."""
+    return torch.mm(x, w) if b is None else torch.addmm(b, x, w)
+
+
+def _layer_norm(ln, x):
+    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+
+def self_attention_step(x, cache, t):
     """Position t of lsh_attention.LSHSelfAttention(attn='full', causal=True) from a cache.
 
-    x: (B, 1, C), the layer input at position t. cache['k'], cache['v']: (B, nh, T_max, hs),
-    positions < t filled by earlier steps; this step writes position t. cache['w_in']: the
-    layer's step_weights. The softmax over keys 0..t is the row t of full_attention's causal
-    softmax, with its conventions: shared QK keys are q / |q| with no 1/sqrt(hs) and a query's
-    own logit replaced by -1e5; separate keys are scaled by 1/sqrt(hs). Returns (B, 1, C).
+    x: (B, C), the layer input at position t (after the LayerNorm). cache['k'], cache['v']: (B,
+    nh, T_max, hs), positions < t filled by earlier steps; this step writes position t. The
+    projections are the layer's step_weights. The softmax over keys 0..t is the row t of
+    full_attention's causal softmax, with its conventions: shared QK keys are q / |q| with no
+    1/sqrt(hs) and a query's own logit replaced by -1e5; separate keys are scaled by 1/sqrt(hs).
+    Returns (B, C).
     """
-    B, _, C = x.shape
+    attn = cache["attn"]
+    B, C = x.shape
     n = 3 - attn.shared_qk                       # projections: q, k, v or (shared QK) qk, v
     # With one position, (B, 1, nh, hs) and (B, nh, 1, hs) are the same memory: views only.
     proj = (x @ cache["w_in"]).view(B, n, attn.n_heads, 1, attn.hs).unbind(1)
@@ -153,7 +177,32 @@ def self_attention_step(attn, x, cache, t):
         logits = torch.matmul(q, keys.transpose(-1, -2))                # (B, nh, 1, t + 1)
         logits[..., t] = SELF_LOGIT
         y = torch.matmul(torch.softmax(logits, dim=-1), values)         # (B, nh, 1, hs)
-    return attn.out(y.reshape(B, 1, C))
+    return _linear(y.view(B, C), cache["w_out"], cache["b_out"])
+
+
+def decoder_f_step(x, cache, t):
+    """The decoder's F (DecoderAttentionSublayer) at position t from its layer's cache
+    (start_cache): x (B, C) -> (B, C), the same function as in training, without dropout
+    (decoding runs in eval mode):  a = SelfAttn(LN(x));  F(x) = a + CrossAttn(LN(x + a), memory).
+    In beam search x has k rows a sentence (B k, C), and the cross-attention keys and values are
+    kept once per sentence: its k beams attend as k query positions of the sentence's row, so
+    each sentence's keys and values are read once a step, not once per beam."""
+    a = self_attention_step(_layer_norm(cache["ln_sa"], x), cache, t)
+    h = _layer_norm(cache["ln_cross"], x + a)                            # (B k, C)
+    k_mem, v_mem = cache["memory_kv"]                                    # (B, nh, S, hs) each
+    Bk, C = h.shape
+    B, nh = k_mem.shape[0], cache["n_heads"]
+    q = _linear(h, cache["w_q"]).view(B, -1, nh, C // nh).transpose(1, 2)   # (B, nh, k, hs)
+    y = F.scaled_dot_product_attention(q, k_mem, v_mem, attn_mask=cache["memory_bias"])
+    return a + _linear(y.transpose(1, 2).reshape(Bk, C), cache["w_cross_out"],
+                       cache["b_cross_out"])
+
+
+def decoder_g_step(x, cache):
+    """The decoder's G (FeedForwardSublayer) from its layer's cache: W2 act(W1 LN(x) + b1) + b2,
+    x (B, C) -> (B, C)."""
+    h = cache["act"](_linear(_layer_norm(cache["ln_ff"], x), cache["w1"], cache["b1"]))
+    return _linear(h, cache["w2"], cache["b2"])
 
 
 class CrossAttention(nn.Module):
@@ -184,20 +233,15 @@ class CrossAttention(nn.Module):
         bias = torch.zeros(memory_mask.shape, dtype=dtype, device=memory_mask.device)
         return bias.masked_fill(~memory_mask, MASKED_LOGIT)[:, None, None, :]
 
-    def forward(self, x, memory_mask, memory=None, kv=None, bias=None):
-        """x (B, T, C); memory (B, S, C) or its kv; memory_mask (B, S), True at real tokens, or
-        its mask_bias (decoding computes both once per sentence). Beam search passes x as
-        (B k, 1, C), k rows per sentence, with the sentences' kv and bias (B rows): the k beams
-        then attend as k query positions of their sentence's row, so each sentence's keys and
-        values are read once a step, not once per beam (queries do not interact here)."""
-        k, v = kv if kv is not None else self.memory_kv(memory)
-        B, T, C = x.shape
-        x = x.view(k.shape[0], -1, C)                  # (B, T, C), or (B, k, C) in beam search
+    def forward(self, x, memory_mask, memory):
+        """x (B, T, C), memory (B, S, C), memory_mask (B, S), True at real tokens -> (B, T, C).
+        Decoding computes memory_kv and mask_bias once per sentence (decoder_f_step)."""
+        k, v = self.memory_kv(memory)                                    # (B, nh, S, hs)
         q = _split_heads(self.q(x), self.n_heads)                       # (B, nh, T, hs)
-        bias = self.mask_bias(memory_mask, q.dtype) if bias is None else bias   # (B, 1, 1, S)
+        bias = self.mask_bias(memory_mask, q.dtype)                      # (B, 1, 1, S)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
-        return self.out(_merge_heads(y)).view(B, T, C)
+        return self.out(_merge_heads(y))
 
 
 class DecoderAttentionSublayer(nn.Module):
@@ -205,8 +249,7 @@ class DecoderAttentionSublayer(nn.Module):
 
         a = SelfAttn(LN1(x))            F(x) = a + dropout(CrossAttn(LN2(x + a), memory))
 
-    With cache given, x is (B, 1, C) at position t and the self-attention reads the cache;
-    memory_kv holds this layer's cross-attention keys and values."""
+    Decoding computes the same function one position at a time: decoder_f_step."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -215,15 +258,9 @@ class DecoderAttentionSublayer(nn.Module):
         self.cross = CrossAttention(cfg.d_model, cfg.n_heads, cfg.rate("attn_dropout"))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, memory_mask, memory=None, cache=None, t=None):
-        if cache is None:
-            a = self.self_attn(x)                                        # (B, T, C)
-            kv = bias = None
-        else:
-            sa = self.self_attn
-            a = sa.drop(self_attention_step(sa.attn, sa.ln(x), cache, t))  # (B, 1, C)
-            kv, bias = cache["memory_kv"], cache["memory_bias"]
-        c = self.cross(self.ln(x + a), memory_mask, memory=memory, kv=kv, bias=bias)
+    def forward(self, x, memory_mask, memory):
+        a = self.self_attn(x)                                            # (B, T, C)
+        c = self.cross(self.ln(x + a), memory_mask, memory=memory)
         return a + self.drop(c)
 
 
@@ -312,12 +349,12 @@ class ReformerEncDec(nn.Module):
     def start_cache(self, memory, memory_mask, max_len, repeat=1):
         """A decoding cache for max_len target positions and `repeat` rows (beams) a sentence:
         per decoder layer, self-attention keys/values (B * repeat, nh, max_len, hs), a spare
-        buffer of each for reorder_cache, the self-attention's step_weights, and the
-        cross-attention keys/values of memory (B, nh, S, hs) and its mask bias, computed once
-        per sentence and shared by its beams (CrossAttention); and the output layer's weight
-        transposed, (C, V), for step's matmul. The weights are copies: a cache is for one
-        decoding, with the model unchanged. Positions >= t of the keys/values are never read,
-        so the buffers start uninitialised."""
+        buffer of each for reorder_cache, the layer's step_weights, and the cross-attention
+        keys/values of memory (B, nh, S, hs) and its mask bias, computed once per sentence and
+        shared by its beams (decoder_f_step); and the output layer's weight transposed,
+        (C, V), for step's matmul. The weights are copies: a cache is for one decoding, with the
+        model unchanged. Positions >= t of the keys/values are never read, so the buffers start
+        uninitialised."""
         B, C, nh = memory.shape[0], self.config.d_model, self.config.n_heads
         shape = (B * repeat, nh, max_len, C // nh)
         bias = CrossAttention.mask_bias(memory_mask, memory.dtype)       # (B, 1, 1, S)
@@ -326,30 +363,29 @@ class ReformerEncDec(nn.Module):
             layers.append({**{name: memory.new_empty(shape) for name in
                               ("k", "v", "k_spare", "v_spare")},
                            "memory_kv": layer.f.cross.memory_kv(memory),   # (B, nh, S, hs) x 2
-                           "memory_bias": bias, "w_in": step_weights(layer.f.self_attn.attn)})
+                           "memory_bias": bias, **step_weights(layer)})
         return {"layers": layers, "memory_mask": memory_mask, "beams": repeat,
                 "lm_head_t": self.lm_head.weight.t().contiguous()}               # (C, V)
 
     def step(self, token, t, cache):
         """Logits (B, V) of the token after position t, given token (B,) at position t and the
         cache filled for positions < t (this call fills position t). Exactly the logits at t of
-        forward() run on the whole prefix (tests/test_encdec.py)."""
+        forward() run on the whole prefix, in eval mode (tests/test_encdec.py)."""
         cfg = self.config
-        x = self.tgt_emb(token[:, None]) * token_scale(cfg) + self.pos_emb(t + 1)[t:t + 1]
-        x = self.drop(x)                                                 # (B, 1, C)
-        kw = dict(memory_mask=cache["memory_mask"], t=t)
+        x = self.tgt_emb(token) * token_scale(cfg) + self.pos_emb(t + 1)[t]       # (B, C)
         if cfg.reversible:
             x1 = x2 = x
-            for block, layer_cache in zip(self._decoder_layers(), cache["layers"]):
-                x1 = x1 + block.f(x2, cache=layer_cache, **kw)           # y1 = x1 + F(x2)
-                x2 = x2 + block.g(x1)                                    # y2 = x2 + G(y1)
+            for c in cache["layers"]:
+                x1 = x1 + decoder_f_step(x2, c, t)                       # y1 = x1 + F(x2)
+                x2 = x2 + decoder_g_step(x1, c)                          # y2 = x2 + G(y1)
             x = 0.5 * (x1 + x2)
         else:
-            for layer, layer_cache in zip(self._decoder_layers(), cache["layers"]):
-                x = layer(x, cache=layer_cache, **kw)
-        # lm_head as h @ W^T with W^T stored (C, V): on a CPU about a fifth faster than
-        # F.linear(h, W) at B = 16..64 rows, and this matmul is the largest of a step.
-        return self.ln_f(x)[:, 0] @ cache["lm_head_t"]                   # (B, V)
+            for c in cache["layers"]:
+                x = x + decoder_f_step(x, c, t)
+                x = x + decoder_g_step(x, c)
+        # lm_head as h @ W^T with W^T stored (C, V), as the layers' weights (step_weights); this
+        # matmul is the largest of a step.
+        return _layer_norm(self.ln_f, x) @ cache["lm_head_t"]            # (B, V)
 
     @staticmethod
     def reorder_cache(cache, rows, n):
