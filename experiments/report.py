@@ -257,13 +257,20 @@ PAIRED_RULE = (f"Rule: the per-seed differences (same seed, same batches) give a
 def last_fifth_drop(run):
     """How much the train-time valid bpc fell over the run's last 20 % of steps (None: no eval
     at or before 80 % of the final step): from its value at 80 % of the final step (linear
-    between the evals around it) to the final eval's."""
+    between the evals around it, bpc_at_fraction) to the final eval's."""
+    then = bpc_at_fraction(run, 0.8)
+    return None if then is None else then - run['curve']['eval'][-1]['bpc']
+
+
+def bpc_at_fraction(run, frac):
+    """The train-time valid bpc at frac of the run's final step, linear between the evals
+    around it (None: fewer than two evals, or none that early)."""
     ev = [(e['step'], e['bpc']) for e in run['curve']['eval'] if 'bpc' in e]
-    if len(ev) < 2 or ev[0][0] > 0.8 * ev[-1][0]:
+    if len(ev) < 2 or ev[0][0] > frac * ev[-1][0]:
         return None
-    at = 0.8 * ev[-1][0]
+    at = frac * ev[-1][0]
     (s0, b0), (s1, b1) = next((p, q) for p, q in zip(ev, ev[1:]) if p[0] <= at <= q[0])
-    return b0 + (b1 - b0) * (at - s0) / (s1 - s0) - ev[-1][1]
+    return b0 + (b1 - b0) * (at - s0) / (s1 - s0)
 
 
 def still_learning(result, labels, seeds=None):
@@ -739,17 +746,6 @@ def qk_notes(result):
 def leave_steps(result, label):
     return [leave_step(r, PLATEAU_BPC) for r in by_label(result).get(label, [])
             if r['status'] == 'ok']
-
-
-def bpc_at_fraction(run, frac):
-    """The train-time valid bpc at frac of the run's final step, linear between the evals
-    around it (None: no eval that early)."""
-    ev = [(e['step'], e['bpc']) for e in run['curve']['eval'] if 'bpc' in e]
-    at = frac * ev[-1][0] if ev else 0
-    if len(ev) < 2 or ev[0][0] > at:
-        return None
-    (s0, b0), (s1, b1) = next((p, q) for p, q in zip(ev, ev[1:]) if p[0] <= at <= q[0])
-    return b0 + (b1 - b0) * (at - s0) / (s1 - s0)
 
 
 def gap_drift(result, base, other, frac=0.8):
