@@ -109,7 +109,7 @@ class EncDecConfig(ModelConfig):
 
 
 # -----------------------------------------------------------------------------------------------
-# Attention with a cache: the decoder's self-attention one position at a time, cross-attention
+# Cross-attention, and the decoder's attention sub-layer
 # -----------------------------------------------------------------------------------------------
 
 def _split_heads(x, nh):
@@ -120,89 +120,6 @@ def _split_heads(x, nh):
 def _merge_heads(y):
     B, nh, T, hs = y.shape
     return y.transpose(1, 2).reshape(B, T, nh * hs)                      # (B, T, C)
-
-
-def step_weights(layer):
-    """The weights a decoding step reads, for one decoder layer (F, G): each matrix transposed
-    and contiguous, (in, out), so that a step is x @ W matmuls (torch.addmm with the bias) that
-    read W in its stored order, with no nn.Module calls. On a CPU at B = 16..64 rows that is
-    about a third faster than nn.Linear; a step is mostly these small matmuls. The self-attention's
-    input projections sit side by side, (C, 3C) (q, k, v; shared QK: (C, 2C), qk and v): one
-    matmul instead of three. Made once per decoding (start_cache), from the model as it is."""
-    f, g = layer.f, layer.g
-    sa, cross, ff = f.self_attn, f.cross, g.ff
-    t = lambda lin: lin.weight.t().contiguous()
-    ws = [sa.attn.qk.weight] + ([] if sa.attn.shared_qk else [sa.attn.k.weight]) + \
-        [sa.attn.v.weight]
-    return {"attn": sa.attn, "ln_sa": sa.ln, "w_in": torch.cat(ws).t().contiguous(),
-            "w_out": t(sa.attn.out), "b_out": sa.attn.out.bias,
-            "ln_cross": f.ln, "w_q": t(cross.q), "w_cross_out": t(cross.out),
-            "b_cross_out": cross.out.bias, "n_heads": cross.n_heads,
-            "ln_ff": g.ln, "w1": t(ff.w1), "b1": ff.w1.bias, "w2": t(ff.w2), "b2": ff.w2.bias,
-            "act": ACTIVATIONS[ff.activation]}
-
-
-def _linear(x, w, b=None):
-    """x (N, in) @ w (in, out) + b: nn.Linear on a step_weights matrix."""
-    return torch.mm(x, w) if b is None else torch.addmm(b, x, w)
-
-
-def _layer_norm(ln, x):
-    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-
-
-def self_attention_step(x, cache, t):
-    """Position t of lsh_attention.LSHSelfAttention(attn='full', causal=True) from a cache.
-
-    x: (B, C), the layer input at position t (after the LayerNorm). cache['k'], cache['v']: (B,
-    nh, T_max, hs), positions < t filled by earlier steps; this step writes position t. The
-    projections are the layer's step_weights. The softmax over keys 0..t is the row t of
-    full_attention's causal softmax, with its conventions: shared QK keys are q / |q| with no
-    1/sqrt(hs) and a query's own logit replaced by -1e5; separate keys are scaled by 1/sqrt(hs).
-    Returns (B, C).
-    """
-    attn = cache["attn"]
-    B, C = x.shape
-    n = 3 - attn.shared_qk                       # projections: q, k, v or (shared QK) qk, v
-    # With one position, (B, 1, nh, hs) and (B, nh, 1, hs) are the same memory: views only.
-    proj = (x @ cache["w_in"]).view(B, n, attn.n_heads, 1, attn.hs).unbind(1)
-    q, v = proj[0], proj[-1]                                             # (B, nh, 1, hs) each
-    k = F.normalize(q, dim=-1) if attn.shared_qk else proj[1]
-    cache["k"][:, :, t:t + 1] = k
-    cache["v"][:, :, t:t + 1] = v
-    keys, values = cache["k"][:, :, :t + 1], cache["v"][:, :, :t + 1]  # (B, nh, t + 1, hs)
-    if not attn.shared_qk:             # softmax(q k^T / sqrt(hs)) v: the fused kernel, no mask
-        y = F.scaled_dot_product_attention(q, keys, values)              # (B, nh, 1, hs)
-    else:
-        logits = torch.matmul(q, keys.transpose(-1, -2))                # (B, nh, 1, t + 1)
-        logits[..., t] = SELF_LOGIT
-        y = torch.matmul(torch.softmax(logits, dim=-1), values)         # (B, nh, 1, hs)
-    return _linear(y.view(B, C), cache["w_out"], cache["b_out"])
-
-
-def decoder_f_step(x, cache, t):
-    """The decoder's F (DecoderAttentionSublayer) at position t from its layer's cache
-    (start_cache): x (B, C) -> (B, C), the same function as in training, without dropout
-    (decoding runs in eval mode):  a = SelfAttn(LN(x));  F(x) = a + CrossAttn(LN(x + a), memory).
-    In beam search x has k rows a sentence (B k, C), and the cross-attention keys and values are
-    kept once per sentence: its k beams attend as k query positions of the sentence's row, so
-    each sentence's keys and values are read once a step, not once per beam."""
-    a = self_attention_step(_layer_norm(cache["ln_sa"], x), cache, t)
-    h = _layer_norm(cache["ln_cross"], x + a)                            # (B k, C)
-    k_mem, v_mem = cache["memory_kv"]                                    # (B, nh, S, hs) each
-    Bk, C = h.shape
-    B, nh = k_mem.shape[0], cache["n_heads"]
-    q = _linear(h, cache["w_q"]).view(B, -1, nh, C // nh).transpose(1, 2)   # (B, nh, k, hs)
-    y = F.scaled_dot_product_attention(q, k_mem, v_mem, attn_mask=cache["memory_bias"])
-    return a + _linear(y.transpose(1, 2).reshape(Bk, C), cache["w_cross_out"],
-                       cache["b_cross_out"])
-
-
-def decoder_g_step(x, cache):
-    """The decoder's G (FeedForwardSublayer) from its layer's cache: W2 act(W1 LN(x) + b1) + b2,
-    x (B, C) -> (B, C)."""
-    h = cache["act"](_linear(_layer_norm(cache["ln_ff"], x), cache["w1"], cache["b1"]))
-    return _linear(h, cache["w2"], cache["b2"])
 
 
 class CrossAttention(nn.Module):
@@ -432,6 +349,93 @@ class ReformerEncDec(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu"):
         return model_from_checkpoint(cls, EncDecConfig, path, map_location)
+
+
+# -----------------------------------------------------------------------------------------------
+# One decoder position at a time: a layer's F and G from its cache (ReformerEncDec.step)
+# -----------------------------------------------------------------------------------------------
+
+def step_weights(layer):
+    """The weights a decoding step reads, for one decoder layer (F, G): each matrix transposed
+    and contiguous, (in, out), so that a step is x @ W matmuls (torch.addmm with the bias) that
+    read W in its stored order, with no nn.Module calls. On a CPU at B = 16..64 rows that is
+    about a third faster than nn.Linear; a step is mostly these small matmuls. The self-attention's
+    input projections sit side by side, (C, 3C) (q, k, v; shared QK: (C, 2C), qk and v): one
+    matmul instead of three. Made once per decoding (start_cache), from the model as it is."""
+    f, g = layer.f, layer.g
+    sa, cross, ff = f.self_attn, f.cross, g.ff
+    t = lambda lin: lin.weight.t().contiguous()
+    ws = [sa.attn.qk.weight] + ([] if sa.attn.shared_qk else [sa.attn.k.weight]) + \
+        [sa.attn.v.weight]
+    return {"attn": sa.attn, "ln_sa": sa.ln, "w_in": torch.cat(ws).t().contiguous(),
+            "w_out": t(sa.attn.out), "b_out": sa.attn.out.bias,
+            "ln_cross": f.ln, "w_q": t(cross.q), "w_cross_out": t(cross.out),
+            "b_cross_out": cross.out.bias, "n_heads": cross.n_heads,
+            "ln_ff": g.ln, "w1": t(ff.w1), "b1": ff.w1.bias, "w2": t(ff.w2), "b2": ff.w2.bias,
+            "act": ACTIVATIONS[ff.activation]}
+
+
+def _linear(x, w, b=None):
+    """x (N, in) @ w (in, out) + b: nn.Linear on a step_weights matrix."""
+    return torch.mm(x, w) if b is None else torch.addmm(b, x, w)
+
+
+def _layer_norm(ln, x):
+    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+
+def self_attention_step(x, cache, t):
+    """Position t of lsh_attention.LSHSelfAttention(attn='full', causal=True) from a cache.
+
+    x: (B, C), the layer input at position t (after the LayerNorm). cache['k'], cache['v']: (B,
+    nh, T_max, hs), positions < t filled by earlier steps; this step writes position t. The
+    projections are the layer's step_weights. The softmax over keys 0..t is the row t of
+    full_attention's causal softmax, with its conventions: shared QK keys are q / |q| with no
+    1/sqrt(hs) and a query's own logit replaced by -1e5; separate keys are scaled by 1/sqrt(hs).
+    Returns (B, C).
+    """
+    attn = cache["attn"]
+    B, C = x.shape
+    n = 3 - attn.shared_qk                       # projections: q, k, v or (shared QK) qk, v
+    # With one position, (B, 1, nh, hs) and (B, nh, 1, hs) are the same memory: views only.
+    proj = (x @ cache["w_in"]).view(B, n, attn.n_heads, 1, attn.hs).unbind(1)
+    q, v = proj[0], proj[-1]                                             # (B, nh, 1, hs) each
+    k = F.normalize(q, dim=-1) if attn.shared_qk else proj[1]
+    cache["k"][:, :, t:t + 1] = k
+    cache["v"][:, :, t:t + 1] = v
+    keys, values = cache["k"][:, :, :t + 1], cache["v"][:, :, :t + 1]  # (B, nh, t + 1, hs)
+    if not attn.shared_qk:             # softmax(q k^T / sqrt(hs)) v: the fused kernel, no mask
+        y = F.scaled_dot_product_attention(q, keys, values)              # (B, nh, 1, hs)
+    else:
+        logits = torch.matmul(q, keys.transpose(-1, -2))                # (B, nh, 1, t + 1)
+        logits[..., t] = SELF_LOGIT
+        y = torch.matmul(torch.softmax(logits, dim=-1), values)         # (B, nh, 1, hs)
+    return _linear(y.view(B, C), cache["w_out"], cache["b_out"])
+
+
+def decoder_f_step(x, cache, t):
+    """The decoder's F (DecoderAttentionSublayer) at position t from its layer's cache
+    (start_cache): x (B, C) -> (B, C), the same function as in training, without dropout
+    (decoding runs in eval mode):  a = SelfAttn(LN(x));  F(x) = a + CrossAttn(LN(x + a), memory).
+    In beam search x has k rows a sentence (B k, C), and the cross-attention keys and values are
+    kept once per sentence: its k beams attend as k query positions of the sentence's row, so
+    each sentence's keys and values are read once a step, not once per beam."""
+    a = self_attention_step(_layer_norm(cache["ln_sa"], x), cache, t)
+    h = _layer_norm(cache["ln_cross"], x + a)                            # (B k, C)
+    k_mem, v_mem = cache["memory_kv"]                                    # (B, nh, S, hs) each
+    Bk, C = h.shape
+    B, nh = k_mem.shape[0], cache["n_heads"]
+    q = _linear(h, cache["w_q"]).view(B, -1, nh, C // nh).transpose(1, 2)   # (B, nh, k, hs)
+    y = F.scaled_dot_product_attention(q, k_mem, v_mem, attn_mask=cache["memory_bias"])
+    return a + _linear(y.transpose(1, 2).reshape(Bk, C), cache["w_cross_out"],
+                       cache["b_cross_out"])
+
+
+def decoder_g_step(x, cache):
+    """The decoder's G (FeedForwardSublayer) from its layer's cache: W2 act(W1 LN(x) + b1) + b2,
+    x (B, C) -> (B, C)."""
+    h = cache["act"](_linear(_layer_norm(cache["ln_ff"], x), cache["w1"], cache["b1"]))
+    return _linear(h, cache["w2"], cache["b2"])
 
 
 # -----------------------------------------------------------------------------------------------
