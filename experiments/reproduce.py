@@ -17,6 +17,7 @@ curves against steps and against wall time).
     python -m experiments.reproduce plateau       # diagnostic: why LSH leaves the bigram plateau late
     python -m experiments.reproduce all           # all of the above, in that order
     python -m experiments.reproduce parallel_small  # the bare translation command, timed (~1 h)
+    python -m experiments.reproduce averaging     # that run continued, its last evals averaged
     python -m experiments.report                  # experiments/RESULTS.md and the README's blocks, from the JSON
     python -m experiments.reproduce hashes --paper --device=cuda   # the paper's sizes (configs/*.args), a GPU
 
@@ -654,12 +655,71 @@ def parallel_small(data_path=PARALLEL_DATA, root='out/reproduce', results='exper
     return out
 
 
+# Checkpoint averaging (train.py --average_last): does the parameter mean of the last evals
+# translate better than the best or the last single checkpoint? parallel_small's run continued
+# from its step 1,200, late in the rsqrt decay, with an eval every 100 steps; then each of the
+# three checkpoints scored on the test part (translate --eval) and on the whole valid part
+# (train.py --eval_only: the unsmoothed NLL).
+AVERAGING = ['--max_steps=1600', '--eval_interval=100', '--average_last=4']   # + --resume
+
+
+def averaging(data_path=PARALLEL_DATA, root='out/reproduce', results='experiments/results',
+              extra=(), flags=AVERAGING):
+    """Continue parallel_small's finished run in a copy (out_root/averaging) with flags, score
+    ckpt.pt, ckpt_best.pt and ckpt_avg.pt, and write results/averaging.json. Resumable: the
+    continued run and every score are kept in the copy. extra: as parallel_small's (tests)."""
+    import shutil
+    from translation import translate
+    src = os.path.join(root, 'parallel_small')
+    if not os.path.exists(os.path.join(src, 'run.json')):
+        raise SystemExit(f"error: no finished run in {src}; run `python -m experiments.reproduce "
+                         f"parallel_small` first")
+    out_dir = os.path.join(root, 'averaging')
+    if not os.path.exists(out_dir):
+        shutil.copytree(src, out_dir + '.part', ignore=shutil.ignore_patterns(
+            'run.json', 'eval_*.json', 'evals.json', '*.lock'))
+        os.replace(out_dir + '.part', out_dir)
+    base = ['--dataset=parallel', f'--data_path={data_path}', *extra]
+    argv = base + list(flags)
+    with locked(os.path.join(out_dir, 'run')):
+        record = train_run(argv, out_dir, None)
+        if record['status'] != 'ok':
+            raise SystemExit(f"error: the run failed; see {out_dir}/train.log:\n"
+                             f"{record.get('error')}")
+        scores = {}
+        for kind in ('last', 'best', 'avg'):
+            valid = eval_run(base, out_dir, None, [f'--eval_checkpoint={kind}'])
+            cached = os.path.join(out_dir, f'test_{kind}.json')
+            if not os.path.exists(cached):
+                with open(os.path.join(out_dir, 'translate.log'), 'a') as log, \
+                        contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                    test = translate.main([f'--out_dir={out_dir}', '--eval',
+                                           f'--checkpoint={kind}'])
+                write_json(cached, {k: v for k, v in test.items() if k != 'hypotheses'})
+            with open(cached) as f:
+                test = json.load(f)
+            scores[kind] = {'step': test['step'], 'averaged_steps': test.get('averaged_steps'),
+                            'valid_nll': valid.get('nll'), 'valid_ppl': valid.get('ppl'),
+                            'bleu': test['bleu'], 'chrf': test['chrf'],
+                            'bleu_signature': test['bleu_signature'],
+                            'n_sentences': test['n_sentences'], 'beam_size': test['beam_size']}
+    lines = read_jsonl(os.path.join(out_dir, 'log.jsonl'))
+    out = {'experiment': 'averaging', 'title': 'Checkpoint averaging on the bare translation run',
+           'machine': machine(), 'command': shlex.join(['python', 'train.py'] + argv),
+           'continued_from': src, 'train': record,
+           'evals': [{k: r[k] for k in ('step', 'nll', 'ppl') if k in r} for r in lines
+                     if r['kind'] == 'eval'],
+           'checkpoints': scores}
+    write_json(os.path.join(results, 'averaging.json'), out)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('name', choices=ORDER + ['all', 'corpus', 'parallel_small'],
-                   help='the experiment to run, all of them, corpus, or parallel_small (the bare '
-                        'translation command, timed)')
+    p.add_argument('name', choices=ORDER + ['all', 'corpus', 'parallel_small', 'averaging'],
+                   help='the experiment to run, all of them, corpus, parallel_small (the bare '
+                        'translation command, timed) or averaging (its checkpoints averaged)')
     p.add_argument('--seeds', default=None,
                    help="comma-separated seeds; default: the experiment's (2 or 3)")
     p.add_argument('--paper', action='store_true',
@@ -680,6 +740,8 @@ def main(argv=None):
         return prepare_corpus(sources=a.corpus_sources)
     if a.name == 'parallel_small':
         return parallel_small(root=a.out_root, results=a.results)
+    if a.name == 'averaging':
+        return averaging(root=a.out_root, results=a.results)
     for name in ORDER if a.name == 'all' else [a.name]:
         run_experiment(name, seeds, a.paper, a.max_steps, a.device, a.out_root, a.results,
                        shlex.split(a.extra), a.only)

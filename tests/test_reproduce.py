@@ -420,9 +420,14 @@ def test_decode_table_is_generated_from_decode_json(tmp_path):
     assert '1.50x greedy, 1.50x with beam' in text and 'prefix: 8.00x' in text
 
 
-def test_parallel_small_times_the_bare_command_and_scores_the_test_part(tmp_path, monkeypatch):
-    """The bare translation command (here shrunk by extra flags), timed and resumable, then
-    translate --eval on ckpt_best.pt; the results file and the README block come from it."""
+TINY_PARALLEL = ['--device=cpu', '--n_layers=1', '--n_dec_layers=1', '--d_model=16',
+                 '--n_heads=2', '--d_ff=32', '--max_tokens=96', '--warmup=2', '--log_interval=1',
+                 '--eval_interval=2', '--valid_size=4', '--heldout=4', '--tokenizer=bytes',
+                 '--seq_len=24', '--max_steps=4']
+
+
+def tiny_parallel(tmp_path, monkeypatch):
+    """A tiny corpus in tmp_path/data and train.py run in-process: (calls, extra flags)."""
     calls = []
     monkeypatch.setattr(reproduce, 'subprocess_train', in_process(calls))
     monkeypatch.chdir(tmp_path)
@@ -430,10 +435,13 @@ def test_parallel_small_times_the_bare_command_and_scores_the_test_part(tmp_path
     with open('data/pairs.tsv', 'w', encoding='utf-8') as f:
         f.writelines(f"the {w} house {i}\tdas {w} Haus {i}\n" for i in range(12)
                      for w in ('red', 'big', 'old'))
-    tiny = ['--device=cpu', '--n_layers=1', '--n_dec_layers=1', '--d_model=16', '--n_heads=2',
-            '--d_ff=32', '--max_tokens=96', '--warmup=2', '--log_interval=1',
-            '--eval_interval=2', '--valid_size=4', '--heldout=4', '--tokenizer=bytes',
-            '--seq_len=24', '--max_steps=4']
+    return calls, TINY_PARALLEL
+
+
+def test_parallel_small_times_the_bare_command_and_scores_the_test_part(tmp_path, monkeypatch):
+    """The bare translation command (here shrunk by extra flags), timed and resumable, then
+    translate --eval on ckpt_best.pt; the results file and the README block come from it."""
+    calls, tiny = tiny_parallel(tmp_path, monkeypatch)
     out = reproduce.parallel_small('data/pairs.tsv', 'out', 'results', extra=tiny)
     assert calls[0][:2] == ['--dataset=parallel', '--data_path=data/pairs.tsv']
     assert out['command'].startswith('python train.py --dataset=parallel --data_path=data/pairs')
@@ -454,3 +462,28 @@ def test_parallel_small_times_the_bare_command_and_scores_the_test_part(tmp_path
     assert '**not met**' in report.parallel_small_block('results', 'results')
     with pytest.raises(SystemExit, match='translation.translation_data --dataset=bible'):
         reproduce.parallel_small('data/missing.tsv', 'out', 'results')
+
+
+def test_averaging_continues_the_bare_run_and_scores_three_checkpoints(tmp_path, monkeypatch):
+    calls, tiny = tiny_parallel(tmp_path, monkeypatch)
+    with pytest.raises(SystemExit, match='reproduce parallel_small. first'):
+        reproduce.averaging('data/pairs.tsv', 'out', 'results', extra=tiny)
+    reproduce.parallel_small('data/pairs.tsv', 'out', 'results', extra=tiny)
+    flags = ['--max_steps=8', '--eval_interval=2', '--average_last=2']
+    out = reproduce.averaging('data/pairs.tsv', 'out', 'results', extra=tiny, flags=flags)
+    assert '--resume' in calls[1] and '--max_steps=8' in calls[1]   # continued, not restarted
+    assert [e['step'] for e in out['evals']] == [2, 4, 6, 8]
+    c = out['checkpoints']
+    assert c['last']['step'] == 8 and c['avg']['averaged_steps'] == [6, 8]
+    assert c['best']['valid_nll'] == pytest.approx(min(e['nll'] for e in out['evals']))
+    assert c['last']['valid_nll'] == pytest.approx(out['evals'][-1]['nll'])
+    assert c['avg']['valid_nll'] not in (c['last']['valid_nll'], c['best']['valid_nll'])
+    # the original run is untouched: its log still ends at step 4
+    assert max(r['step'] for r in reproduce.read_jsonl('out/parallel_small/log.jsonl')) == 4
+    n = len(calls)
+    assert reproduce.averaging('data/pairs.tsv', 'out', 'results', extra=tiny, flags=flags) == out
+    assert len(calls) == n                                   # nothing trained or scored again
+    block = report.averaging_block('results', 'results')
+    assert f"| average (`ckpt_avg.pt`) | 6, 8 | {c['avg']['valid_nll']:.3f} |" in block
+    d = c['avg']['bleu'] - c['best']['bleu']
+    assert f"{d:+.2f} BLEU" in block
