@@ -107,6 +107,20 @@ def load_results(results='experiments/results'):
     return out
 
 
+def machines_text(result):
+    """'CPU, 2 cores, torch X, OMP_NUM_THREADS=1' of the machine(s) the runs ran on, each with
+    its runs' count when they differ (a run's own 'machine', else the file's)."""
+    text = lambda m: (f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+                      f"OMP_NUM_THREADS={m['threads']}")
+    seen = {}
+    for r in result['runs']:
+        t = text(r.get('machine') or result['machine'])
+        seen[t] = seen.get(t, 0) + 1
+    if len(seen) <= 1:
+        return next(iter(seen), text(result['machine']))
+    return ' and '.join(f"{t} ({n} runs)" for t, n in seen.items())
+
+
 def runs_line(result):
     """How many runs, how many failed, the seeds, the machine and its load."""
     runs = result['runs']
@@ -124,7 +138,7 @@ def runs_line(result):
          f"steps of {c.get('batch_size')} x {c.get('seq_len')} tokens, lr {c.get('lr')} "
          f"({sched} after {c.get('warmup')} warmup steps), {evals}"
          f"{len(failed)} failed{(' (' + ', '.join(failed) + ')') if failed else ''}; "
-         f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, OMP_NUM_THREADS={m['threads']}; "
+         f"{machines_text(result)}; "
          f"1-minute load average {min(loads):.1f}-{max(loads):.1f} during the runs"
          f"{' (above the core count: other jobs shared the machine, so wall times are noisy)' if noisy else ''}.")
     return s

@@ -388,7 +388,9 @@ def save_run(path, header, run):
             with open(path) as f:
                 old = json.load(f)
             if old.get('scale') == header['scale']:
-                runs = [r for r in old['runs'] if (r['label'], r['seed']) !=
+                # each run keeps the machine it ran on (older files held it in the header only)
+                runs = [dict(r, machine=r.get('machine', old.get('machine')))
+                        for r in old['runs'] if (r['label'], r['seed']) !=
                         (run['label'], run['seed'])]
         order = [label for label, _ in EXPERIMENTS[header['experiment']]['variants']]
         rank = lambda r: (r['seed'], order.index(r['label']) if r['label'] in order else 99)
@@ -441,7 +443,8 @@ def run_experiment(name, seeds=None, paper=False, steps=None, device=None, root=
         with locked(os.path.join(out_dir, 'run')):   # the run, its evals and analysis
             record = train_run(argv, out_dir, device)
             run = {'label': label, 'seed': seed, 'config': flag_dict(argv), 'out_dir': out_dir,
-                   'device': device or 'auto', **record, 'curve': curve(out_dir), 'evals': {}}
+                   'device': device or 'auto', 'machine': out['machine'], **record,
+                   'curve': curve(out_dir), 'evals': {}}
             if record['status'] == 'ok':
                 for eval_label, flags in exp['evals'](label):
                     run['evals'][eval_label] = eval_run(argv, out_dir, device, flags)

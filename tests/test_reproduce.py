@@ -487,3 +487,20 @@ def test_averaging_continues_the_bare_run_and_scores_three_checkpoints(tmp_path,
     assert f"| average (`ckpt_avg.pt`) | 6, 8 | {c['avg']['valid_nll']:.3f} |" in block
     d = c['avg']['bleu'] - c['best']['bleu']
     assert f"{d:+.2f} BLEU" in block
+
+
+def test_each_run_keeps_the_machine_it_ran_on(tmp_path, monkeypatch):
+    monkeypatch.setitem(reproduce.EXPERIMENTS, 'tiny', EXP)
+    path = str(tmp_path / 'tiny.json')
+    a = {'cpu': 'CPU A', 'cores': 2, 'torch': '2', 'threads': '1'}
+    b = dict(a, cpu='CPU B')
+    header = lambda m: {'experiment': 'tiny', 'scale': 'cpu', 'machine': m}
+    run = lambda label, seed, **kw: {'label': label, 'seed': seed, 'status': 'ok', **kw}
+    reproduce.save_run(path, header(a), run('full', 0))          # an older file: header only
+    out = reproduce.save_run(path, header(b), run('full', 1, machine=b))
+    assert [r['machine']['cpu'] for r in out['runs']] == ['CPU A', 'CPU B']
+    assert out['machine']['cpu'] == 'CPU B'
+    assert report.machines_text(out) == ('CPU A, 2 cores, torch 2, OMP_NUM_THREADS=1 (1 runs) '
+                                         'and CPU B, 2 cores, torch 2, OMP_NUM_THREADS=1 (1 runs)')
+    out['runs'][0]['machine'] = b
+    assert report.machines_text(out) == 'CPU B, 2 cores, torch 2, OMP_NUM_THREADS=1'
