@@ -118,7 +118,7 @@ def machines_text(result):
         seen[t] = seen.get(t, 0) + 1
     if len(seen) <= 1:
         return next(iter(seen), text(result['machine']))
-    return ' and '.join(f"{t} ({n} runs)" for t, n in seen.items())
+    return ' and '.join(f"{t} ({n} run{'s' if n > 1 else ''})" for t, n in seen.items())
 
 
 def runs_line(result):

@@ -500,7 +500,7 @@ def test_each_run_keeps_the_machine_it_ran_on(tmp_path, monkeypatch):
     out = reproduce.save_run(path, header(b), run('full', 1, machine=b))
     assert [r['machine']['cpu'] for r in out['runs']] == ['CPU A', 'CPU B']
     assert out['machine']['cpu'] == 'CPU B'
-    assert report.machines_text(out) == ('CPU A, 2 cores, torch 2, OMP_NUM_THREADS=1 (1 runs) '
-                                         'and CPU B, 2 cores, torch 2, OMP_NUM_THREADS=1 (1 runs)')
+    assert report.machines_text(out) == ('CPU A, 2 cores, torch 2, OMP_NUM_THREADS=1 (1 run) '
+                                         'and CPU B, 2 cores, torch 2, OMP_NUM_THREADS=1 (1 run)')
     out['runs'][0]['machine'] = b
     assert report.machines_text(out) == 'CPU B, 2 cores, torch 2, OMP_NUM_THREADS=1'
