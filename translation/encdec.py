@@ -269,9 +269,9 @@ class ReformerEncDec(nn.Module):
         buffer of each for reorder_cache, the layer's step_weights, and the cross-attention
         keys/values of memory (B, nh, S, hs) and its mask bias, computed once per sentence and
         shared by its beams (decoder_f_step); and the output layer's weight transposed,
-        (C, V), for step's matmul. The weights are copies: a cache is for one decoding, with the
-        model unchanged. Positions >= t of the keys/values are never read, so the buffers start
-        uninitialised."""
+        (C, V), for step's matmul. The transposed matrices are copies: a cache is for one
+        decoding, with the model unchanged. Positions >= t of the keys/values are never read, so
+        the buffers start uninitialised."""
         B, C, nh = memory.shape[0], self.config.d_model, self.config.n_heads
         shape = (B * repeat, nh, max_len, C // nh)
         bias = CrossAttention.mask_bias(memory_mask, memory.dtype)       # (B, 1, 1, S)
