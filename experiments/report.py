@@ -811,7 +811,25 @@ def reversible_notes(result):
             f"{FASTAI_REVERSIBLE_GAP} bpc gap with the mean; the paper: 'nearly the same'). They "
             f"left the plateau at steps {leaves(result, 'reversible')}, "
             f"{leaves(result, 'reversible, concat')} and {leaves(result, 'ordinary')}.", ''] + \
+        join_sentence(result) + \
         gap_drift_sentence(result, 'ordinary', ['reversible', 'reversible, concat'])
+
+
+def join_sentence(result):
+    """The two joins against each other, paired by seed: which one the interval favours."""
+    p = paired_difference(result, 'reversible', 'reversible, concat')
+    if p is None:
+        return []
+    every = all(d < 0 for d in p['diffs']) and 'lower on every seed' or \
+        all(d > 0 for d in p['diffs']) and 'higher on every seed' or 'lower on some seeds only'
+    if p['lo'] is not None and p['hi'] < 0:
+        says = "the concatenation is the better join: the whole interval lies below 0"
+    elif p['lo'] is not None and p['lo'] > 0:
+        says = "the mean is the better join: the whole interval lies above 0"
+    else:
+        says = "the interval does not separate the two joins"
+    return [f"Concatenation against the mean, paired by seed: {interval_text(p)}; concat is "
+            f"{every}, and {says}.", '']
 
 
 def length_notes(result):

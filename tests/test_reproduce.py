@@ -504,3 +504,14 @@ def test_each_run_keeps_the_machine_it_ran_on(tmp_path, monkeypatch):
                                          'and CPU B, 2 cores, torch 2, OMP_NUM_THREADS=1 (1 run)')
     out['runs'][0]['machine'] = b
     assert report.machines_text(out) == 'CPU B, 2 cores, torch 2, OMP_NUM_THREADS=1'
+
+
+def test_join_sentence_says_which_join_the_paired_interval_favours():
+    def says(concat):
+        r = lm_result('reversible', {'reversible': [2.0, 2.1, 2.2], 'reversible, concat': concat})
+        return report.join_sentence(r)[0]
+    assert 'the concatenation is the better join' in says([1.96, 2.05, 2.17])   # -0.04 +- 0.01
+    assert 'concat is lower on every seed' in says([1.96, 2.05, 2.17])
+    assert 'the mean is the better join' in says([2.04, 2.15, 2.23])
+    assert 'does not separate' in says([1.9, 2.15, 2.2])
+    assert 'lower on some seeds only' in says([1.9, 2.15, 2.2])
