@@ -390,6 +390,22 @@ def test_table2_collapse_under_the_authors_attention_and_which_convention():
     assert 'full seed 0 at 60.0 % (still improving at the last step)' in report.stuck_sentence(r)
 
 
+def test_table2_collapse_counts_only_lsh_models_that_learned_the_task():
+    """An LSH model below half its accuracy under its own attention never learned the task: its
+    low score under full_dot is no collapse."""
+    low = 0.05
+    r = table2_result({'full_dot': {'full_dot': 0.99},
+                       'LSH-2': {'LSH-2': 0.95, 'full_dot': low},
+                       'LSH-4': {'LSH-4': 0.30, 'full_dot': low}})
+    _, _, ours, word, _ = report.table2_verdict(r, 'full_dot')
+    assert word == 'holds (LSH-4 never learned the task, so not counted)'
+    assert 'LSH-4 30.0 % under their own attention' in ours
+    r['runs'][1]['evals']['full_dot'] = {'accuracy': 0.9}    # the learned one does not fall
+    assert report.table2_verdict(r, 'full_dot')[3].startswith('does not hold')
+    r['runs'][1]['evals']['LSH-2'] = {'accuracy': 0.2}       # neither learned
+    assert report.table2_verdict(r, 'full_dot')[3] == 'not settled: no LSH model learned the task'
+
+
 def test_hashes_suspects_are_named_by_their_paired_intervals():
     r = lm_result('hashes', {'LSH-4': [2.30, 2.32, 2.34], 'LSH-4, dedup': [2.20, 2.23, 2.24],
                              'local + LSH-4': [2.31, 2.31, 2.36]})
