@@ -597,8 +597,6 @@ def plot(result, png):
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------- command line
-
 # ------------------------------------------------------------------------ the bare translation run
 # What a new user with a small corpus gets from `python train.py --dataset=parallel
 # --data_path=FILE` and nothing else (configs/parallel_small.args), timed end to end, then scored
@@ -610,12 +608,27 @@ def plot(result, png):
 PARALLEL_DATA = os.path.join('data', 'bible_en_es.tsv')
 
 
+def score_test_part(out_dir, checkpoint, name):
+    """translate.py --eval of out_dir's checkpoint (best, last, avg) on the test part: sacreBLEU,
+    chrF and the rest, with its wall time; cached in out_dir/name (a later call reads it)."""
+    from translation import translate
+    cached = os.path.join(out_dir, name)
+    if not os.path.exists(cached):
+        t0 = time.time()
+        with open(os.path.join(out_dir, 'translate.log'), 'a') as log, \
+                contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            test = translate.main([f'--out_dir={out_dir}', '--eval', f'--checkpoint={checkpoint}'])
+        write_json(cached, {k: v for k, v in test.items() if k != 'hypotheses'} |
+                   {'eval_wall_s': round(time.time() - t0, 1)})
+    with open(cached) as f:
+        return json.load(f)
+
+
 def parallel_small(data_path=PARALLEL_DATA, root='out/reproduce', results='experiments/results',
                    extra=()):
     """Train the bare --dataset=parallel command (resumable; a finished run is not redone),
     score ckpt_best.pt on the test part (translate --eval: beam 4, sacreBLEU and chrF), and write
     results/parallel_small.json. Returns its contents. extra: more train.py flags (tests)."""
-    from translation import translate
     if not os.path.exists(data_path):
         raise SystemExit(f"error: {data_path} not found; make it with `python -m "
                          f"translation.translation_data --dataset=bible --data_dir="
@@ -627,15 +640,7 @@ def parallel_small(data_path=PARALLEL_DATA, root='out/reproduce', results='exper
         if record['status'] != 'ok':
             raise SystemExit(f"error: the run failed; see {out_dir}/train.log:\n"
                              f"{record.get('error')}")
-        scored = os.path.join(out_dir, 'eval_test.json')   # translate.py --eval writes it
-        if not os.path.exists(scored):
-            t0 = time.time()
-            with open(os.path.join(out_dir, 'translate.log'), 'a') as log, \
-                    contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                test = translate.main([f'--out_dir={out_dir}', '--eval'])
-            write_json(scored, dict(test, eval_wall_s=round(time.time() - t0, 1)))
-        with open(scored) as f:
-            test = json.load(f)
+        test = score_test_part(out_dir, 'best', 'eval_test.json')
     lines = read_jsonl(os.path.join(out_dir, 'log.jsonl'))
     evals = [r for r in lines if r['kind'] not in ('train', 'final')]
     with open(data_path, 'rb') as f:
@@ -672,7 +677,6 @@ def averaging(data_path=PARALLEL_DATA, root='out/reproduce', results='experiment
     ckpt.pt, ckpt_best.pt and ckpt_avg.pt, and write results/averaging.json. Resumable: the
     continued run and every score are kept in the copy. extra: as parallel_small's (tests)."""
     import shutil
-    from translation import translate
     src = os.path.join(root, 'parallel_small')
     if not os.path.exists(os.path.join(src, 'run.json')):
         raise SystemExit(f"error: no finished run in {src}; run `python -m experiments.reproduce "
@@ -692,15 +696,7 @@ def averaging(data_path=PARALLEL_DATA, root='out/reproduce', results='experiment
         scores = {}
         for kind in ('last', 'best', 'avg'):
             valid = eval_run(base, out_dir, None, [f'--eval_checkpoint={kind}'])
-            cached = os.path.join(out_dir, f'test_{kind}.json')
-            if not os.path.exists(cached):
-                with open(os.path.join(out_dir, 'translate.log'), 'a') as log, \
-                        contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                    test = translate.main([f'--out_dir={out_dir}', '--eval',
-                                           f'--checkpoint={kind}'])
-                write_json(cached, {k: v for k, v in test.items() if k != 'hypotheses'})
-            with open(cached) as f:
-                test = json.load(f)
+            test = score_test_part(out_dir, kind, f'test_{kind}.json')
             scores[kind] = {'step': test['step'], 'averaged_steps': test.get('averaged_steps'),
                             'valid_nll': valid.get('nll'), 'valid_ppl': valid.get('ppl'),
                             'bleu': test['bleu'], 'chrf': test['chrf'],
@@ -716,6 +712,8 @@ def averaging(data_path=PARALLEL_DATA, root='out/reproduce', results='experiment
     write_json(os.path.join(results, 'averaging.json'), out)
     return out
 
+
+# ----------------------------------------------------------------------------- command line
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
