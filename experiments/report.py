@@ -1196,29 +1196,22 @@ def write_readme(readme='README.md', results='experiments/results', results_md=N
 
 
 def write_decode_table(path, bench, results='experiments/results'):
-    """The decoding table and the side-by-side comparison between translation/README.md's
-    decode and translation markers, where it has them."""
+    """translation/README.md's generated blocks (the decoding table, checkpoint averaging, the
+    bare run, the side-by-side comparison), between their markers, where it has them."""
     if not os.path.exists(path):
         return
     with open(path) as f:
         text = f.read()
     here = os.path.dirname(os.path.abspath(path))
+    link = lambda folder: os.path.relpath(os.path.abspath(folder), here)
+    blocks = [(DECODE_START, DECODE_END, decode_block, bench),   # (markers, maker, its folder)
+              (AVERAGING_START, AVERAGING_END, averaging_block, results),
+              (PARALLEL_START, PARALLEL_END, parallel_small_block, results),
+              (TRANSLATION_START, TRANSLATION_END, translation_block, results)]
     new = text
-    if DECODE_START in text:
-        link = os.path.relpath(os.path.abspath(bench), here)
-        new = between(new, DECODE_START, DECODE_END, wrapped(decode_block(bench, link)), path)
-    if AVERAGING_START in text:
-        link = os.path.relpath(os.path.abspath(results), here)
-        new = between(new, AVERAGING_START, AVERAGING_END,
-                      wrapped(averaging_block(results, link)), path)
-    if PARALLEL_START in text:
-        link = os.path.relpath(os.path.abspath(results), here)
-        new = between(new, PARALLEL_START, PARALLEL_END,
-                      wrapped(parallel_small_block(results, link)), path)
-    if TRANSLATION_START in text:
-        link = os.path.relpath(os.path.abspath(results), here)
-        new = between(new, TRANSLATION_START, TRANSLATION_END,
-                      wrapped(translation_block(results, link)), path)
+    for start, end, block, folder in blocks:
+        if start in text:
+            new = between(new, start, end, wrapped(block(folder, link(folder))), path)
     with open(path + '.tmp', 'w') as f:
         f.write(new)
     os.replace(path + '.tmp', path)

@@ -608,6 +608,15 @@ def plot(result, png):
 PARALLEL_DATA = os.path.join('data', 'bible_en_es.tsv')
 
 
+def trained(argv, out_dir):
+    """train_run for a translation run that the rest needs: its record, or a clear error."""
+    record = train_run(argv, out_dir, None)
+    if record['status'] != 'ok':
+        raise SystemExit(f"error: the run failed; see {out_dir}/train.log:\n"
+                         f"{record.get('error')}")
+    return record
+
+
 def score_test_part(out_dir, checkpoint, name):
     """translate.py --eval of out_dir's checkpoint (best, last, avg) on the test part: sacreBLEU,
     chrF and the rest, with its wall time; cached in out_dir/name (a later call reads it)."""
@@ -636,10 +645,7 @@ def parallel_small(data_path=PARALLEL_DATA, root='out/reproduce', results='exper
     out_dir = os.path.join(root, 'parallel_small')
     argv = ['--dataset=parallel', f'--data_path={data_path}', *extra]
     with locked(os.path.join(out_dir, 'run')):
-        record = train_run(argv, out_dir, None)
-        if record['status'] != 'ok':
-            raise SystemExit(f"error: the run failed; see {out_dir}/train.log:\n"
-                             f"{record.get('error')}")
+        record = trained(argv, out_dir)
         test = score_test_part(out_dir, 'best', 'eval_test.json')
     lines = read_jsonl(os.path.join(out_dir, 'log.jsonl'))
     evals = [r for r in lines if r['kind'] not in ('train', 'final')]
@@ -689,10 +695,7 @@ def averaging(data_path=PARALLEL_DATA, root='out/reproduce', results='experiment
     base = ['--dataset=parallel', f'--data_path={data_path}', *extra]
     argv = base + list(flags)
     with locked(os.path.join(out_dir, 'run')):
-        record = train_run(argv, out_dir, None)
-        if record['status'] != 'ok':
-            raise SystemExit(f"error: the run failed; see {out_dir}/train.log:\n"
-                             f"{record.get('error')}")
+        record = trained(argv, out_dir)
         scores = {}
         for kind in ('last', 'best', 'avg'):
             valid = eval_run(base, out_dir, None, [f'--eval_checkpoint={kind}'])
