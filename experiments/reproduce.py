@@ -412,6 +412,29 @@ def recorded(path, label, seed, argv, eval_labels):
                 None)
 
 
+def recorded_elsewhere(results, name, label, argv, scale):
+    """(experiment, run) of another experiment's results/*.json that trained these very flags and
+    evaluated them as this one would (every eval label of `label` with the same flags), e.g.
+    reversible's 'ordinary' is hashes' 'full, separate QK': one training serves both. None if
+    there is no such run."""
+    evals = dict(EXPERIMENTS[name]['evals'](label))
+    for other in EXPERIMENTS:
+        path = os.path.join(results, f'{other}.json')
+        if other == name or not os.path.exists(path):
+            continue
+        with open(path) as f:
+            r = json.load(f)
+        if r.get('scale') != scale:
+            continue
+        for run in r['runs']:
+            theirs = dict(EXPERIMENTS[other]['evals'](run['label']))
+            if (run['config'] == flag_dict(argv) and run['status'] == 'ok' and
+                    all(theirs.get(e) == flags and e in run['evals'] and
+                        'status' not in run['evals'][e] for e, flags in evals.items())):
+                return other, run
+    return None
+
+
 def final_metric(task):
     return 'accuracy' if task == 'duplication' else 'bpc'
 
@@ -438,6 +461,12 @@ def run_experiment(name, seeds=None, paper=False, steps=None, device=None, root=
         kept = recorded(path, label, seed, argv, [e for e, _ in exp['evals'](label)])
         if kept and not os.path.exists(out_dir):   # a new checkout: out/ is not in git
             print(f"[{name}] {label}, seed {seed}: done, in {path}", flush=True)
+            continue
+        shared = None if kept else recorded_elsewhere(results, name, label, argv, out['scale'])
+        if shared:   # the same training, already run and evaluated for another experiment
+            other, run = shared
+            out = save_run(path, out, dict(run, label=label, seed=seed, shared_with=other))
+            print(f"[{name}] {label}, seed {seed}: done, as {other}'s {run['label']!r}", flush=True)
             continue
         print(f"[{name}] {label}, seed {seed}: {out_dir}", flush=True)
         with locked(os.path.join(out_dir, 'run')):   # the run, its evals and analysis

@@ -117,6 +117,23 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resumed(tiny):
     assert runs[1] == again
 
 
+def test_a_run_two_experiments_share_is_trained_once(tiny, monkeypatch):
+    """Another experiment with the same flags and the same evals takes the finished run under
+    its own label; one whose evals differ trains it itself."""
+    reproduce.run_experiment('tiny', seeds=[0])
+    n, first = len(tiny), json.load(open('experiments/results/tiny.json'))['runs'][0]
+    monkeypatch.setitem(reproduce.EXPERIMENTS, 'twin', dict(
+        EXP, variants=[('full attention', ['--attn=full'])]))
+    (run,) = reproduce.run_experiment('twin', seeds=[0])['runs']
+    assert len(tiny) == n   # nothing trained or evaluated
+    assert run == dict(first, label='full attention', shared_with='tiny')
+    monkeypatch.setitem(reproduce.EXPERIMENTS, 'other_evals', dict(
+        EXP, variants=[('full attention', ['--attn=full'])],
+        evals=lambda label: [('full', ['--eval_attn=full', '--eval_n_hashes=2'])]))
+    (run,) = reproduce.run_experiment('other_evals', seeds=[0])['runs']
+    assert len(tiny) > n and 'shared_with' not in run
+
+
 def test_real_subprocess_run(tmp_path, monkeypatch):
     monkeypatch.setitem(reproduce.EXPERIMENTS, 'tiny', dict(EXP, variants=EXP['variants'][:1],
                                                             evals=lambda label: []))
@@ -434,6 +451,21 @@ def test_decode_table_is_generated_from_decode_json(tmp_path):
     assert 'old' not in text and text.startswith('before\n') and text.endswith('after\n')
     assert '| ours, greedy | 1.00 | 1,024 | 512 |' in text
     assert '1.50x greedy, 1.50x with beam' in text and 'prefix: 8.00x' in text
+
+
+def test_each_corpus_comparison_fills_its_own_block(tmp_path):
+    """translation/README.md has one block per compare_translation.py file: each names its own
+    JSON, and a missing file says which command writes it instead of reusing another's."""
+    (tmp_path / 'translation').mkdir()
+    readme = tmp_path / 'translation' / 'README.md'
+    readme.write_text(''.join(f'<!-- {n}:start -->\nold\n<!-- {n}:end -->\n'
+                              for n in report.TRANSLATION_RUNS))
+    report.write_decode_table(str(readme), str(tmp_path / 'bench'), str(tmp_path))
+    text = readme.read_text()
+    assert 'old' not in text
+    for name in report.TRANSLATION_RUNS:
+        start, end = text.index(f'<!-- {name}:start -->'), text.index(f'<!-- {name}:end -->')
+        assert f'--out=../{name}.json' in text[start:end]
 
 
 TINY_PARALLEL = ['--device=cpu', '--n_layers=1', '--n_dec_layers=1', '--d_model=16',

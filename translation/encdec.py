@@ -268,8 +268,8 @@ class ReformerEncDec(nn.Module):
         per decoder layer, self-attention keys/values (B * repeat, nh, max_len, hs), a spare
         buffer of each for reorder_cache, the layer's step_weights, and the cross-attention
         keys/values of memory (B, nh, S, hs) and its mask bias, computed once per sentence and
-        shared by its beams (decoder_f_step); and the output layer's weight transposed,
-        (C, V), for step's matmul. The transposed matrices are copies: a cache is for one
+        shared by its beams (decoder_f_step); the positional embeddings of all max_len
+        positions; and the output layer's weight transposed, (C, V), for step's matmul. The transposed matrices are copies: a cache is for one
         decoding, with the model unchanged. Positions >= t of the keys/values are never read, so
         the buffers start uninitialised."""
         B, C, nh = memory.shape[0], self.config.d_model, self.config.n_heads
@@ -282,6 +282,7 @@ class ReformerEncDec(nn.Module):
                            "memory_kv": layer.f.cross.memory_kv(memory),   # (B, nh, S, hs) x 2
                            "memory_bias": bias, **step_weights(layer)})
         return {"layers": layers, "memory_mask": memory_mask, "beams": repeat,
+                "pos": self.pos_emb(max_len),                                   # (max_len, C)
                 "lm_head_t": self.lm_head.weight.t().contiguous()}               # (C, V)
 
     def step(self, token, t, cache):
@@ -289,7 +290,7 @@ class ReformerEncDec(nn.Module):
         cache filled for positions < t (this call fills position t). Exactly the logits at t of
         forward() run on the whole prefix, in eval mode (tests/test_encdec.py)."""
         cfg = self.config
-        x = self.tgt_emb(token) * token_scale(cfg) + self.pos_emb(t + 1)[t]       # (B, C)
+        x = self.tgt_emb(token) * token_scale(cfg) + cache["pos"][t]               # (B, C)
         if cfg.reversible:
             x1 = x2 = x
             for c in cache["layers"]:
