@@ -122,27 +122,38 @@ def machines_text(result):
     return ' and '.join(f"{t} ({n} run{'s' if n > 1 else ''})" for t, n in seen.items())
 
 
-def runs_line(result):
-    """How many runs, how many failed, the seeds, the machine and its load."""
-    runs = result['runs']
-    failed = [f"{r['label']} seed {r['seed']}" for r in runs if r['status'] != 'ok']
-    loads = [r['load_before'][0] for r in runs] + [r['load_after'][0] for r in runs]
-    m = result['machine']
-    c = runs[0]['config'] if runs else {}
-    noisy = max(loads) > m['cores']
-    sched = {'cosine': 'cosine decay to 10 %'}.get(c.get('lr_schedule'), c.get('lr_schedule', 'constant'))
+def recipe_text(c):
+    """'steps of B x T tokens, lr (schedule), train-time evals on N fixed batches' of one run's
+    flags."""
+    sched = {'cosine': 'cosine decay to 10 %'}.get(c.get('lr_schedule'),
+                                                    c.get('lr_schedule', 'constant'))
     evals = ''
     if c.get('eval_iters') and c.get('batch_size') and c.get('seq_len'):
         n = int(c['eval_iters']) * int(c['batch_size']) * int(c['seq_len'])
-        evals = f"train-time evals on {c['eval_iters']} fixed batches ({n:,} tokens), "
-    s = (f"{len(runs)} run(s), seeds {sorted({r['seed'] for r in runs})}, "
-         f"steps of {c.get('batch_size')} x {c.get('seq_len')} tokens, lr {c.get('lr')} "
-         f"({sched} after {c.get('warmup')} warmup steps), {evals}"
-         f"{len(failed)} failed{(' (' + ', '.join(failed) + ')') if failed else ''}; "
-         f"{machines_text(result)}; "
-         f"1-minute load average {min(loads):.1f}-{max(loads):.1f} during the runs"
-         f"{' (above the core count: other jobs shared the machine, so wall times are noisy)' if noisy else ''}.")
-    return s
+        evals = f", train-time evals on {c['eval_iters']} fixed batches ({n:,} tokens)"
+    return (f"steps of {c.get('batch_size')} x {c.get('seq_len')} tokens, lr {c.get('lr')} "
+            f"({sched} after {c.get('warmup')} warmup steps){evals}")
+
+
+def runs_line(result):
+    """How many runs, how many failed, the seeds, the recipe(s), the machine and its load. A file
+    part-way through a rerun under a new recipe holds both: each is named with its runs' count."""
+    runs = result['runs']
+    failed = [f"{r['label']} seed {r['seed']}" for r in runs if r['status'] != 'ok']
+    loads = [r['load_before'][0] for r in runs] + [r['load_after'][0] for r in runs]
+    noisy = max(loads) > result['machine']['cores']
+    recipes = {}
+    for r in runs:
+        t = recipe_text(dict(r['config'], max_steps=None))
+        recipes.setdefault(t, []).append(r['config'].get('max_steps'))
+    recipe = '; '.join(t if len(recipes) == 1 else
+                       f"{t} ({len(n)} run{'s' if len(n) > 1 else ''}, {', '.join(sorted(set(n)))} steps)"
+                       for t, n in recipes.items())
+    return (f"{len(runs)} run(s), seeds {sorted({r['seed'] for r in runs})}, {recipe}, "
+            f"{len(failed)} failed{(' (' + ', '.join(failed) + ')') if failed else ''}; "
+            f"{machines_text(result)}; "
+            f"1-minute load average {min(loads):.1f}-{max(loads):.1f} during the runs"
+            f"{' (above the core count: other jobs shared the machine, so wall times are noisy)' if noisy else ''}.")
 
 
 def table2_section(result):
@@ -771,7 +782,30 @@ def qk_notes(result):
             f"{leaves(result, 'full, separate QK')}). Shared QK here is the authors' form: keys "
             f"normalised to unit length, no 1/sqrt(d) on the logits, a query's own key used only "
             f"when nothing else is there. The fastai reproduction found shared QK worse; the "
-            f"paper, not worse.", '']
+            f"paper, not worse.", '', self_key_sentence(result), '']
+
+
+SELF_ALLOWED = 'full, shared QK, self allowed'
+
+
+def self_key_sentence(result):
+    """The suspect for what shared QK costs: a query barred from its own key. Its fix against
+    shared QK, paired by seed, and the share of the shared - separate gap it closes over the
+    same seeds. It is pointed to when the whole 95 % interval of (fixed - shared) lies below 0."""
+    p = paired_difference(result, 'full, shared QK', SELF_ALLOWED)
+    if p is None:
+        return (f"The suspect, a query barred from its own key, is not run yet (variant "
+                f"'{SELF_ALLOWED}': `--attn=full_self`).")
+    g = paired_difference(result, 'full, separate QK', 'full, shared QK') or {'seeds': []}
+    gap = [d for s, d in zip(g['seeds'], g.get('diffs', [])) if s in p['seeds']]
+    share = (f"; the gap shared - separate over the same seeds is {sum(gap) / len(gap):+.3f}, so "
+             f"allowing it closes {-100 * p['mean'] / (sum(gap) / len(gap)):.0f} % of the gap"
+             if gap and sum(gap) != 0 else '')
+    word = ('pointed to' if p['hi'] is not None and p['hi'] < 0 else
+            'one seed: a direction, not a verdict' if p['hi'] is None else 'not pointed to')
+    return (f"The suspect, a query barred from its own key (`--attn=full_self` allows it, all "
+            f"else as shared QK): self allowed - shared QK {interval_text(p)}{share}: **{word}** "
+            f"(the rule: the whole interval below 0).")
 
 
 def leave_steps(result, label):
@@ -1074,15 +1108,13 @@ def translation_block(results_dir, link, name='translation'):
     lines += ['', f"sacreBLEU signature `{first['bleu_signature']}`; chrF "
                   f"`{first['chrf_signature']}`."]
     eq = r['equal']['step']
-    if 'transformer' in eq:
-        ref = eq['transformer']
-        for k in names[:-1]:
-            d = [100 * (x / y - 1) for x, y in zip(eq[k], ref) if x is not None and y is not None]
-            if d:
-                lines += ['', f"At equal steps ({len(d)} points up to step {eq['at'][-1]:,}), the "
-                              f"training loss of {TRANSLATION_NAMES[k]} is {min(d):+.1f} % to "
-                              f"{max(d):+.1f} % of `nn.Transformer`'s (mean {sum(d) / len(d):+.1f} "
-                              f"%; the target is within about 2 %)."]
+    for k in names[:-1]:
+        d = equal_step_gap(r, k)
+        if d:
+            lines += ['', f"At equal steps ({len(d)} points up to step {eq['at'][-1]:,}), the "
+                          f"training loss of {TRANSLATION_NAMES[k]} is {min(d):+.1f} % to "
+                          f"{max(d):+.1f} % of `nn.Transformer`'s (mean {sum(d) / len(d):+.1f} "
+                          f"%; the target is within about 2 %)."]
     if all('bleu_curve' in m[k] for k in names):
         n = len(r.get('curve_pairs', []))
         lines += ['', f"sacreBLEU on the first {n:,} test sentences as training goes on "
@@ -1106,6 +1138,8 @@ def translation_block(results_dir, link, name='translation'):
             verdict.append(f"Ours not reversible above it: **{'met' if above else 'not met'}** "
                            f"({nr['bleu'] - t['bleu']:+.2f} BLEU, {nr['chrf'] - t['chrf']:+.1f} "
                            f"chrF).")
+        if not met(rev):
+            verdict.append(trails_sentence(r))
         nll = ', '.join(f"{TRANSLATION_NAMES[k]} {m[k]['valid_nll']:.3f}"
                         for k in sorted(names, key=lambda k: m[k]['valid_nll']))
         best = max(m[k]["bleu"] for k in names)
@@ -1116,6 +1150,34 @@ def translation_block(results_dir, link, name='translation'):
         lines += ['', ' '.join(verdict)]
     lines += translation_examples(r, names)
     return '\n'.join(lines) + '\n'
+
+
+def equal_step_gap(r, k):
+    """100 (loss_k / loss_nn.Transformer - 1) at each equal step both logged, or []."""
+    eq = r['equal']['step']
+    if 'transformer' not in eq or k not in eq:
+        return []
+    return [100 * (x / y - 1) for x, y in zip(eq[k], eq['transformer'])
+            if x is not None and y is not None]
+
+
+def trails_sentence(r):
+    """Why ours reversible trails nn.Transformer at equal time, from the file: how many fewer
+    steps it made (the reversible backward recomputes each layer's forward) and its loss at equal
+    steps: on time, if that loss is within 2 % (the per-step target), else on learning as well."""
+    rev, t = r['models']['reformer'], r['models']['transformer']
+    d = equal_step_gap(r, 'reformer')
+    per_step = lambda x: x['train_seconds'] / x['steps']
+    text = (f"Ours reversible made {rev['steps']:,} steps to `nn.Transformer`'s {t['steps']:,} "
+            f"({100 * (1 - rev['steps'] / t['steps']):.0f} % fewer: {per_step(rev):.2f} against "
+            f"{per_step(t):.2f} s a step, as the reversible backward recomputes every layer's "
+            f"forward)")
+    if not d:
+        return text + '.'
+    mean = sum(d) / len(d)
+    why = ('so it trails on time, not on what it learns a step' if abs(mean) <= 2 else
+           'so it trails on what it learns a step as well as on time')
+    return text + f"; at equal steps its training loss is {mean:+.1f} % of `nn.Transformer`'s, {why}."
 
 
 def translation_examples(r, names, n=3, min_words=6):

@@ -554,6 +554,21 @@ def test_each_run_keeps_the_machine_it_ran_on(tmp_path, monkeypatch):
     assert report.machines_text(out) == 'CPU B, 2 cores, torch 2, OMP_NUM_THREADS=1'
 
 
+def test_runs_line_names_each_recipe_while_a_rerun_is_part_way():
+    """A file holding runs of an old and a new recipe says which runs follow which, not the
+    first run's recipe for all of them."""
+    r = lm_result('hashes', {'full, shared QK': [2.5, 2.6], 'LSH-4': [2.7]})
+    line = report.runs_line(r)
+    assert line.startswith('3 run(s), seeds [0, 1], steps of 4 x 8 tokens, lr None (constant '
+                           'after None warmup steps), 0 failed;')   # one recipe: no counts
+    r['runs'][0]['config'] = dict(r['runs'][0]['config'], max_steps='4800', lr_schedule='cosine',
+                                  eval_iters='32')
+    line = report.runs_line(r)
+    assert ('(cosine decay to 10 % after None warmup steps), train-time evals on 32 fixed '
+            'batches (1,024 tokens) (1 run, 4800 steps); ') in line
+    assert '(constant after None warmup steps) (2 runs, 100 steps)' in line
+
+
 def test_join_sentence_says_which_join_the_paired_interval_favours():
     def says(concat):
         r = lm_result('reversible', {'reversible': [2.0, 2.1, 2.2], 'reversible, concat': concat})
@@ -563,3 +578,33 @@ def test_join_sentence_says_which_join_the_paired_interval_favours():
     assert 'the mean is the better join' in says([2.04, 2.15, 2.23])
     assert 'does not separate' in says([1.9, 2.15, 2.2])
     assert 'lower on some seeds only' in says([1.9, 2.15, 2.2])
+
+
+def test_trails_sentence_says_whether_reversible_trails_on_time_or_per_step():
+    r = {'models': {'reformer': {'steps': 600, 'train_seconds': 1200.0},
+                    'transformer': {'steps': 800, 'train_seconds': 1200.0}},
+         'equal': {'step': {'at': [100, 200], 'reformer': [5.0, 4.04],
+                            'transformer': [5.0, 4.0]}}}
+    s = report.trails_sentence(r)
+    assert "made 600 steps to `nn.Transformer`'s 800 (25 % fewer: 2.00 against 1.50 s" in s
+    assert "loss is +0.5 % of `nn.Transformer`'s, so it trails on time, not on" in s
+    r['equal']['step']['reformer'] = [5.5, 4.4]   # 10 % above at both points
+    assert 'is +10.0 %' in report.trails_sentence(r)
+    assert 'as well as on time' in report.trails_sentence(r)
+
+
+def test_self_key_suspect_is_named_by_its_interval_and_the_share_of_the_gap_it_closes():
+    sep, shared = [1.80, 1.82, 1.81], [1.95, 1.97, 1.96]
+    r = lm_result('qk', {'full, separate QK': sep, 'full, shared QK': shared,
+                         report.SELF_ALLOWED: [1.83, 1.86, 1.84]})
+    text = report.self_key_sentence(r)
+    assert 'self allowed - shared QK difference -0.117' in text       # -0.12, -0.11, -0.12
+    assert 'shared - separate over the same seeds is +0.150, so allowing it closes 78 %' in text
+    assert '**pointed to**' in text
+    r = lm_result('qk', {'full, separate QK': sep, 'full, shared QK': shared,
+                         report.SELF_ALLOWED: [1.96, 1.95, 1.97]})   # one up, one down, one up
+    assert '**not pointed to**' in report.self_key_sentence(r)
+    r = lm_result('qk', {'full, separate QK': sep, 'full, shared QK': shared,
+                         report.SELF_ALLOWED: [1.83]})
+    assert '**one seed: a direction, not a verdict**' in report.self_key_sentence(r)
+    assert 'not run yet' in report.self_key_sentence(lm_result('qk', {'full, shared QK': shared}))
