@@ -382,7 +382,15 @@ def hashes_verdict(result):
     lsh = {r: mean_of(result, f'LSH-{r}', seeds=seeds)[0] for r in (1, 2, 4, 8)}
     p = paired_difference(result, 'full, shared QK', 'LSH-8')
     if not seeds or full is None or any(v is None for v in lsh.values()) or p is None:
-        return claim, paper, '-', 'not measured yet', command('hashes')
+        # part-way (a rerun under a new recipe): the rounds that pair with full attention so far
+        done = {r: paired_difference(result, 'full, shared QK', f'LSH-{r}') for r in (1, 2, 4, 8)}
+        done = {r: q for r, q in done.items() if q}
+        if not done:
+            return claim, paper, '-', 'not measured yet', command('hashes')
+        missing = ', '.join(f'LSH-{r}' for r in (1, 2, 4, 8) if r not in done)
+        ours = '; '.join(f"LSH-{r} - full (shared QK): {interval_text(q)}" for r, q in done.items())
+        return (claim, paper, ours, f'not settled: {missing} not run with this recipe yet',
+                command('hashes'))
     falling = all(lsh[a] >= lsh[b] for a, b in ((1, 2), (2, 4), (4, 8)))
     word = no_worse_word(result, p, labels)
     if word in ('holds', 'does not hold'):

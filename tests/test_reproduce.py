@@ -608,3 +608,11 @@ def test_self_key_suspect_is_named_by_its_interval_and_the_share_of_the_gap_it_c
                          report.SELF_ALLOWED: [1.83]})
     assert '**one seed: a direction, not a verdict**' in report.self_key_sentence(r)
     assert 'not run yet' in report.self_key_sentence(lm_result('qk', {'full, shared QK': shared}))
+
+
+def test_hashes_verdict_part_way_reports_the_rounds_that_pair_and_names_the_rest():
+    r = lm_result('hashes', {'full, shared QK': [1.94, 1.95], 'LSH-4': [2.01, 2.05]})
+    claim, paper, ours, word, cmd = report.hashes_verdict(r)
+    assert ours.startswith('LSH-4 - full (shared QK): difference +0.085')
+    assert word == 'not settled: LSH-1, LSH-2, LSH-8 not run with this recipe yet'
+    assert report.hashes_verdict(lm_result('hashes', {'LSH-4': [2.0]}))[3] == 'not measured yet'
