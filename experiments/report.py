@@ -808,12 +808,18 @@ def self_key_sentence(result):
     gap = [d for s, d in zip(g['seeds'], g.get('diffs', [])) if s in p['seeds']]
     share = (f"; the gap shared - separate over the same seeds is {sum(gap) / len(gap):+.3f}, so "
              f"allowing it closes {-100 * p['mean'] / (sum(gap) / len(gap)):.0f} % of the gap"
-             if gap and sum(gap) != 0 else '')
+             if gap and sum(gap) != 0 and p['mean'] < 0 else '')
     word = ('pointed to' if p['hi'] is not None and p['hi'] < 0 else
-            'one seed: a direction, not a verdict' if p['hi'] is None else 'not pointed to')
+            'one seed: a direction, not a verdict' if p['hi'] is None else
+            'ruled out: allowing it makes shared QK worse' if p['lo'] > 0 else 'not pointed to')
+    why = (" With unit keys, a query's logit on its own key, q.q/|q| = |q|, is at least its logit "
+           "on any other key (Cauchy-Schwarz), so a query allowed its own key attends mostly to "
+           "itself: the mask is what keeps shared QK useful, not what it costs."
+           if word.startswith('ruled out') else '')
     return (f"The suspect, a query barred from its own key (`--attn=full_self` allows it, all "
             f"else as shared QK): self allowed - shared QK {interval_text(p)}{share}: **{word}** "
-            f"(the rule: the whole interval below 0).")
+            f"(the rule: pointed to when the whole interval is below 0, ruled out when above)."
+            f"{why}")
 
 
 def leave_steps(result, label):

@@ -605,6 +605,11 @@ def test_self_key_suspect_is_named_by_its_interval_and_the_share_of_the_gap_it_c
                          report.SELF_ALLOWED: [1.96, 1.95, 1.97]})   # one up, one down, one up
     assert '**not pointed to**' in report.self_key_sentence(r)
     r = lm_result('qk', {'full, separate QK': sep, 'full, shared QK': shared,
+                         report.SELF_ALLOWED: [2.12, 2.09, 2.11]})   # worse with every seed
+    text = report.self_key_sentence(r)
+    assert '**ruled out: allowing it makes shared QK worse**' in text
+    assert 'Cauchy-Schwarz' in text and 'closes' not in text
+    r = lm_result('qk', {'full, separate QK': sep, 'full, shared QK': shared,
                          report.SELF_ALLOWED: [1.83]})
     assert '**one seed: a direction, not a verdict**' in report.self_key_sentence(r)
     assert 'not run yet' in report.self_key_sentence(lm_result('qk', {'full, shared QK': shared}))
