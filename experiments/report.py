@@ -144,7 +144,7 @@ def runs_line(result):
     noisy = max(loads) > result['machine']['cores']
     recipes = {}
     for r in runs:
-        t = recipe_text(dict(r['config'], max_steps=None))
+        t = recipe_text(r['config'])
         recipes.setdefault(t, []).append(r['config'].get('max_steps'))
     recipe = '; '.join(t if len(recipes) == 1 else
                        f"{t} ({len(n)} run{'s' if len(n) > 1 else ''}, {', '.join(sorted(set(n)))} steps)"
@@ -804,8 +804,8 @@ def self_key_sentence(result):
     if p is None:
         return (f"The suspect, a query barred from its own key, is not run yet (variant "
                 f"'{SELF_ALLOWED}': `--attn=full_self`).")
-    g = paired_difference(result, 'full, separate QK', 'full, shared QK') or {'seeds': []}
-    gap = [d for s, d in zip(g['seeds'], g.get('diffs', [])) if s in p['seeds']]
+    g = paired_difference(result, 'full, separate QK', 'full, shared QK')
+    gap = [d for s, d in zip(g['seeds'], g['diffs']) if s in p['seeds']] if g else []
     share = (f"; the gap shared - separate over the same seeds is {sum(gap) / len(gap):+.3f}, so "
              f"allowing it closes {-100 * p['mean'] / (sum(gap) / len(gap)):.0f} % of the gap"
              if gap and sum(gap) != 0 and p['mean'] < 0 else '')

@@ -411,9 +411,13 @@ def recorded(path, label, seed, argv, eval_labels):
     with open(path) as f:
         runs = json.load(f)['runs']
     return next((r for r in runs if (r['label'], r['seed']) == (label, seed) and
-                 r['config'] == flag_dict(argv) and r['status'] == 'ok' and
-                 all(e in r['evals'] and 'status' not in r['evals'][e] for e in eval_labels)),
-                None)
+                 finished(r, argv, eval_labels)), None)
+
+
+def finished(run, argv, eval_labels):
+    """Whether a recorded run trained these flags to the end and has every eval in eval_labels."""
+    return (run['config'] == flag_dict(argv) and run['status'] == 'ok' and
+            all(e in run['evals'] and 'status' not in run['evals'][e] for e in eval_labels))
 
 
 def recorded_elsewhere(results, name, label, argv, scale):
@@ -432,9 +436,8 @@ def recorded_elsewhere(results, name, label, argv, scale):
             continue
         for run in r['runs']:
             theirs = dict(EXPERIMENTS[other]['evals'](run['label']))
-            if (run['config'] == flag_dict(argv) and run['status'] == 'ok' and
-                    all(theirs.get(e) == flags and e in run['evals'] and
-                        'status' not in run['evals'][e] for e, flags in evals.items())):
+            if finished(run, argv, evals) and all(theirs.get(e) == flags
+                                                  for e, flags in evals.items()):
                 return other, run
     return None
 
