@@ -120,6 +120,14 @@ def matmul_rate(device, dtype, n=2048, repeats=5):
     return 2 * n ** 3 / t
 
 
+def stream_rate(device, mb=256, repeats=5):
+    """Bytes/s of reading one tensor far larger than the caches (a sum, one pass): the ceiling of
+    a step that must read every weight once, as a cached decoding step does (decode_bytes)."""
+    x = torch.ones(mb * 2 ** 18, device=device)                        # mb MB of float32
+    t, _ = median_time(lambda: x.sum(), repeats, 2, device)
+    return x.numel() * x.element_size() / t
+
+
 def peer_version(name):
     """Version string of an installed peer, or None. Imports nothing heavy."""
     from importlib.metadata import PackageNotFoundError, version
@@ -877,6 +885,17 @@ def decode(args):
             progress(f"{name} L={L}", rows[-1], f"{rows[-1]['tokens_per_s']:.0f} tokens/s, "
                      f"{rows[-1]['cpu_tokens_per_s']:.0f} per CPU s")
     _decode_ratios(rows, args.beam_size)
+    # How far the cached greedy decode is from the memory floor: the bytes it must read over the
+    # rate at which this machine streams them.
+    rate = stream_rate(args.device)
+    floor = {L: decode_bytes(ours, args.batch, args.src_len, L) / rate for L in args.lengths}
+    for r in rows:
+        if r["impl"] == "ours, greedy":
+            r["floor_s"] = floor[r["length"]]
+            r["of_floor"] = r["seconds"] / r["floor_s"]
+    print(f"reading memory: {rate / 1e9:.1f} GB/s; cached greedy decoding must read "
+          + ", ".join(f"{decode_bytes(ours, args.batch, args.src_len, L) / 2 ** 20:.0f} MB "
+                      f"(at least {floor[L]:.3f} s) at L = {L}" for L in args.lengths))
     title = (f"decode: tokens/s of decoding {args.batch} sentences of {args.src_len} source "
              f"tokens into exactly L target tokens each; {nl} + {nl} layers, d_model {C}, "
              f"{nh} heads, d_ff {args.d_ff}, vocab {V}, ours reversible={bool(args.reversible)},"
@@ -884,13 +903,30 @@ def decode(args):
              f"= our tokens/s over the row's (Marian's, or recompute's), wall clock and CPU")
     return report(args, "decode", title, rows, ["impl", "length", "batch", "seconds",
                                                 "tokens_per_s", "vs_ours", "cpu_tokens_per_s",
-                                                "vs_ours_cpu"],
+                                                "vs_ours_cpu", "floor_s", "of_floor"],
                   dict(vocab_size=V, n_layers=nl, d_ff=args.d_ff, src_len=args.src_len,
                        beam_size=args.beam_size, reversible=bool(args.reversible),
-                       threads=torch.get_num_threads()),
+                       threads=torch.get_num_threads(), stream_bytes_per_s=rate),
                   headers=dict(seconds=("s", "{:.3f}"), vs_ours=("x peer", "{:.2f}"),
                                cpu_tokens_per_s=("tokens/CPU s", "{:.0f}"),
-                               vs_ours_cpu=("x peer (CPU)", "{:.2f}")))
+                               vs_ours_cpu=("x peer (CPU)", "{:.2f}"),
+                               floor_s=("memory floor s", "{:.3f}"),
+                               of_floor=("x floor", "{:.2f}")))
+
+
+def decode_bytes(model, batch, src_len, length):
+    """Bytes that cached greedy decoding of `length` tokens for `batch` sentences must read, at
+    the least: at every step, every decoder weight that a step uses (all but the cross-attention's
+    kv projection, used once a sentence), the final LayerNorm and the output layer, each layer's cross-attention keys and
+    values of the source (B, S, 2C), and its self-attention keys and values so far (B, t + 1, 2C).
+    Each read once a step; the encoder, run once, is left out."""
+    cfg, size = model.config, model.lm_head.weight.element_size()
+    weights = sum(p.numel() for n, p in model.decoder.named_parameters() if ".cross.kv." not in n)
+    n_layers = len(model._decoder_layers())
+    weights += model.lm_head.weight.numel() + sum(p.numel() for p in model.ln_f.parameters())
+    per_step = weights + n_layers * 2 * batch * src_len * cfg.d_model
+    keys = n_layers * 2 * batch * cfg.d_model * sum(t + 1 for t in range(length))
+    return (length * per_step + keys) * size
 
 
 def _decode_ratios(rows, k):

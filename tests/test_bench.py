@@ -164,3 +164,28 @@ def test_decode_forces_every_row_to_the_same_length(tmp_path):
     assert peers and all(r["vs_ours"] > 0 and r["vs_ours_cpu"] > 0 for r in peers)
     if bench.peer_version("transformers"):
         assert names[3:] == ["marian, greedy", "marian, beam 2"]
+
+
+@pytest.mark.parametrize("reversible", [True, False])
+def test_decode_bytes_count_what_a_cached_step_reads(reversible):
+    """decode_bytes (the memory floor of bench.py decode) at one step equals the bytes of the
+    tensors a cached step reads, listed from start_cache: so it counts no weight a step skips (the
+    cross-attention's kv projection) and misses none it reads. Each further step adds the keys
+    and values of one more position."""
+    from translation.encdec import EncDecConfig, ReformerEncDec
+    cfg = EncDecConfig(vocab_size=50, n_layers=2, n_dec_layers=2, d_model=16, n_heads=2,
+                       d_ff=24, dropout=0.0, reversible=reversible)
+    model = ReformerEncDec(cfg).eval()
+    B, S = 3, 5
+    memory = torch.randn(B, S, cfg.d_model)
+    cache = model.start_cache(memory, torch.ones(B, S, dtype=torch.bool), 1)
+    read = cache["lm_head_t"].numel() + sum(p.numel() for p in model.ln_f.parameters())
+    for layer in cache["layers"]:
+        read += sum(layer[n].numel() for n in ("w_in", "w_out", "b_out", "w_q", "w_cross_out",
+                                               "b_cross_out", "w1", "b1", "w2", "b2"))
+        read += sum(p.numel() for n in ("ln_sa", "ln_cross", "ln_ff")
+                    for p in layer[n].parameters())
+        read += sum(m.numel() for m in layer["memory_kv"]) + 2 * B * cfg.d_model   # k, v at t 0
+    assert bench.decode_bytes(model, B, S, 1) == 4 * read
+    one_more = 4 * 2 * 2 * B * cfg.d_model            # 2 layers x (k, v) x B rows x C, float32
+    assert bench.decode_bytes(model, B, S, 2) == 2 * bench.decode_bytes(model, B, S, 1) + one_more
