@@ -917,9 +917,9 @@ def decode(args):
 def decode_bytes(model, batch, src_len, length):
     """Bytes that cached greedy decoding of `length` tokens for `batch` sentences must read, at
     the least: at every step, every decoder weight that a step uses (all but the cross-attention's
-    kv projection, used once a sentence), the final LayerNorm and the output layer, each layer's cross-attention keys and
-    values of the source (B, S, 2C), and its self-attention keys and values so far (B, t + 1, 2C).
-    Each read once a step; the encoder, run once, is left out."""
+    kv projection, used once a sentence), the final LayerNorm and the output layer, each layer's
+    cross-attention keys and values of the source (B, S, 2C), and its self-attention keys and
+    values so far (B, t + 1, 2C). Each read once a step; the encoder, run once, is left out."""
     cfg, size = model.config, model.lm_head.weight.element_size()
     weights = sum(p.numel() for n, p in model.decoder.named_parameters() if ".cross.kv." not in n)
     n_layers = len(model._decoder_layers())

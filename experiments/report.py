@@ -999,7 +999,26 @@ def decode_block(bench, link):
                   f"{ratio('ours, greedy', 'marian, greedy')} greedy, "
                   f"{ratio('ours, beam 4', 'marian, beam 4')} with beam 4; the cache over "
                   f"recomputing the prefix: {ratio('ours, greedy', 'ours, greedy, recompute')}."]
+    lines += decode_floor_sentence(d, rows)
     return '\n'.join(lines) + '\n'
+
+
+def decode_floor_sentence(d, rows):
+    """How far cached greedy decoding is from the memory floor (bench.py decode_bytes over the
+    machine's read rate), and what the 10x-over-recompute target asks of it; [] for a decode.json
+    written before bench.py measured the floor."""
+    ours, again = rows.get('ours, greedy', {}), rows.get('ours, greedy, recompute')
+    if 'floor_s' not in ours or not again:
+        return []
+    need = again['seconds'] / 10
+    mb = ours['floor_s'] * d['stream_bytes_per_s'] / 2 ** 20
+    return ['', f"Every cached step reads every decoder weight it uses, the output layer and the "
+                f"keys and values so far: {mb:,.0f} MB over the {ours['length']} steps, at least {ours['floor_s']:.3f} s at the "
+                f"{d['stream_bytes_per_s'] / 1e9:.1f} GB/s at which this core reads memory. Ours "
+                f"takes {ours['seconds']:.3f} s (wall, with the encoder and the cache's set-up), "
+                f"{ours['of_floor']:.2f}x that floor. 10x over recomputing "
+                f"({again['seconds']:.3f} s) needs {need:.3f} s, {need / ours['floor_s']:.2f}x "
+                f"the floor."]
 
 
 PARALLEL_START, PARALLEL_END = '<!-- parallel_small:start -->', '<!-- parallel_small:end -->'

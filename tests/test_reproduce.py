@@ -451,6 +451,16 @@ def test_decode_table_is_generated_from_decode_json(tmp_path):
     assert 'old' not in text and text.startswith('before\n') and text.endswith('after\n')
     assert '| ours, greedy | 1.00 | 1,024 | 512 |' in text
     assert '1.50x greedy, 1.50x with beam' in text and 'prefix: 8.00x' in text
+    assert 'floor' not in text                   # a decode.json from before the floor was measured
+    rows[0].update(floor_s=1.6, of_floor=1.25)   # ours 2 s wall; recompute 16 s: 10x is 1.6 s
+    record = {**json.load(open(tmp_path / 'decode.json')), 'rows': rows,
+              'stream_bytes_per_s': 2 ** 30}
+    json.dump(record, open(tmp_path / 'decode.json', 'w'))
+    report.write_decode_table(str(readme), str(tmp_path))
+    text = ' '.join(readme.read_text().split())
+    assert ('1,638 MB over the 64 steps, at least 1.600 s at the 1.1 GB/s' in text and
+            'Ours takes 2.000 s' in text and '1.25x that floor' in text and
+            '(16.000 s) needs 1.600 s, 1.00x the floor' in text)
 
 
 def test_each_corpus_comparison_fills_its_own_block(tmp_path):
