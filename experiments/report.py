@@ -741,7 +741,21 @@ def suspects_sentence(result):
         return "The suspects (dedup, a local layer) have not been run yet."
     return ("What each suspect's fix changes, in bpc against the same LSH model: " +
             '; '.join(parts) + '. ' + (f"The numbers point to {', '.join(found)}." if found else
-                                       "No fix lowers bpc with its whole interval below zero."))
+                                       "No fix lowers bpc with its whole interval below zero.") +
+            remedy_sentence(result))
+
+
+def remedy_sentence(result):
+    """The paper's remedy against the goal: local + LSH-4 against full attention (shared QK),
+    paired by seed; '' until both have run."""
+    p = paired_difference(result, 'full, shared QK', 'local + LSH-4')
+    if p is None:
+        return ''
+    where = ('below full attention: the whole interval under zero' if p['hi'] is not None and
+             p['hi'] < 0 else 'above full attention: the whole interval over zero'
+             if p['lo'] is not None and p['lo'] > 0 else 'not told apart from full attention')
+    return (f" Against full attention (shared QK), local + LSH-4 is {where} ({interval_text(p)})"
+            f".")
 
 
 def plateau_notes(result):

@@ -429,6 +429,15 @@ def test_hashes_suspects_are_named_by_their_paired_intervals():
     text = report.suspects_sentence(r)
     assert 'dedup at 4 rounds: difference -0.097' in text        # -0.10, -0.09, -0.10
     assert 'The numbers point to dedup at 4 rounds.' in text     # local's interval holds zero
+    assert 'Against full attention' not in text                  # full attention not run
+    r = lm_result('hashes', {'LSH-4': [2.30, 2.32, 2.34], 'local + LSH-4': [2.20, 2.23, 2.24],
+                             'full, shared QK': [2.25, 2.27, 2.29]})
+    text = report.suspects_sentence(r)
+    assert 'The numbers point to a local layer below LSH-4' in text
+    assert ('local + LSH-4 is below full attention: the whole interval under zero (difference '
+            '-0.047' in text)                                    # -0.05, -0.04, -0.05
+    r['runs'][-1]['evals']['own']['bpc'] = 2.20                  # seed 2 of full: -0.04
+    assert 'is not told apart from full attention' in report.suspects_sentence(r)
     r = lm_result('hashes', {'LSH-4': [2.30, 2.32, 2.34], 'LSH-4, dedup': [2.31, 2.33, 2.34]})
     assert report.suspects_sentence(r).endswith(
         'No fix lowers bpc with its whole interval below zero.')
