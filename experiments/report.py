@@ -250,13 +250,6 @@ def untrained_section(result):
     return lines + ['']
 
 
-def paired_seeds(result, labels):
-    """The seeds every one of labels finished: comparisons average over the same seeds."""
-    done = [{r['seed'] for r in by_label(result).get(l, []) if r['status'] == 'ok'}
-            for l in labels]
-    return set.intersection(*done) if done else set()
-
-
 def mean_of(result, label, eval_label='own', metric='bpc', seeds=None):
     runs = [r for r in by_label(result).get(label, []) if seeds is None or r['seed'] in seeds]
     return mean_spread(eval_values(runs, eval_label, metric))
@@ -377,13 +370,16 @@ def no_worse_verdict(result, base, other, claim, paper):
 def hashes_verdict(result):
     labels = ['full, shared QK'] + [f'LSH-{r}' for r in (1, 2, 4, 8)]
     claim, paper = 'LSH approaches full attention as hash rounds grow', 'Figure 4'
-    seeds = paired_seeds(result, labels)
+    # Each round paired with full attention under one recipe (paired_difference checks RECIPE):
+    # while a rerun under a new recipe is part-way, runs of the old one must not mix in.
+    done = {r: paired_difference(result, 'full, shared QK', f'LSH-{r}') for r in (1, 2, 4, 8)}
+    seeds = set.intersection(*(set(q['seeds']) for q in done.values())) if all(
+        done.values()) else set()
     full = mean_of(result, 'full, shared QK', seeds=seeds)[0]
     lsh = {r: mean_of(result, f'LSH-{r}', seeds=seeds)[0] for r in (1, 2, 4, 8)}
     p = paired_difference(result, 'full, shared QK', 'LSH-8')
     if not seeds or full is None or any(v is None for v in lsh.values()) or p is None:
         # part-way (a rerun under a new recipe): the rounds that pair with full attention so far
-        done = {r: paired_difference(result, 'full, shared QK', f'LSH-{r}') for r in (1, 2, 4, 8)}
         done = {r: q for r, q in done.items() if q}
         if not done:
             return claim, paper, '-', 'not measured yet', command('hashes')

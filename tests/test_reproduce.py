@@ -640,3 +640,15 @@ def test_hashes_verdict_part_way_reports_the_rounds_that_pair_and_names_the_rest
     assert ours.startswith('LSH-4 - full (shared QK): difference +0.085')
     assert word == 'not settled: LSH-1, LSH-2, LSH-8 not run with this recipe yet'
     assert report.hashes_verdict(lm_result('hashes', {'LSH-4': [2.0]}))[3] == 'not measured yet'
+    # every round present, but LSH-1 and LSH-2 still from the old, shorter recipe: not mixed in
+    r = lm_result('hashes', {'full, shared QK': [1.94, 1.95], 'LSH-1': [3.1, 3.1],
+                             'LSH-2': [2.8, 2.9], 'LSH-4': [2.01, 2.05], 'LSH-8': [1.98, 2.01]})
+    for run in r['runs']:
+        if run['label'] in ('LSH-1', 'LSH-2'):
+            run['config'] = {**run['config'], 'max_steps': '50'}
+    claim, paper, ours, word, cmd = report.hashes_verdict(r)
+    assert word == 'not settled: LSH-1, LSH-2 not run with this recipe yet'
+    assert 'LSH-1' not in ours and 'LSH-8 - full (shared QK): difference +0.050' in ours
+    for run in r['runs']:
+        run['config']['max_steps'] = '100'
+    assert report.hashes_verdict(r)[2].startswith('LSH-1 3.100, LSH-2 2.850, LSH-4 2.030')
