@@ -750,8 +750,7 @@ def remedy_sentence(result):
     where = ('below full attention: the whole interval under zero' if p['hi'] is not None and
              p['hi'] < 0 else 'above full attention: the whole interval over zero'
              if p['lo'] is not None and p['lo'] > 0 else 'not told apart from full attention')
-    return (f" Against full attention (shared QK), local + LSH-4 is {where} ({interval_text(p)})"
-            f".")
+    return f" Against full attention (shared QK), local + LSH-4 is {where}: {interval_text(p)}."
 
 
 def plateau_notes(result):

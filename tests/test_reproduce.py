@@ -434,7 +434,7 @@ def test_hashes_suspects_are_named_by_their_paired_intervals():
                              'full, shared QK': [2.25, 2.27, 2.29]})
     text = report.suspects_sentence(r)
     assert 'The numbers point to a local layer below LSH-4' in text
-    assert ('local + LSH-4 is below full attention: the whole interval under zero (difference '
+    assert ('local + LSH-4 is below full attention: the whole interval under zero: difference '
             '-0.047' in text)                                    # -0.05, -0.04, -0.05
     r['runs'][-1]['evals']['own']['bpc'] = 2.20                  # seed 2 of full: -0.04
     assert 'is not told apart from full attention' in report.suspects_sentence(r)
