@@ -888,14 +888,14 @@ def decode(args):
     # How far the cached greedy decode is from the memory floor: the bytes it must read over the
     # rate at which this machine streams them.
     rate = stream_rate(args.device)
-    floor = {L: decode_bytes(ours, args.batch, args.src_len, L) / rate for L in args.lengths}
+    need = {L: decode_bytes(ours, args.batch, args.src_len, L) for L in args.lengths}
     for r in rows:
         if r["impl"] == "ours, greedy":
-            r["floor_s"] = floor[r["length"]]
+            r["floor_s"] = need[r["length"]] / rate
             r["of_floor"] = r["seconds"] / r["floor_s"]
     print(f"reading memory: {rate / 1e9:.1f} GB/s; cached greedy decoding must read "
-          + ", ".join(f"{decode_bytes(ours, args.batch, args.src_len, L) / 2 ** 20:.0f} MB "
-                      f"(at least {floor[L]:.3f} s) at L = {L}" for L in args.lengths))
+          + ", ".join(f"{n / 2 ** 20:.0f} MB (at least {n / rate:.3f} s) at L = {L}"
+                      for L, n in need.items()))
     title = (f"decode: tokens/s of decoding {args.batch} sentences of {args.src_len} source "
              f"tokens into exactly L target tokens each; {nl} + {nl} layers, d_model {C}, "
              f"{nh} heads, d_ff {args.d_ff}, vocab {V}, ours reversible={bool(args.reversible)},"

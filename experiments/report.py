@@ -146,9 +146,8 @@ def runs_line(result):
     for r in runs:
         t = recipe_text(r['config'])
         recipes.setdefault(t, []).append(r['config'].get('max_steps'))
-    recipe = '; '.join(t if len(recipes) == 1 else
-                       f"{t} ({len(n)} run{'s' if len(n) > 1 else ''}, {', '.join(sorted(set(n)))} steps)"
-                       for t, n in recipes.items())
+    recipe = '; '.join(t if len(recipes) == 1 else f"{t} ({len(n)} run{'s' if len(n) > 1 else ''}"
+                       f", {', '.join(sorted(set(n)))} steps)" for t, n in recipes.items())
     return (f"{len(runs)} run(s), seeds {sorted({r['seed'] for r in runs})}, {recipe}, "
             f"{len(failed)} failed{(' (' + ', '.join(failed) + ')') if failed else ''}; "
             f"{machines_text(result)}; "
@@ -336,6 +335,14 @@ def paired_difference(result, base, other, eval_label='own', metric='bpc'):
     return {'seeds': seeds, 'diffs': d, 'mean': mean, 'lo': lo, 'hi': hi}
 
 
+def interval_side(p):
+    """'below' when the whole 95 % interval of a paired difference lies under 0, 'above' when
+    over it, None when it holds 0 or there is one seed (no interval)."""
+    if p['lo'] is None:
+        return None
+    return 'below' if p['hi'] < 0 else 'above' if p['lo'] > 0 else None
+
+
 def interval_text(p):
     per = ', '.join(f'{x:+.3f}' for x in p['diffs'])
     ci = '' if p['lo'] is None else f", 95 % interval [{p['lo']:+.3f}, {p['hi']:+.3f}]"
@@ -372,21 +379,20 @@ def hashes_verdict(result):
     claim, paper = 'LSH approaches full attention as hash rounds grow', 'Figure 4'
     # Each round paired with full attention under one recipe (paired_difference checks RECIPE):
     # while a rerun under a new recipe is part-way, runs of the old one must not mix in.
-    done = {r: paired_difference(result, 'full, shared QK', f'LSH-{r}') for r in (1, 2, 4, 8)}
-    seeds = set.intersection(*(set(q['seeds']) for q in done.values())) if all(
-        done.values()) else set()
-    full = mean_of(result, 'full, shared QK', seeds=seeds)[0]
-    lsh = {r: mean_of(result, f'LSH-{r}', seeds=seeds)[0] for r in (1, 2, 4, 8)}
-    p = paired_difference(result, 'full, shared QK', 'LSH-8')
-    if not seeds or full is None or any(v is None for v in lsh.values()) or p is None:
+    pairs = {r: paired_difference(result, 'full, shared QK', f'LSH-{r}') for r in (1, 2, 4, 8)}
+    done = {r: q for r, q in pairs.items() if q}
+    if not done:
+        return claim, paper, '-', 'not measured yet', command('hashes')
+    if len(done) < len(pairs):
         # part-way (a rerun under a new recipe): the rounds that pair with full attention so far
-        done = {r: q for r, q in done.items() if q}
-        if not done:
-            return claim, paper, '-', 'not measured yet', command('hashes')
-        missing = ', '.join(f'LSH-{r}' for r in (1, 2, 4, 8) if r not in done)
+        missing = ', '.join(f'LSH-{r}' for r in pairs if r not in done)
         ours = '; '.join(f"LSH-{r} - full (shared QK): {interval_text(q)}" for r, q in done.items())
         return (claim, paper, ours, f'not settled: {missing} not run with this recipe yet',
                 command('hashes'))
+    seeds = set.intersection(*(set(q['seeds']) for q in done.values()))
+    full = mean_of(result, 'full, shared QK', seeds=seeds)[0]
+    lsh = {r: mean_of(result, f'LSH-{r}', seeds=seeds)[0] for r in (1, 2, 4, 8)}
+    p = done[8]
     falling = all(lsh[a] >= lsh[b] for a, b in ((1, 2), (2, 4), (4, 8)))
     word = no_worse_word(result, p, labels)
     if word in ('holds', 'does not hold'):
@@ -731,7 +737,7 @@ def suspects_sentence(result):
         if p is None:
             continue
         parts.append(f"{what}: {interval_text(p)}")
-        if p['hi'] is not None and p['hi'] < 0:
+        if interval_side(p) == 'below':
             found.append(what)
     if not parts:
         return "The suspects (dedup, a local layer) have not been run yet."
@@ -747,9 +753,9 @@ def remedy_sentence(result):
     p = paired_difference(result, 'full, shared QK', 'local + LSH-4')
     if p is None:
         return ''
-    where = ('below full attention: the whole interval under zero' if p['hi'] is not None and
-             p['hi'] < 0 else 'above full attention: the whole interval over zero'
-             if p['lo'] is not None and p['lo'] > 0 else 'not told apart from full attention')
+    where = {'below': 'below full attention: the whole interval under zero',
+             'above': 'above full attention: the whole interval over zero'}.get(
+        interval_side(p), 'not told apart from full attention')
     return f" Against full attention (shared QK), local + LSH-4 is {where}: {interval_text(p)}."
 
 
@@ -818,9 +824,9 @@ def self_key_sentence(result):
     share = (f"; the gap shared - separate over the same seeds is {sum(gap) / len(gap):+.3f}, so "
              f"allowing it closes {-100 * p['mean'] / (sum(gap) / len(gap)):.0f} % of the gap"
              if gap and sum(gap) != 0 and p['mean'] < 0 else '')
-    word = ('pointed to' if p['hi'] is not None and p['hi'] < 0 else
-            'one seed: a direction, not a verdict' if p['hi'] is None else
-            'ruled out: allowing it makes shared QK worse' if p['lo'] > 0 else 'not pointed to')
+    word = ('one seed: a direction, not a verdict' if p['lo'] is None else
+            {'below': 'pointed to', 'above': 'ruled out: allowing it makes shared QK worse'}.get(
+                interval_side(p), 'not pointed to'))
     why = (" With unit keys, a query's logit on its own key, q.q/|q| = |q|, is at least its logit "
            "on any other key (Cauchy-Schwarz), so a query allowed its own key attends mostly to "
            "itself: the mask is what keeps shared QK useful, not what it costs."
@@ -1022,8 +1028,9 @@ def decode_floor_sentence(d, rows):
     need = again['seconds'] / 10
     mb = ours['floor_s'] * d['stream_bytes_per_s'] / 2 ** 20
     return ['', f"Every cached step reads every decoder weight it uses, the output layer and the "
-                f"keys and values so far: {mb:,.0f} MB over the {ours['length']} steps, at least {ours['floor_s']:.3f} s at the "
-                f"{d['stream_bytes_per_s'] / 1e9:.1f} GB/s at which this core reads memory. Ours "
+                f"keys and values so far: {mb:,.0f} MB over the {ours['length']} steps, at least "
+                f"{ours['floor_s']:.3f} s at the {d['stream_bytes_per_s'] / 1e9:.1f} GB/s at "
+                f"which this core reads memory. Ours "
                 f"takes {ours['seconds']:.3f} s (wall, with the encoder and the cache's set-up), "
                 f"{ours['of_floor']:.2f}x that floor. 10x over recomputing "
                 f"({again['seconds']:.3f} s) needs {need:.3f} s, {need / ours['floor_s']:.2f}x "
